@@ -1,0 +1,1 @@
+"""setok_decoders."""
