@@ -1,0 +1,1 @@
+"""Launch machinery behind experiments/launch.py: compose, plan, submit, record, report."""

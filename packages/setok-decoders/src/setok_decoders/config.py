@@ -1,0 +1,125 @@
+"""Config dataclasses for the Stage I decoders.
+
+Plain dataclasses so that Hydra structured configs can use them as schemas; the defaults
+are tiny CPU models, cluster recipes override sizes and point the *_path fields at local
+checkpoints (never a download).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def tiny_unet_kwargs() -> dict[str, Any]:
+    """A pixel-space U-Net that runs a forward on the CPU in milliseconds."""
+    return {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 64,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    }
+
+
+@dataclass
+class MapperConfig:
+    """The Q-Former feature mapper: learnable queries cross-attending to the SeTok tokens.
+
+    token_dim: width of the incoming tokens (the tokenizer's output width).
+    cross_attention_frequency=1 puts cross-attention in every layer, so num_layers=4 is
+    the paper's "four cross-attention layers".
+    bert_path: a local transformers BERT directory; when set, hidden sizes come from it
+    and the Q-Former's self-attention/FFN weights are initialised from its first layers.
+    """
+
+    token_dim: int = 64
+    num_queries: int = 16
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 128
+    cross_attention_frequency: int = 1
+    dropout: float = 0.0
+    bert_path: str | None = None
+
+
+@dataclass
+class NoiseScheduleConfig:
+    """DDPM training schedule (the samplers reuse it)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # SD 1.5: scaled_linear
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+@dataclass
+class DiffusionDecoderConfig:
+    """Q-Former mapper + U-Net (+ optional frozen VAE), eps-prediction (paper Eq. 3).
+
+    unet: UNet2DConditionModel kwargs used when unet_path is None.
+    unet_path: a local diffusers U-Net directory (or a pipeline directory with unet/).
+    vae_path: a local AutoencoderKL directory (or pipeline dir with vae/); None = pixel space.
+    image_size: the decoder's input/output resolution in pixels.
+    cond_dropout: probability of replacing an image's condition with the learned null
+        condition during training (classifier-free guidance).
+    sampler: ddpm | ddim | dpm | euler, with num_inference_steps and guidance_scale.
+    train_mapper / train_unet (all | cross_kv | none): what `set_trainable` unfreezes;
+        the paper's sub-phase 1 is train_mapper=True, train_unet="cross_kv".
+    """
+
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    unet: dict[str, Any] = field(default_factory=tiny_unet_kwargs)
+    unet_path: str | None = None
+    vae_path: str | None = None
+    image_size: int = 32
+    schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    cond_dropout: float = 0.1
+    sampler: str = "ddim"
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0
+    train_mapper: bool = True
+    train_unet: str = "cross_kv"
+
+
+@dataclass
+class MaskDecoderConfig:
+    """A light Mask2Former/SAM-style mask decoder: tokens are the queries.
+
+    feature_dim: width of the encoder feature grid; token_dim: width of the tokens.
+    mask_scale: the mask resolution is the feature grid times this (a power of two).
+    """
+
+    token_dim: int = 64
+    feature_dim: int = 64
+    hidden_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    mask_scale: int = 4
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a (nested) config dataclass from a plain dict; unknown keys raise with their name."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
+    kwargs: dict[str, Any] = {}
+    nested = {"mapper": MapperConfig, "schedule": NoiseScheduleConfig}
+    for name, value in data.items():
+        if name in nested and isinstance(value, dict) and cls is DiffusionDecoderConfig:
+            value = config_from_dict(nested[name], value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,94 @@
+"""Atomic save/load of a decoder: `config.json` + `model.safetensors` in one directory.
+
+Files are written to a temp name in the target directory and moved into place with
+os.replace, so a killed job never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write JSON (sorted keys) atomically."""
+    target = Path(path)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    _atomic(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return target
+
+
+def save_module(
+    module: nn.Module,
+    config: dict[str, Any],
+    directory: str | os.PathLike[str],
+    kind: str,
+    exclude_prefixes: tuple[str, ...] = (),
+) -> Path:
+    """Save `config` (tagged with `kind`) and the module's state dict minus excluded keys."""
+    out = Path(directory)
+    state = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in module.state_dict().items()
+        if not name.startswith(exclude_prefixes)
+    }
+    _atomic(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"kind": kind}))
+    atomic_write_json(out / CONFIG_NAME, {"kind": kind, "config": config})
+    return out
+
+
+def load_config(directory: str | os.PathLike[str], kind: str) -> dict[str, Any]:
+    """Read a saved config, checking that the directory holds a `kind` decoder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("kind") != kind:
+        raise ValueError(f"{directory} holds a {data.get('kind')!r} checkpoint, not {kind!r}")
+    return data["config"]
+
+
+def load_weights(
+    module: nn.Module,
+    directory: str | os.PathLike[str],
+    allow_missing_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Load saved weights into `module`; only keys under `allow_missing_prefixes` may be absent."""
+    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(allow_missing_prefixes)]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {directory} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU for a parameterless module)."""
+    for param in module.parameters():
+        return param.device
+    return torch.device("cpu")

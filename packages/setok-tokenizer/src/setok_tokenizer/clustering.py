@@ -1,0 +1,337 @@
+"""SeTok clustering: density-peak seed scores and Algorithm 1 (paper Section 2.1, Appendix C).
+
+Pure functions on padded batches, exactly the contract of DESIGN.md section 5. Images carry
+their own token counts through `valid` (B, N) bool; every step is batched over images and
+the only Python loop is the at most `max_clusters - 1` stick-breaking steps.
+
+Distances are squared Euclidean, computed once per batch in fp32 as
+||a||² + ||b||² - 2ab (clamped at 0, exact zero diagonal). Seeds are chosen without
+gradients; the masks are differentiable in `x` through the alpha kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ASSIGNMENTS = ("soft", "hard")
+STOPS = ("dynamic", "fixed")
+
+
+@dataclass
+class DensityPeakScores:
+    """Per-token density-peak quantities, each (B, N) fp32 and 0 at padded positions.
+
+    d2 is the (B, N, N) fp32 distance matrix the scores were computed from (columns of padded
+    tokens are +inf), kept only when asked for, so `semantic_clustering` can reuse it.
+    """
+
+    rho: Tensor
+    delta: Tensor
+    score: Tensor
+    d2: Tensor | None = None
+
+
+@dataclass
+class ClusterOutput:
+    """Clusters of a padded batch; K is the padded cluster count (max_clusters for Algorithm 1).
+
+    masks (B, K, N) fp32; cluster_valid (B, K) bool, valid clusters first; num_clusters (B,)
+    long; seeds (B, K) long token index of each cluster's seed, -1 for the rest-of-scope
+    cluster, for invalid slots and for mechanisms without seeds. scores: the density-peak
+    scores when the mechanism computed them (None otherwise).
+    """
+
+    masks: Tensor
+    cluster_valid: Tensor
+    num_clusters: Tensor
+    seeds: Tensor
+    scores: DensityPeakScores | None = None
+
+
+# ----------------------------------------------------------------------------- validation
+def check_features(x: Tensor, valid: Tensor | None, name: str = "x") -> tuple[Tensor, bool]:
+    """Validate (B, N, D) features and the (B, N) valid mask; returns (valid, has_padding).
+
+    Padded tokens may hold any value (they never reach a result); valid tokens must be finite.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a (B, N, D) tensor, got shape {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    b, n, d = x.shape
+    if b == 0 or n == 0 or d == 0:
+        raise ValueError(f"{name} must have B, N, D >= 1, got shape {tuple(x.shape)}")
+    valid = check_valid(valid, b, n, x.device)
+    has_padding = not bool(valid.all())
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if has_padding:
+        bad &= valid
+    bad_images = bad.any(dim=1)
+    if bool(bad_images.any()):
+        index = int(bad_images.nonzero()[0, 0])
+        raise ValueError(f"{name} has non-finite values at batch index {index}")
+    return valid, has_padding
+
+
+def check_valid(valid: Tensor | None, b: int, n: int, device: torch.device) -> Tensor:
+    """The (B, N) bool valid mask (all True when None); every image needs a valid token."""
+    if valid is None:
+        return torch.ones(b, n, dtype=torch.bool, device=device)
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != (b, n):
+        got = (tuple(valid.shape), valid.dtype) if isinstance(valid, Tensor) else type(valid)
+        raise ValueError(f"valid must be a bool tensor of shape ({b}, {n}), got {got}")
+    empty = ~valid.any(dim=1)
+    if bool(empty.any()):
+        raise ValueError(f"valid[{int(empty.nonzero()[0, 0])}] has no valid token")
+    return valid.to(device)
+
+
+def check_scores(score: Tensor, valid: Tensor, name: str = "score") -> None:
+    """score must be (B, N) and finite at valid tokens."""
+    if not isinstance(score, Tensor) or score.shape != valid.shape:
+        shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+        raise ValueError(f"{name} must have shape {tuple(valid.shape)}, got {shape}")
+    bad = (~torch.isfinite(score) & valid).any(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} has non-finite values at batch index {int(bad.nonzero()[0, 0])}")
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- distances
+@torch.no_grad()
+def pairwise_sq_dists(x: Tensor) -> Tensor:
+    """(B, N, D) -> (B, N, N) fp32 squared distances; one batched matmul, edited in place.
+
+    The squared norms are read off the Gram diagonal, so d2[i, i] is exactly 0 and d2 is
+    exactly symmetric in i, j up to the matmul's own rounding. Not differentiable.
+    """
+    x = x.float()
+    d2 = torch.bmm(x, x.transpose(1, 2))
+    sq = d2.diagonal(dim1=1, dim2=2).clone()
+    d2.mul_(-2.0).add_(sq[:, :, None]).add_(sq[:, None, :]).clamp_(min=0.0)
+    d2.diagonal(dim1=1, dim2=2).zero_()
+    return d2
+
+
+def _sq_dists_to(x: Tensor, index: Tensor) -> Tensor:
+    """Differentiable squared distances from the tokens at `index` (B, T) to all (B, T, N)."""
+    centres = x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+    sq = torch.linalg.vector_norm(x, dim=-1).square()
+    sq_c = sq.gather(1, index)
+    d2 = torch.baddbmm(sq_c[:, :, None] + sq[:, None, :], centres, x.transpose(1, 2), alpha=-2.0)
+    return d2.clamp(min=0.0)
+
+
+# ----------------------------------------------------------------------------- scores
+def density_peak_scores(
+    x: Tensor, knn_k: int, valid: Tensor | None = None, *, keep_d2: bool = False
+) -> DensityPeakScores:
+    """rho, delta and score = rho * delta of every token (paper Eq. 1-2, DESIGN.md §5).
+
+    rho_i = exp(-mean d2 to the knn_k nearest valid j != i) (all valid others if fewer, 1.0 if
+    none); delta_i = min d2 to a valid j with rho_j > rho_i, else the max d2 to any valid j.
+    keep_d2=True returns the distance matrix too (for `semantic_clustering(d2=...)`).
+    Scores carry no gradient: they only choose seeds.
+    """
+    valid, has_padding = check_features(x, valid)
+    knn_k = _check_int(knn_k, "knn_k", 1)
+    n = x.shape[1]
+    with torch.no_grad():
+        d2 = pairwise_sq_dists(x)
+        pad_columns = ~valid[:, None, :]
+        if has_padding:
+            d2.masked_fill_(pad_columns, 0.0)  # 0 never wins the max below
+        d2_max = d2.amax(dim=-1)
+        if has_padding:
+            d2.masked_fill_(pad_columns, math.inf)  # inf never wins a min
+
+        # The knn_k + 1 smallest entries of row i are its own 0 plus the knn_k nearest others.
+        nearest = d2.topk(min(knn_k + 1, n), dim=-1, largest=False).values
+        if has_padding:
+            nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)
+        count = (valid.sum(dim=1) - 1).clamp(max=knn_k)  # (B,)
+        mean = nearest.sum(dim=-1) / count.clamp(min=1)[:, None].to(nearest.dtype)
+        rho = torch.where(count[:, None] > 0, torch.exp(-mean), torch.ones_like(mean))
+        rho = torch.where(valid, rho, torch.zeros_like(rho))
+
+        rho_cmp = rho.masked_fill(~valid, -math.inf) if has_padding else rho
+        rho_i, rho_j = rho_cmp[:, :, None], rho_cmp[:, None, :]
+        if keep_d2:  # one extra (B, N, N) matrix so d2 survives
+            d2_min = torch.where(rho_j > rho_i, d2, math.inf).amin(dim=-1)
+        else:  # in place: d2 is not needed afterwards
+            d2_min = d2.masked_fill_(rho_j <= rho_i, math.inf).amin(dim=-1)
+            d2 = None
+        delta = torch.where(torch.isinf(d2_min), d2_max, d2_min)
+        delta = torch.where(valid, delta, torch.zeros_like(delta))
+        score = rho * delta
+    return DensityPeakScores(rho=rho, delta=delta, score=score, d2=d2)
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+def semantic_clustering(
+    x: Tensor,
+    score: Tensor,
+    max_clusters: int,
+    *,
+    valid: Tensor | None = None,
+    kernel_scale: float | None = None,
+    min_scope: float = 0.05,
+    assignment: str = "soft",
+    stop: str = "dynamic",
+    straight_through: bool = True,
+    d2: Tensor | None = None,
+) -> ClusterOutput:
+    """Algorithm 1 with density-peak seeds: at most max_clusters clusters per image.
+
+    beta = kernel_scale or max_clusters * ln 2; scope starts at valid; each step picks the
+    valid token maximising score * scope (lowest index on ties), alpha = exp(-beta d2[seed]),
+    mask = scope * alpha, scope *= 1 - alpha; the remaining scope is the last cluster (seed
+    -1). stop="dynamic" stops an image once sum(scope) <= min_scope * sum(valid) while the
+    others continue; stop="fixed" always makes max_clusters clusters. assignment="hard" gives
+    one-hot masks (argmax cluster, lowest on ties), drops empty clusters and compacts the rest;
+    straight_through=True keeps the soft masks' gradient under the hard forward values.
+    d2: the matrix from `density_peak_scores(..., keep_d2=True)`, to avoid recomputing it.
+    """
+    valid, has_padding = check_features(x, valid)
+    check_scores(score, valid)
+    k = _check_int(max_clusters, "max_clusters", 2)
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+    if stop not in STOPS:
+        raise ValueError(f"stop must be one of {STOPS}, got {stop!r}")
+    if not 0.0 <= float(min_scope) <= 1.0:
+        raise ValueError(f"min_scope must be in [0, 1], got {min_scope!r}")
+    if kernel_scale is not None and not (math.isfinite(kernel_scale) and kernel_scale > 0):
+        raise ValueError(f"kernel_scale must be a finite number > 0 or None, got {kernel_scale!r}")
+    b, n, _ = x.shape
+    if d2 is not None and (not isinstance(d2, Tensor) or d2.shape != (b, n, n)):
+        shape = tuple(d2.shape) if isinstance(d2, Tensor) else type(d2).__name__
+        raise ValueError(f"d2 must have shape ({b}, {n}, {n}), got {shape}")
+    beta = float(kernel_scale) if kernel_scale is not None else k * math.log(2.0)
+
+    with torch.no_grad():
+        if d2 is None:
+            d2 = pairwise_sq_dists(x)
+            if has_padding:
+                d2.masked_fill_(~valid[:, None, :], math.inf)
+        else:
+            d2 = d2.float()
+        masks, seeds, steps = _stick_breaking(d2, score, valid, k, beta, min_scope, stop)
+        num_seeded = (seeds >= 0).sum(dim=1)
+
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    if need_grad and (assignment == "soft" or straight_through):
+        masks = _differentiable_masks(x, masks, seeds, valid, num_seeded, steps, beta)
+    num_clusters = num_seeded + 1
+    cluster_valid = torch.arange(k, device=x.device)[None, :] < num_clusters[:, None]
+    if assignment == "soft":
+        return ClusterOutput(masks, cluster_valid, num_clusters, seeds)
+    return harden(masks, cluster_valid, seeds, valid, straight_through=straight_through)
+
+
+def _stick_breaking(
+    d2: Tensor,
+    score: Tensor,
+    valid: Tensor,
+    k: int,
+    beta: float,
+    min_scope: float,
+    stop: str,
+) -> tuple[Tensor, Tensor, int]:
+    """The batched loop of Algorithm 1 (no gradients): masks (B,K,N), seeds (B,K), steps run."""
+    b, n = valid.shape
+    device = valid.device
+    validf = valid.float()
+    score = torch.where(valid, score.detach().float(), 0.0)
+    masks = torch.zeros(b, k, n, device=device)
+    seeds = torch.full((b, k), -1, dtype=torch.long, device=device)
+    scope = validf.clone()
+    budget = float(min_scope) * validf.sum(dim=1)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)
+    steps = 0
+    for t in range(k - 1):
+        if stop == "dynamic":
+            active &= scope.sum(dim=1) > budget
+            if not bool(active.any()):
+                break
+        seed = (score * scope).masked_fill_(~valid, -math.inf).argmax(dim=1)
+        alpha = d2[rows, seed].mul_(-beta).exp_()
+        alpha = torch.where(valid & active[:, None], alpha, 0.0)
+        masks[:, t] = scope * alpha
+        scope.mul_(1.0 - alpha)
+        seeds[:, t] = torch.where(active, seed, -1)
+        steps = t + 1
+    num_seeded = (seeds >= 0).sum(dim=1)
+    masks[rows, num_seeded] = scope
+    return masks, seeds, steps
+
+
+def _differentiable_masks(
+    x: Tensor, masks: Tensor, seeds: Tensor, valid: Tensor, num_seeded: Tensor, steps: int, beta: float
+) -> Tensor:
+    """The loop's masks with the gradient of Algorithm 1 in x at the chosen seeds.
+
+    The masks are rebuilt in one batched pass from distances recomputed from x (cumprod over
+    the steps); forward values stay the loop's bit for bit (masks + (rebuilt - rebuilt.detach())).
+    """
+    b, k, n = masks.shape
+    xf = x.float()
+    if not bool(valid.all()):
+        xf = torch.where(valid[:, :, None], xf, 0.0)
+    step_seeds = seeds[:, :steps]
+    active = step_seeds >= 0
+    alpha = torch.exp(_sq_dists_to(xf, step_seeds.clamp(min=0)) * -beta)
+    alpha = torch.where(valid[:, None, :] & active[:, :, None], alpha, 0.0)
+    validf = valid.float()[:, None, :]
+    scope_after = validf * torch.cumprod(1.0 - alpha, dim=1)  # (B, T, N)
+    scope_before = torch.cat([validf, scope_after[:, :-1]], dim=1)
+    rest = scope_after[:, -1] if steps > 0 else validf[:, 0]
+    rebuilt = torch.cat([scope_before * alpha, alpha.new_zeros(b, k - steps, n)], dim=1)
+    rest_slot = torch.nn.functional.one_hot(num_seeded, k).to(rebuilt.dtype)
+    rebuilt = rebuilt + rest_slot[:, :, None] * rest[:, None, :]
+    return masks + (rebuilt - rebuilt.detach())
+
+
+def harden(
+    masks: Tensor,
+    cluster_valid: Tensor,
+    seeds: Tensor,
+    valid: Tensor,
+    *,
+    straight_through: bool = True,
+) -> ClusterOutput:
+    """Soft masks -> one-hot masks: argmax cluster per valid token (lowest index on ties).
+
+    Empty clusters are dropped and the rest compacted in order (cumsum + scatter). With
+    straight_through the forward values are one-hot and the gradient is the soft masks'.
+    """
+    b, k, n = masks.shape
+    ranked = masks.detach().masked_fill(~cluster_valid[:, :, None], -1.0)
+    winner = ranked.argmax(dim=1)  # (B, N)
+    hard = torch.zeros_like(ranked).scatter_(1, winner[:, None, :], 1.0)
+    hard = hard * valid[:, None, :].to(hard.dtype)
+    keep = hard.sum(dim=-1) > 0  # (B, K)
+    if straight_through and masks.requires_grad:
+        hard = hard + (masks - masks.detach())
+    # destination of every slot: kept ones in order first, then the dropped ones
+    kept_rank = keep.long().cumsum(dim=1) - 1
+    num_clusters = keep.sum(dim=1)
+    dropped_rank = (~keep).long().cumsum(dim=1) - 1 + num_clusters[:, None]
+    dest = torch.where(keep, kept_rank, dropped_rank)
+    source = torch.empty_like(dest).scatter_(1, dest, torch.arange(k, device=masks.device).expand(b, k))
+    new_valid = torch.arange(k, device=masks.device)[None, :] < num_clusters[:, None]
+    new_masks = hard.gather(1, source[:, :, None].expand(-1, -1, n))
+    new_masks = new_masks * new_valid[:, :, None].to(new_masks.dtype)
+    new_seeds = seeds.gather(1, source).masked_fill(~new_valid, -1)
+    return ClusterOutput(new_masks, new_valid, num_clusters, new_seeds)

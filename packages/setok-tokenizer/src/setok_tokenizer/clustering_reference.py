@@ -1,0 +1,129 @@
+"""Plain reference of the clustering: one image, one token, one step at a time.
+
+Written straight from the formulas of DESIGN.md section 5 (distances as sum((a - b)²), no
+padding tricks, Python loops), so the batched `clustering` module can be checked against
+it in tests and timed against it in benchmarks/bench_tokenizer.py. Slow by design.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from setok_tokenizer.clustering import ClusterOutput, DensityPeakScores, pairwise_sq_dists
+
+
+def _valid_indices(valid: Tensor | None, b: int, n: int) -> list[int]:
+    if valid is None:
+        return list(range(n))
+    return valid[b].nonzero().flatten().tolist()
+
+
+def _distance_rows(points: Tensor, gemm: bool) -> list[Tensor]:
+    """Row i holds the squared distances from token i to every token of the image."""
+    if gemm:
+        return list(pairwise_sq_dists(points[None])[0])
+    return [((points - points[i]) ** 2).sum(dim=-1) for i in range(points.shape[0])]
+
+
+@torch.no_grad()
+def reference_density_peak_scores(
+    x: Tensor, knn_k: int, valid: Tensor | None = None, *, gemm: bool = False
+) -> DensityPeakScores:
+    """rho, delta, score per image and per token (gemm=True: per-image matmul distances)."""
+    b_size, n_size, _ = x.shape
+    rho = torch.zeros(b_size, n_size)
+    delta = torch.zeros(b_size, n_size)
+    for b in range(b_size):
+        index = _valid_indices(valid, b, n_size)
+        points = x[b, index].float()
+        rows = _distance_rows(points, gemm)
+        n = len(index)
+        rho_b: list[float] = []
+        for i in range(n):
+            others = torch.cat([rows[i][:i], rows[i][i + 1 :]])
+            if others.numel() == 0:
+                rho_b.append(1.0)
+            else:
+                nearest = torch.sort(others).values[:knn_k]
+                rho_b.append(float(torch.exp(-nearest.mean())))
+        for i in range(n):
+            higher = [j for j in range(n) if rho_b[j] > rho_b[i]]
+            if higher:
+                d = min(float(rows[i][j]) for j in higher)
+            else:
+                d = float(rows[i].max())
+            rho[b, index[i]] = rho_b[i]
+            delta[b, index[i]] = d
+    return DensityPeakScores(rho=rho, delta=delta, score=rho * delta)
+
+
+@torch.no_grad()
+def reference_semantic_clustering(
+    x: Tensor,
+    score: Tensor,
+    max_clusters: int,
+    *,
+    valid: Tensor | None = None,
+    kernel_scale: float | None = None,
+    min_scope: float = 0.05,
+    assignment: str = "soft",
+    stop: str = "dynamic",
+    gemm: bool = False,
+) -> ClusterOutput:
+    """Algorithm 1 image by image, step by step; same output layout as the batched one."""
+    b_size, n_size, _ = x.shape
+    k_size = max_clusters
+    beta = kernel_scale if kernel_scale is not None else max_clusters * math.log(2.0)
+    masks = torch.zeros(b_size, k_size, n_size)
+    seeds = torch.full((b_size, k_size), -1, dtype=torch.long)
+    counts = torch.zeros(b_size, dtype=torch.long)
+    for b in range(b_size):
+        index = _valid_indices(valid, b, n_size)
+        points = x[b, index].float()
+        rows = _distance_rows(points, gemm) if gemm else None
+        n = len(index)
+        s = score[b, index].float()
+        scope = torch.ones(n)
+        image_masks: list[Tensor] = []
+        image_seeds: list[int] = []
+        for _ in range(k_size - 1):
+            if stop == "dynamic" and float(scope.sum()) <= min_scope * n:
+                break
+            priority = (s * scope).tolist()
+            seed = max(range(n), key=lambda i, p=priority: (p[i], -i))
+            d2 = rows[seed] if rows is not None else ((points - points[seed]) ** 2).sum(dim=-1)
+            alpha = torch.exp(d2 * -beta)
+            image_masks.append(scope * alpha)
+            scope = scope * (1.0 - alpha)
+            image_seeds.append(index[seed])
+        image_masks.append(scope)
+        image_seeds.append(-1)
+        if assignment == "hard":
+            image_masks, image_seeds = _reference_hard(image_masks, image_seeds)
+        counts[b] = len(image_masks)
+        for c, (m, s_idx) in enumerate(zip(image_masks, image_seeds, strict=True)):
+            masks[b, c, index] = m
+            seeds[b, c] = s_idx
+    cluster_valid = torch.arange(k_size)[None, :] < counts[:, None]
+    return ClusterOutput(masks, cluster_valid, counts, seeds)
+
+
+def _reference_hard(masks: list[Tensor], seeds: list[int]) -> tuple[list[Tensor], list[int]]:
+    """Each token to its argmax cluster (first on ties); empty clusters removed."""
+    n = masks[0].shape[0]
+    owner = []
+    for i in range(n):
+        values = [float(m[i]) for m in masks]
+        owner.append(max(range(len(values)), key=lambda c, v=values: (v[c], -c)))
+    out_masks, out_seeds = [], []
+    for c, seed in enumerate(seeds):
+        members = [i for i in range(n) if owner[i] == c]
+        if members:
+            m = torch.zeros(n)
+            m[members] = 1.0
+            out_masks.append(m)
+            out_seeds.append(seed)
+    return out_masks, out_seeds

@@ -1,0 +1,150 @@
+"""The root experiment schema: what `experiments/launch.py` composes and validates.
+
+`ExperimentConfig` composes the packages' own config dataclasses. Registered in Hydra's
+ConfigStore as `setok_experiment` (the first entry of `experiments/conf/config.yaml`'s
+defaults), so a typo in an override fails at compose time with the key's name, and
+`OmegaConf.to_object` (which runs every `__post_init__`) rejects bad values before anything
+is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from setok_tokenizer.config import SeTokConfig
+
+from setokim.data.config import DataConfig
+from setokim.train.config import TrainerConfig, WandbConfig
+
+SCHEMA_NAME = "setok_experiment"
+LAUNCHER_KINDS = ("inline", "local", "slurm")
+
+
+def _fail(key: str, message: str) -> None:
+    raise ValueError(f"{key}: {message}")
+
+
+@dataclass
+class StageConfig:
+    """Which objective to train: `setokim.stages.build_stage(name, params)`.
+
+    `params` is handed to the stage as a plain mapping; stage files interpolate the parts of
+    the experiment they consume (e.g. `tokenizer: ${tokenizer}`), and the stage rejects
+    unknown keys.
+    """
+
+    name: str = "toy"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("stage.name", "must be a registered stage name, got an empty string")
+
+
+@dataclass
+class LauncherConfig:
+    """Where jobs run: in this process, as local subprocesses, or as a SLURM job array.
+
+    timeout_min: wall limit of a local job (SLURM jobs take `cluster.time_min`).
+    wait_timeout_min: how long `--wait` blocks before reporting what is still running.
+    """
+
+    kind: str = "inline"
+    timeout_min: int = 60
+    wait_timeout_min: float = 120.0
+    poll_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAUNCHER_KINDS:
+            _fail("launcher.kind", f"expected one of {LAUNCHER_KINDS}, got {self.kind!r}")
+        if self.timeout_min < 1:
+            _fail("launcher.timeout_min", f"must be >= 1, got {self.timeout_min}")
+        if self.wait_timeout_min <= 0:
+            _fail("launcher.wait_timeout_min", f"must be > 0, got {self.wait_timeout_min}")
+        if self.poll_s <= 0:
+            _fail("launcher.poll_s", f"must be > 0, got {self.poll_s}")
+
+
+@dataclass
+class ClusterConfig:
+    """A SLURM cluster profile (files under `slurm/profiles/cluster/`); used by launcher=slurm.
+
+    One task per GPU: a job gets `nodes * max(gpus_per_node, 1)` tasks. `mem_gb` is per node
+    (None: the partition's default). `setup` lines run in the sbatch script before the job
+    (module loads, environment variables). `additional` holds any other sbatch option.
+    """
+
+    name: str = "dev"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    time_min: int = 60
+    constraint: str | None = None
+    setup: list[str] = field(default_factory=list)
+    array_parallelism: int = 64
+    signal_delay_s: int = 90
+    max_num_timeout: int = 3
+    additional: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
+            if getattr(self, key) < 1:
+                _fail(f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout"):
+            if getattr(self, key) < 0:
+                _fail(f"cluster.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            _fail("cluster.mem_gb", f"must be > 0 or null, got {self.mem_gb}")
+
+    @property
+    def tasks_per_node(self) -> int:
+        return max(self.gpus_per_node, 1)
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: the model parts, the data, the objective, the trainer and the launch.
+
+    sweep: override key (or config group) -> list of values; the launcher runs the grid.
+    variants: name -> list of Hydra override strings; crossed with the grid.
+    """
+
+    name: str = "default"
+    description: str = ""
+    run_root: str = "runs"
+    tokenizer: SeTokConfig = field(default_factory=SeTokConfig)
+    decoder: dict[str, Any] = field(default_factory=dict)
+    mllm: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.run_root:
+            _fail("run_root", "must be a directory path, got an empty string")
+        for key, values in self.sweep.items():
+            if not isinstance(values, list | tuple) or not values:
+                _fail(f"sweep.{key}", f"must be a non-empty list of values, got {values!r}")
+        for name, overrides in self.variants.items():
+            if not isinstance(overrides, list | tuple):
+                _fail(f"variants.{name}", f"must be a list of 'key=value' strings, got {overrides!r}")
+            for item in overrides:
+                if not isinstance(item, str) or "=" not in item:
+                    _fail(f"variants.{name}", f"entries must be 'key=value' strings, got {item!r}")
+
+
+def register_configs() -> None:
+    """Put the root schema into Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)

@@ -1,0 +1,94 @@
+"""Stage II / III objectives (paper Section 2.2).
+
+total = lm_weight · CE(next text token) + regression_weight · MSE(regressed visual token).
+Stage III differs only in which tokens carry labels (answers only, set by the chat template)
+and in which parameters train (LoRA), so one function serves both.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from setokim.model.packing import IGNORE_INDEX, Packed
+from torch import Tensor, nn
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Mean CE of logits[t-1] vs labels[t] over labelled positions; (0 with grad, 0) if none."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    count = int((shift_labels != IGNORE_INDEX).sum())
+    if count == 0:
+        return logits.sum() * 0.0, 0
+    loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)
+    return loss, count
+
+
+def regression_targets(
+    packed: Packed, visual_tokens: Tensor, visual_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(batch idx, position of the predicting hidden state, target token) for output images.
+
+    The hidden state at t-1 predicts the visual token at t, so `[Img]`'s state predicts the
+    first token of a generated image. Targets are detached: the tokenizer is frozen.
+    """
+    flat = visual_tokens[visual_mask.bool()].detach()  # (V,d) in packed order
+    sel = packed.visual_output
+    return packed.visual_batch[sel], packed.visual_pos[sel] - 1, flat[sel]
+
+
+def embedding_regression_loss(
+    hidden: Tensor,
+    head: nn.Module,
+    packed: Packed,
+    visual_tokens: Tensor,
+    visual_mask: Tensor,
+) -> tuple[Tensor, int]:
+    """MSE between head(hidden[t-1]) and the frozen SeTok token at t, over output images."""
+    b, t, target = regression_targets(packed, visual_tokens, visual_mask)
+    if target.shape[0] == 0:
+        return sum(p.sum() for p in head.parameters()) * 0.0 + hidden.sum() * 0.0, 0
+    pred = head(hidden[b, t])
+    return F.mse_loss(pred.float(), target.float()), int(target.shape[0])
+
+
+def setokim_loss(
+    model: nn.Module,
+    out: object,
+    *,
+    lm_weight: float = 1.0,
+    regression_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """The Stage II/III loss from a `SeTokIMOutput`; metrics for logging."""
+    lm, n_text = next_token_loss(out.logits, out.packed.labels)
+    reg, n_vis = embedding_regression_loss(
+        out.hidden, model.regression_head, out.packed, out.visual.tokens, out.visual.token_mask
+    )
+    total = lm_weight * lm + regression_weight * reg
+    metrics = {
+        "loss": float(total.detach()),
+        "lm_loss": float(lm.detach()),
+        "regression_loss": float(reg.detach()),
+        "text_targets": float(n_text),
+        "visual_targets": float(n_vis),
+    }
+    return total, metrics
+
+
+def stage_loss(model: nn.Module, layout: object) -> tuple[Tensor, dict[str, float]]:
+    """Forward + loss with the weights from the model's config (the trainer's `loss` hook)."""
+    out = model(layout)
+    cfg = model.config
+    return setokim_loss(
+        model, out, lm_weight=cfg.lm_loss_weight, regression_weight=cfg.regression_loss_weight
+    )
+
+
+__all__ = [
+    "embedding_regression_loss",
+    "next_token_loss",
+    "regression_targets",
+    "setokim_loss",
+    "stage_loss",
+]

@@ -1,0 +1,405 @@
+"""SeTokIM: a frozen SeTok + an MLP projector + any causal LM + an embedding-regression head.
+
+The LLM reads `[Img] u_1 … u_n [/Img]` where u_j = projector(SeTok token j) and n varies per
+image; it writes text through its LM head and visual tokens through the regression head
+(hidden → token width), trained with MSE to the frozen tokenizer's tokens (paper Stage II).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from setokim.model.config import (
+    ChatTemplateConfig,
+    LLMConfig,
+    LoRAConfig,
+    SeTokIMConfig,
+)
+from setokim.model.packing import (
+    Packed,
+    Sample,
+    SequenceLayout,
+    SpecialIds,
+    collate_sequences,
+    pack,
+)
+from setokim.model.text_tokenizer import add_special_tokens, build_text_tokenizer, token_id
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mlp(in_dim: int, out_dim: int, depth: int, hidden: int | None = None) -> nn.Sequential:
+    """Linear → (GELU → Linear) × (depth-1); LLaVA's `mlp{depth}x_gelu` connector."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    hidden = hidden or out_dim
+    dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        if i > 0:
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class VisualTokens:
+    """SeTok's output for the batch's images, computed without gradients (the frozen target)."""
+
+    tokens: Tensor  # (I,K,d)
+    token_mask: Tensor  # (I,K) bool
+    raw: Any = None  # the tokenizer's full output (masks, features) when available
+
+
+@dataclass
+class SeTokIMOutput:
+    """Everything the stage losses and the inference loop need from one forward."""
+
+    logits: Tensor  # (B,T,V)
+    hidden: Tensor  # (B,T,H) last hidden states
+    packed: Packed
+    visual: VisualTokens
+
+
+def _build_llm(cfg: LLMConfig, vocab_size: int, seed: int) -> PreTrainedModel:
+    dtype = _DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise ValueError(f"llm.dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.pretrained_path is not None:
+        if not Path(cfg.pretrained_path).is_dir():
+            raise FileNotFoundError(
+                f"llm.pretrained_path {cfg.pretrained_path!r} is not a directory"
+            )
+        return AutoModelForCausalLM.from_pretrained(cfg.pretrained_path, dtype=dtype)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def build_vision_tokenizer(cfg: SeTokIMConfig) -> nn.Module:
+    """The Stage I SeTok from `tokenizer_path`, or a seeded random one from `tokenizer`."""
+    from setok_tokenizer import SeTok  # lazy: keeps `import setokim.model` light
+
+    if cfg.tokenizer_path is not None:
+        return SeTok.from_pretrained(cfg.tokenizer_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return SeTok.from_config(cfg.tokenizer)
+
+
+def _tokenizer_width(tokenizer: nn.Module) -> int:
+    width = getattr(tokenizer, "output_dim", None)
+    if not isinstance(width, int):
+        raise TypeError("the vision tokenizer must expose an integer `output_dim`")
+    return width
+
+
+class SeTokIM(nn.Module):
+    """The MLLM. Build with `SeTokIM.from_config(cfg)`; feed it `collate(samples)`."""
+
+    def __init__(
+        self,
+        cfg: SeTokIMConfig,
+        llm: PreTrainedModel,
+        vision_tokenizer: nn.Module,
+        text_tokenizer: PreTrainedTokenizerBase,
+        *,
+        image_decoder: nn.Module | None = None,
+        mask_decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = cfg
+        self.text_tokenizer = text_tokenizer
+        add_special_tokens(text_tokenizer, self.special_token_strings(cfg))
+        if llm.get_input_embeddings().num_embeddings < len(text_tokenizer):
+            llm.resize_token_embeddings(len(text_tokenizer), mean_resizing=False)
+        llm.config.pad_token_id = text_tokenizer.pad_token_id
+        self.llm = llm
+        self.vision_tokenizer = vision_tokenizer
+        self.vision_tokenizer.requires_grad_(False)
+        self.vision_tokenizer.eval()
+        width = _tokenizer_width(vision_tokenizer)
+        hidden = llm.config.get_text_config().hidden_size
+        self.token_dim = width
+        dtype = llm.get_input_embeddings().weight.dtype
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            self.projector = mlp(width, hidden, cfg.projector_depth).to(dtype)
+            self.regression_head = mlp(hidden, width, cfg.regression_head_depth, hidden).to(dtype)
+        self.image_decoder = image_decoder
+        self.mask_decoder = mask_decoder
+        for dec in (image_decoder, mask_decoder):
+            if dec is not None:
+                dec.requires_grad_(False)
+                dec.eval()
+        tok = text_tokenizer
+        self.ids = SpecialIds(
+            img_start=token_id(tok, cfg.img_start),
+            img_end=token_id(tok, cfg.img_end),
+            pad=int(tok.pad_token_id),
+            bos=tok.bos_token_id,
+        )
+        if cfg.llm.freeze:
+            self.llm.requires_grad_(False)
+
+    # ----------------------------------------------------------------- construction
+    @staticmethod
+    def special_token_strings(cfg: SeTokIMConfig) -> list[str]:
+        """[Img], [/Img] and (when configured) the chat role markers."""
+        tokens = [cfg.img_start, cfg.img_end]
+        chat = cfg.chat
+        if chat.add_role_tokens:
+            tokens += [chat.system_prefix, chat.user_prefix, chat.assistant_prefix, chat.turn_end]
+        return [t for t in tokens if t]
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: SeTokIMConfig,
+        *,
+        llm: PreTrainedModel | None = None,
+        vision_tokenizer: nn.Module | None = None,
+        text_tokenizer: PreTrainedTokenizerBase | None = None,
+        image_decoder: nn.Module | None = None,
+        mask_decoder: nn.Module | None = None,
+    ) -> SeTokIM:
+        """Build every part from `cfg` (local paths only); pass parts to reuse them."""
+        if text_tokenizer is None:
+            if cfg.text_tokenizer_path is not None:
+                text_tokenizer = AutoTokenizer.from_pretrained(cfg.text_tokenizer_path)
+            else:
+                text_tokenizer = build_text_tokenizer()
+        add_special_tokens(text_tokenizer, cls.special_token_strings(cfg))
+        if llm is None:
+            llm = _build_llm(cfg.llm, len(text_tokenizer), cfg.seed)
+        if vision_tokenizer is None:
+            vision_tokenizer = build_vision_tokenizer(cfg)
+        if image_decoder is None and cfg.decoder_path is not None:
+            from setok_decoders.diffusion import DiffusionDecoder
+
+            image_decoder = DiffusionDecoder.from_pretrained(cfg.decoder_path)
+        if mask_decoder is None and cfg.mask_decoder_path is not None:
+            from setok_decoders.mask_decoder import MaskDecoder
+
+            mask_decoder = MaskDecoder.from_pretrained(cfg.mask_decoder_path)
+        model = cls(
+            cfg,
+            llm,
+            vision_tokenizer,
+            text_tokenizer,
+            image_decoder=image_decoder,
+            mask_decoder=mask_decoder,
+        )
+        if cfg.lora.enabled:
+            from setokim.model.lora import apply_lora
+
+            apply_lora(model, cfg.lora)
+        return model
+
+    def train(self, mode: bool = True) -> SeTokIM:
+        """Frozen parts stay in eval mode (dropout/BN off) whatever the trainer asks."""
+        super().train(mode)
+        self.vision_tokenizer.eval()
+        for dec in (self.image_decoder, self.mask_decoder):
+            if dec is not None:
+                dec.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector[0].weight.device
+
+    # ----------------------------------------------------------------- forward
+    def collate(self, samples: Sequence[Sample], *, padding_side: str = "right") -> SequenceLayout:
+        """Tokenise samples into a layout (CPU; call it in the data loader's collate_fn)."""
+        return collate_sequences(samples, self.text_tokenizer, self.ids, padding_side=padding_side)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor | None) -> VisualTokens:
+        """Frozen SeTok tokens for (I,3,H,W) images; empty (0,1,d) when there are none."""
+        if pixels is None or pixels.shape[0] == 0:
+            empty = torch.zeros(0, 1, self.token_dim, device=self.device)
+            return VisualTokens(empty, torch.zeros(0, 1, dtype=torch.bool, device=self.device))
+        out = self.vision_tokenizer(pixels.to(self.device))
+        return VisualTokens(out.tokens.detach(), out.token_mask.bool(), out)
+
+    def embed(
+        self, layout: SequenceLayout, visual: VisualTokens | None = None
+    ) -> tuple[Packed, VisualTokens]:
+        """Pack text embeddings and projected visual tokens into the LLM's input batch."""
+        layout = layout.to(self.device)
+        if visual is None:
+            visual = self.encode_images(layout.pixels)
+        text = self.llm.get_input_embeddings()(layout.text_ids)
+        vis = self.projector(visual.tokens.to(self.projector[0].weight.dtype))
+        packed = pack(layout, text, vis, visual.token_mask, pad_id=self.ids.pad)
+        return packed, visual
+
+    def forward(self, layout: SequenceLayout, visual: VisualTokens | None = None) -> SeTokIMOutput:
+        """One teacher-forced pass: logits and last hidden states for the whole batch."""
+        packed, visual = self.embed(layout, visual)
+        max_pos = getattr(self.llm.config.get_text_config(), "max_position_embeddings", None)
+        if max_pos is not None and packed.inputs_embeds.shape[1] > max_pos:
+            raise ValueError(
+                f"packed sequence length {packed.inputs_embeds.shape[1]} exceeds the LLM's "
+                f"max_position_embeddings={max_pos}"
+            )
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=packed.inputs_embeds,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        logits = self.llm.get_output_embeddings()(hidden)
+        return SeTokIMOutput(logits=logits, hidden=hidden, packed=packed, visual=visual)
+
+    # ----------------------------------------------------------------- inference
+    def generator(self):
+        """The inference helper (`setokim.model.inference.Generator`) bound to this model."""
+        from setokim.model.inference import Generator
+
+        return Generator(self)
+
+    def understand(self, images, prompt, gen=None):
+        """Caption / VQA: image(s) + prompt → text (a list for a list of prompts)."""
+        return self.generator().understand(images, prompt, gen)
+
+    def chat(self, messages, gen=None) -> str:
+        """Multi-turn chat: the next assistant message for `messages` (chat.Message list)."""
+        return self.generator().chat(messages, gen)
+
+    def ground(self, image, expression, gen=None):
+        """Referring expression → [x0,y0,x1,y1] in pixels."""
+        return self.generator().ground(image, expression, gen)
+
+    def segment(self, image, expression, gen=None):
+        """Referring expression → bool mask (H,W) via the Stage I mask decoder."""
+        return self.generator().segment(image, expression, gen)
+
+    def generate_image(self, prompt, gen=None):
+        """Text → image (3,H,W) in [0,1] via regressed visual tokens and the diffusion decoder."""
+        return self.generator().generate_image(prompt, gen)
+
+    def edit(self, image, instruction, gen=None):
+        """Image + instruction → edited image (3,H,W) in [0,1]."""
+        return self.generator().edit(image, instruction, gen)
+
+    # ----------------------------------------------------------------- persistence
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Weights that change in Stages II/III (LLM, projector, head; not SeTok/decoders)."""
+        skip = ("vision_tokenizer.", "image_decoder.", "mask_decoder.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Config JSON + safetensors + text tokenizer (+ SeTok); written to a temp dir, then renamed."""
+        from safetensors.torch import save_file
+
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            state = {
+                k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()
+            }
+            save_file(state, str(tmp / "model.safetensors"))
+            cfg = asdict(self.config)
+            cfg["llm_config"] = self.llm.config.to_dict()
+            (tmp / "setokim_config.json").write_text(
+                json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+            )
+            self.text_tokenizer.save_pretrained(str(tmp / "text_tokenizer"))
+            if hasattr(self.vision_tokenizer, "save_pretrained"):
+                self.vision_tokenizer.save_pretrained(str(tmp / "setok"))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str], **parts: Any) -> SeTokIM:
+        """Inverse of `save_pretrained` (LLM rebuilt from its saved config, no download)."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        path = Path(directory)
+        raw = json.loads((path / "setokim_config.json").read_text())
+        llm_config = raw.pop("llm_config")
+        cfg = config_from_dict(raw)
+        text_tokenizer = parts.pop("text_tokenizer", None) or AutoTokenizer.from_pretrained(
+            str(path / "text_tokenizer")
+        )
+        vision = parts.pop("vision_tokenizer", None)
+        if vision is None and (path / "setok").is_dir():
+            from setok_tokenizer import SeTok
+
+            vision = SeTok.from_pretrained(str(path / "setok"))
+        model_type = llm_config.pop("model_type")
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_config))
+        llm = llm.to(_DTYPES[cfg.llm.dtype])
+        model = cls.from_config(
+            cfg, llm=llm, vision_tokenizer=vision, text_tokenizer=text_tokenizer, **parts
+        )
+        missing, unexpected = model.load_state_dict(
+            load_file(str(path / "model.safetensors")), strict=False
+        )
+        frozen = ("vision_tokenizer.", "image_decoder.", "mask_decoder.")
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint mismatch: missing={missing[:5]} unexpected={unexpected[:5]}"
+            )
+        return model
+
+
+def config_from_dict(raw: dict[str, Any]) -> SeTokIMConfig:
+    """Rebuild nested config dataclasses from `asdict` output."""
+    from setok_tokenizer.config import (
+        ClusteringConfig,
+        EncoderConfig,
+        MergerConfig,
+        SeTokConfig,
+    )
+
+    raw = dict(raw)
+    tok = raw.pop("tokenizer")
+    return SeTokIMConfig(
+        llm=LLMConfig(**raw.pop("llm")),
+        tokenizer=SeTokConfig(
+            encoder=EncoderConfig(**tok["encoder"]),
+            clustering=ClusteringConfig(**tok["clustering"]),
+            merger=MergerConfig(**tok["merger"]),
+        ),
+        chat=ChatTemplateConfig(**raw.pop("chat")),
+        lora=LoRAConfig(**raw.pop("lora")),
+        **raw,
+    )

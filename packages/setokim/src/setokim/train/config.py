@@ -1,0 +1,115 @@
+"""Trainer configuration: plain dataclasses, usable directly as Hydra structured schemas.
+
+Validation lives in `__post_init__`, so `OmegaConf.to_object(cfg)` (what the launcher
+does before queueing anything) fails with the offending key's name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MIXED_PRECISION_CHOICES = ("auto", "bf16", "fp32")
+FSDP_CHOICES = ("auto", "on", "off")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainerConfig.{key}: {message}")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run settings; only rank 0 ever calls wandb.init (dir = the run dir)."""
+
+    mode: str = "offline"
+    project: str = "setok"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"WandbConfig.mode: expected one of {WANDB_MODES}, got {self.mode!r}")
+        self.tags = [str(t) for t in self.tags]
+
+
+@dataclass
+class TrainerConfig:
+    """Everything the training loop needs that is not the model, data or loss.
+
+    Batch semantics: one optimizer step consumes `grad_accum` micro-batches of
+    `micro_batch_size` samples on every rank, so the global batch is
+    micro_batch_size * grad_accum * world_size.
+    LR: linear warmup from 0 over `warmup_steps`, then cosine from `lr` to `lr * min_lr_ratio`
+    at `max_steps` (paper Table 7 style).
+    `ckpt_every=0` disables periodic checkpoints (a final one and a preemption one are still
+    written); `keep_last` keeps that many step directories.
+    `mixed_precision="auto"` is bf16 on GPU and fp32 on CPU; `fsdp="auto"` shards (FSDP2)
+    when world_size > 1.
+    """
+
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    clip_grad: float = 1.0  # <= 0 disables clipping (the norm is still logged)
+    seed: int = 0
+    ckpt_every: int = 0
+    keep_last: int = 2
+    log_every: int = 10
+    max_nonfinite_in_row: int = 5
+    mixed_precision: str = "auto"
+    activation_checkpointing: bool = False
+    fsdp: str = "auto"
+    progress: bool = True
+    resume: bool = True  # pick up run_dir/checkpoints/latest when it exists
+    save_final: bool = True  # checkpoint at max_steps so a relaunch finishes at once
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # OmegaConf hands back a list
+        _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(
+            self.micro_batch_size >= 1,
+            "micro_batch_size",
+            f"must be >= 1, got {self.micro_batch_size}",
+        )
+        _require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
+        _require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "min_lr_ratio",
+            f"must be in [0, 1], got {self.min_lr_ratio}",
+        )
+        _require(self.ckpt_every >= 0, "ckpt_every", f"must be >= 0, got {self.ckpt_every}")
+        _require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        _require(
+            self.max_nonfinite_in_row >= 1,
+            "max_nonfinite_in_row",
+            f"must be >= 1, got {self.max_nonfinite_in_row}",
+        )
+        _require(
+            self.mixed_precision in MIXED_PRECISION_CHOICES,
+            "mixed_precision",
+            f"expected one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}",
+        )
+        _require(
+            self.fsdp in FSDP_CHOICES,
+            "fsdp",
+            f"expected one of {FSDP_CHOICES}, got {self.fsdp!r}",
+        )

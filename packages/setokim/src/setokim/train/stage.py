@@ -1,0 +1,45 @@
+"""The contract between a training objective (a "stage") and the one training loop.
+
+A stage owns the model, the data and the loss; the loop owns devices, sharding, precision,
+optimisation, checkpoints, signals and logging. Stages live in `setokim.stages`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What the loop needs from an objective.
+
+    Optional extras, looked up with getattr: `trainable(model) -> list[nn.Parameter]`
+    (defaults to every parameter with requires_grad) and `describe() -> dict` (logged
+    into the run's metadata).
+    """
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model on the CPU, deterministic given the stage config."""
+        ...
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        """Sub-modules to shard one by one (and to activation-checkpoint); root goes last."""
+        ...
+
+    def batches(
+        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
+    ) -> Iterator[Any]:
+        """Deterministic micro-batches for `rank`, skipping the first `start_step` of them.
+
+        `start_step` counts micro-batches this rank already consumed (the loop's data
+        position), so a resumed run sees exactly the batches an uninterrupted run would.
+        The loop moves tensors (also inside dicts/lists/tuples) to the device.
+        """
+        ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss (mean over the micro-batch) and extra float metrics to log."""
+        ...

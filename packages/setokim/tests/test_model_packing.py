@@ -1,0 +1,200 @@
+"""Packing interleaved text/image sequences: positions, masks and labels against a plain
+per-token reference built with Python loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from setokim.model.packing import (
+    IGNORE_INDEX,
+    Image,
+    Sample,
+    SpecialIds,
+    Text,
+    collate_sequences,
+    pack,
+)
+from setokim.model.text_tokenizer import add_special_tokens, build_text_tokenizer, token_id
+
+H = 8
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = build_text_tokenizer()
+    add_special_tokens(t, ["[Img]", "[/Img]"])
+    return t
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return SpecialIds(
+        token_id(tok, "[Img]"), token_id(tok, "[/Img]"), tok.pad_token_id, tok.bos_token_id
+    )
+
+
+def _images(n: int) -> torch.Tensor | None:
+    return torch.rand(n, 3, 16, 16) if n else None
+
+
+def _samples() -> list[Sample]:
+    """0, 1 and 3 images; the 3-image sample mixes input and output images."""
+    return [
+        Sample([Text("what is a circle?"), Text(" a round shape", train=True)]),
+        Sample([Text("describe"), Image(0), Text("a red square", train=True)], _images(1)),
+        Sample(
+            [
+                Text("one"),
+                Image(0),
+                Text("two", train=True),
+                Image(1),
+                Image(2, output=True),
+                Text("end", train=True),
+            ],
+            _images(3),
+        ),
+    ]
+
+
+def _reference(layout, text_embeds, visual_embeds, visual_mask):
+    """Per sample: the list of (embedding, label, is_visual) in order, by plain loops."""
+    seqs = []
+    for b in range(layout.batch_size):
+        items = []
+        n_text = int(layout.text_len[b])
+        images_here = [i for i in range(layout.num_images) if int(layout.image_sample[i]) == b]
+        for j in range(n_text + 1):
+            for i in images_here:
+                if int(layout.image_after[i]) == j:
+                    for k in range(visual_mask.shape[1]):
+                        if visual_mask[i, k]:
+                            items.append((visual_embeds[i, k], IGNORE_INDEX, True, i))
+            if j < n_text:
+                tid = int(layout.text_ids[b, j])
+                label = tid if bool(layout.text_train[b, j]) else IGNORE_INDEX
+                items.append((text_embeds[b, j], label, False, -1))
+        seqs.append(items)
+    return seqs
+
+
+def _check(layout, text_embeds, visual_embeds, visual_mask, side):
+    packed = pack(layout, text_embeds, visual_embeds, visual_mask, pad_id=0)
+    ref = _reference(layout, text_embeds, visual_embeds, visual_mask)
+    B, T, _ = packed.inputs_embeds.shape
+    assert T == max(len(r) for r in ref)
+    n_vis = 0
+    for b, items in enumerate(ref):
+        n = len(items)
+        assert int(packed.seq_len[b]) == n
+        start = T - n if side == "left" else 0
+        real = torch.zeros(T, dtype=torch.long)
+        real[start : start + n] = 1
+        assert torch.equal(packed.attention_mask[b], real)
+        assert torch.equal(packed.position_ids[b, start : start + n], torch.arange(n))
+        for t, (emb, label, _, _) in enumerate(items):
+            assert torch.equal(packed.inputs_embeds[b, start + t], emb)
+            assert int(packed.labels[b, start + t]) == label
+        pad = real == 0
+        assert (packed.labels[b][pad] == IGNORE_INDEX).all()
+        assert (packed.inputs_embeds[b][pad] == 0).all()
+        n_vis += sum(1 for it in items if it[2])
+    # visual index tensors point at the visual positions, labels there are ignored
+    assert packed.visual_pos.numel() == n_vis == int(visual_mask.sum())
+    assert (packed.labels[packed.visual_batch, packed.visual_pos] == IGNORE_INDEX).all()
+    flat = visual_embeds[visual_mask]
+    assert torch.equal(packed.inputs_embeds[packed.visual_batch, packed.visual_pos], flat)
+    return packed
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pack_zero_one_three_images(tok, ids, side):
+    layout = collate_sequences(_samples(), tok, ids, padding_side=side)
+    assert layout.num_images == 4
+    assert layout.image_sample.tolist() == [1, 2, 2, 2]
+    assert layout.image_output.tolist() == [False, False, False, True]
+    # different token counts per image, including a non-prefix validity pattern
+    visual_mask = torch.tensor(
+        [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool
+    )
+    g = torch.Generator().manual_seed(0)
+    text_embeds = torch.randn(*layout.text_ids.shape, H, generator=g)
+    visual_embeds = torch.randn(4, 5, H, generator=g)
+    packed = _check(layout, text_embeds, visual_embeds, visual_mask, side)
+    # the output image's [Img] and [/Img] are labels, the input images' are not
+    img_start = packed.token_ids == ids.img_start
+    labelled = packed.labels == ids.img_start
+    assert int(img_start.sum()) == 4 and int(labelled.sum()) == 1
+    assert int((packed.labels == ids.img_end).sum()) == 1
+    assert packed.visual_output.sum() == 4  # the 4 tokens of the output image
+    # sample 0 has no images: its sequence is exactly its text
+    assert int(packed.seq_len[0]) == int(layout.text_len[0])
+
+
+def test_pack_without_images(tok, ids):
+    samples = [Sample([Text("a b c", train=True)]), Sample([Text("d")])]
+    layout = collate_sequences(samples, tok, ids)
+    assert layout.pixels is None and layout.num_images == 0
+    text_embeds = torch.randn(*layout.text_ids.shape, H)
+    packed = _check(
+        layout, text_embeds, torch.zeros(0, 1, H), torch.zeros(0, 1, dtype=torch.bool), "right"
+    )
+    assert packed.visual_pos.numel() == 0
+
+
+def test_pack_gradients_flow_to_both_sources(tok, ids):
+    layout = collate_sequences(_samples(), tok, ids)
+    text_embeds = torch.randn(*layout.text_ids.shape, H, requires_grad=True)
+    visual_embeds = torch.randn(4, 3, H, requires_grad=True)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[0, 2] = False
+    packed = pack(layout, text_embeds, visual_embeds, mask)
+    packed.inputs_embeds.sum().backward()
+    assert torch.equal(visual_embeds.grad[..., 0], mask.float())
+    valid = torch.arange(layout.text_ids.shape[1])[None] < layout.text_len[:, None]
+    assert torch.equal(text_embeds.grad[..., 0], valid.float())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.lists(st.integers(1, 4), max_size=3), min_size=1, max_size=3),
+    side=st.sampled_from(["left", "right"]),
+    seed=st.integers(0, 1000),
+)
+def test_pack_matches_reference_random(counts, side, seed):
+    tok = build_text_tokenizer()
+    add_special_tokens(tok, ["[Img]", "[/Img]"])
+    ids = SpecialIds(
+        token_id(tok, "[Img]"), token_id(tok, "[/Img]"), tok.pad_token_id, tok.bos_token_id
+    )
+    samples = []
+    for b, per in enumerate(counts):
+        segs = [Text(f"sample {b}")]
+        for i in range(len(per)):
+            segs += [Image(i, output=bool((seed + i) % 2)), Text("and", train=True)]
+        samples.append(Sample(segs, _images(len(per))))
+    layout = collate_sequences(samples, tok, ids, padding_side=side)
+    flat = [c for per in counts for c in per]
+    K = max(flat, default=1)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(flat), K, dtype=torch.bool)
+    for i, c in enumerate(flat):
+        mask[i, torch.randperm(K, generator=g)[:c]] = True
+    _check(
+        layout,
+        torch.randn(*layout.text_ids.shape, H, generator=g),
+        torch.randn(len(flat), K, H, generator=g),
+        mask,
+        side,
+    )
+
+
+def test_collate_errors_name_the_sample(tok, ids):
+    with pytest.raises(ValueError, match=r"samples\[1\] refers to image 2"):
+        collate_sequences([Sample([Text("a")]), Sample([Image(2)], _images(1))], tok, ids)
+    with pytest.raises(ValueError, match="padding_side"):
+        collate_sequences([Sample([Text("a")])], tok, ids, padding_side="middle")
+    bad = Sample([Image(0)], torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"samples\[0\]\.images"):
+        collate_sequences([bad], tok, ids)

@@ -1,0 +1,78 @@
+"""tools/visualize_tokens.py on a generated PNG: output size and one colour per token."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "visualize_tokens.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("visualize_tokens", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _blocks_png(path: Path) -> None:
+    """Four flat colour blocks plus mild noise, 120x90."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((90, 120, 3), dtype=np.float64)
+    img[:45, :60] = (220, 30, 30)
+    img[:45, 60:] = (30, 200, 40)
+    img[45:, :60] = (20, 40, 230)
+    img[45:, 60:] = (240, 230, 40)
+    img += rng.normal(0, 6, img.shape)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+
+
+def test_tool_writes_one_colour_per_token(tmp_path, capsys) -> None:
+    tool = _load_tool()
+    src = tmp_path / "blocks.png"
+    _blocks_png(src)
+    out = tmp_path / "viz" / "tokens.png"
+    panel = 96
+    assert tool.main([str(src), str(src), "--out", str(out), "--panel-size", str(panel)]) == 0
+    stdout = capsys.readouterr().out
+    assert "tiny random SeTok" in stdout
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    counts = summary["num_tokens"]
+    assert len(counts) == 2 and all(2 <= n <= 32 for n in counts)
+    assert counts[0] == counts[1]  # same image, same seeded model
+    assert not list(out.parent.glob(".*tmp"))  # atomic write left no temp file
+
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert sheet.shape == (2 * (panel + tool.TITLE_HEIGHT), 2 * panel, 3)
+    for row, n in enumerate(counts):
+        top = row * (panel + tool.TITLE_HEIGHT) + tool.TITLE_HEIGHT
+        solid = sheet[top : top + panel, panel:].reshape(-1, 3)
+        colours = {tuple(c) for c in np.unique(solid, axis=0)}
+        assert len(colours) == n
+        assert colours == {tuple(c) for c in tool.palette(n)}
+
+
+def test_palette_is_distinct_and_avoids_black_and_white() -> None:
+    tool = _load_tool()
+    colours = tool.palette(300)
+    assert len({tuple(c) for c in colours}) == 300
+    assert not any(tuple(c) in {(0, 0, 0), (255, 255, 255)} for c in colours)
+
+
+def test_tool_cli_help_and_missing_image(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "--checkpoint" in done.stdout
+    tool = _load_tool()
+    with pytest.raises(FileNotFoundError, match="IMAGE not found"):
+        tool.main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o.png")])
+    with pytest.raises(ValueError, match="IMAGE or --demo"):
+        tool.main(["--out", str(tmp_path / "o.png")])

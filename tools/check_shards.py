@@ -1,0 +1,28 @@
+"""Verify every shard of a dataset against its manifest and decode every sample.
+
+Exit 0 when all is well; otherwise 1, printing the shard and sample key of each problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from setokim.data.check import check_shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("shard_dir", help="directory with manifest.json and the tar shards")
+    parser.add_argument("--split", action="append", help="only these splits (repeatable)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    problems = check_shards(args.shard_dir, args.split, progress=not args.no_progress)
+    for p in problems:
+        print(p)
+    print(f"{len(problems)} problem(s)" if problems else "ok: all shards verify and decode")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
