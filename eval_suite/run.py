@@ -48,9 +48,13 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--adapter", required=True, help="replay:PATH or module:factory")
-    parser.add_argument("--adapter-arg", action="append", default=[], help="key=value for the factory")
+    parser.add_argument(
+        "--adapter-arg", action="append", default=[], help="key=value for the factory"
+    )
     parser.add_argument("--tasks", nargs="+", default=["all"], help="task names, or 'all'")
     parser.add_argument("--tasks-dir", default=str(TASKS_DIR), help="folder of task YAML files")
     parser.add_argument("--run-dir", default=None, help="run folder; results go to RUN_DIR/eval")
@@ -60,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="first N documents per task")
-    parser.add_argument("--extractor", action="append", default=[],
-                        help="NAME=PATH feature model for clip/dino/inception metrics (.pt or .npz)")
+    parser.add_argument(
+        "--extractor",
+        action="append",
+        default=[],
+        help="NAME=PATH feature model for clip/dino/inception metrics (.pt or .npz)",
+    )
     parser.add_argument("--llm-config", default=None, help="JSON file with the LLM config (FLOPs)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,19 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     names = None if args.tasks == ["all"] else args.tasks
     tasks = load_tasks(args.tasks_dir, names)
     extractors = {
-        name: load_feature_extractor(path, kind=name) for name, path in _pairs(args.extractor, "--extractor").items()
+        name: load_feature_extractor(path, kind=name)
+        for name, path in _pairs(args.extractor, "--extractor").items()
     }
     llm_config = json.loads(Path(args.llm_config).read_text()) if args.llm_config else None
     adapter = make_adapter(args.adapter, args.run_dir, _pairs(args.adapter_arg, "--adapter-arg"))
     results = run_eval(
-        adapter, tasks, out, rank=args.rank, world_size=args.world_size, data_root=args.data_root,
-        batch_size=args.batch_size, limit=args.limit, extractors=extractors, llm_config=llm_config,
-        n_resamples=args.resamples, seed=args.seed, progress=not args.no_progress,
+        adapter,
+        tasks,
+        out,
+        rank=args.rank,
+        world_size=args.world_size,
+        data_root=args.data_root,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        extractors=extractors,
+        llm_config=llm_config,
+        n_resamples=args.resamples,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     if results is not None:
         for name, entry in results["tasks"].items():
             m = entry["metrics"][entry["primary"]]
-            print(f"{name}: {entry['primary']} = {m['value']:.4f} (n={entry['n']}, ci95={m['ci95']})")
+            print(
+                f"{name}: {entry['primary']} = {m['value']:.4f} (n={entry['n']}, ci95={m['ci95']})"
+            )
         print(f"results: {out / 'results.json'}")
     return 0
 

@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 
 TITLE_HEIGHT = 24  # pixels of the title bar above each row
 DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
-TINT = 0.55  # weight of the token colour over the photo on the left panel
+TINT = 0.55
+RANDOM_KERNEL_SCALE = 2.0  # kernel of the random tiny SeTok used without --checkpoint  # weight of the token colour over the photo on the left panel
 
 
 def palette(n: int) -> np.ndarray:
@@ -96,15 +97,23 @@ def load_images(paths: list[str], demo: bool) -> list[tuple[str, Image.Image]]:
 def build_tokenizer(checkpoint: str | None, max_clusters: int | None, seed: int):
     """SeTok from a checkpoint directory, or a tiny seeded random one (announced on stdout)."""
     import torch
-    from setok_tokenizer import EncoderConfig, SeTok, SeTokConfig
+    from setok_tokenizer import ClusteringConfig, EncoderConfig, SeTok, SeTokConfig
 
     if checkpoint is not None:
         model = SeTok.from_pretrained(checkpoint)
         print(f"loaded SeTok checkpoint {checkpoint}")
     else:
         torch.manual_seed(seed)
-        model = SeTok(SeTokConfig(encoder=EncoderConfig(image_size=128)))
-        print(f"no --checkpoint: using a tiny random SeTok (seed {seed}); regions are not semantic")
+        # A wider kernel than the default (k ln 2) lets the counts vary with random features.
+        cfg = SeTokConfig(
+            encoder=EncoderConfig(image_size=128),
+            clustering=ClusteringConfig(kernel_scale=RANDOM_KERNEL_SCALE),
+        )
+        model = SeTok(cfg)
+        print(
+            f"no --checkpoint: using a tiny random SeTok (seed {seed}, kernel_scale "
+            f"{RANDOM_KERNEL_SCALE}); its regions follow colour and texture, not semantics"
+        )
     if max_clusters is not None:
         if model.cfg.clustering.mechanism == "resampler":
             raise ValueError("--max-clusters cannot change a resampler's number of queries")

@@ -52,12 +52,19 @@ def validate(cfg: DictConfig) -> ExperimentConfig:
         raise ConfigError(_describe(err)) from None
     if not isinstance(obj, ExperimentConfig):
         raise ConfigError(f"config root: expected ExperimentConfig, got {type(obj).__name__}")
-    from setokim.stages import available_stages
+    from setokim.stages import available_stages, build_stage
 
     if obj.stage.name not in available_stages():
         raise ConfigError(
             f"stage.name: unknown stage {obj.stage.name!r}; available: {available_stages()}"
         )
+    # Stage constructors only check their config (models are built later, in the job), so
+    # building one here rejects bad stage params before anything is queued.
+    params = OmegaConf.to_container(cfg.stage.params, resolve=True)
+    try:
+        build_stage(obj.stage.name, params)  # type: ignore[arg-type]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"stage.params ({obj.stage.name}): {err}") from None
     return obj
 
 

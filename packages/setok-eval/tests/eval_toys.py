@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from setok_eval.registry import parse_task
 
 
@@ -32,25 +31,68 @@ def write_toy_suite(root: Path, n: int = 12, seed: int = 0) -> list:
         _png(data / "img" / f"{i}_mask.png", (inst == 1).astype(np.uint8) * 255)
         tgt = np.clip(img.astype(int) + 20, 0, 255).astype(np.uint8)
         _png(data / "img" / f"{i}_tgt.png", tgt)
-        answer = ["two", "cat", "red"][i % 3]
-        rows["vqa"].append({"id": f"q{i:03d}", "image": f"img/{i}.png", "question": f"q {i}?", "answers": [answer] * 10})
-        rows["pope"].append({"id": f"p{i:03d}", "image": f"img/{i}.png", "question": "Is there a cat?",
-                             "label": "yes" if i % 2 else "no"})
-        rows["box"].append({"id": f"b{i:03d}", "image": f"img/{i}.png", "expression": "thing",
-                            "box": [2, 2, 8, 8], "box_format": "xywh"})
-        rows["mask"].append({"id": f"m{i:03d}", "image": f"img/{i}.png", "expression": "thing",
-                             "mask": f"img/{i}_mask.png"})
-        rows["tokens"].append({"id": f"t{i:03d}", "image": f"img/{i}.png", "masks": f"img/{i}_inst.png"})
-        rows["edit"].append({"id": f"e{i:03d}", "image": f"img/{i}.png", "instruction": "brighten",
-                             "target": f"img/{i}_tgt.png"})
+        answer = ["2", "cat", "red"][i % 3]  # VQA ground truth is stored normalised
+        rows["vqa"].append(
+            {
+                "id": f"q{i:03d}",
+                "image": f"img/{i}.png",
+                "question": f"q {i}?",
+                "answers": [answer] * 10,
+            }
+        )
+        rows["pope"].append(
+            {
+                "id": f"p{i:03d}",
+                "image": f"img/{i}.png",
+                "question": "Is there a cat?",
+                "label": "yes" if i % 2 else "no",
+            }
+        )
+        rows["box"].append(
+            {
+                "id": f"b{i:03d}",
+                "image": f"img/{i}.png",
+                "expression": "thing",
+                "box": [2, 2, 8, 8],
+                "box_format": "xywh",
+            }
+        )
+        rows["mask"].append(
+            {
+                "id": f"m{i:03d}",
+                "image": f"img/{i}.png",
+                "expression": "thing",
+                "mask": f"img/{i}_mask.png",
+            }
+        )
+        rows["tokens"].append(
+            {"id": f"t{i:03d}", "image": f"img/{i}.png", "masks": f"img/{i}_inst.png"}
+        )
+        rows["edit"].append(
+            {
+                "id": f"e{i:03d}",
+                "image": f"img/{i}.png",
+                "instruction": "brighten",
+                "target": f"img/{i}_tgt.png",
+            }
+        )
     specs = []
     defs = {
         "vqa": ("text", "understand", "{question}", ["vqa_accuracy"], "vqa"),
         "pope": ("text", "understand", "{question}", ["pope_f1", "pope_accuracy"], "mllm_bench"),
         "box": ("box", "ground", "{expression}", ["rec_accuracy"], "grounding"),
         "mask": ("mask", "segment", "{expression}", ["giou", "ciou"], "segmentation"),
-        "tokens": ("tokens", "tokenize", "", ["tokens_per_image", {"name": "fg_ari", "metric": "ari",
-                   "args": {"ignore_label": 0}}, "mbo"], "tokenizer"),
+        "tokens": (
+            "tokens",
+            "tokenize",
+            "",
+            [
+                {"name": "fg_ari", "metric": "ari", "args": {"ignore_label": 0}},
+                "tokens_per_image",
+                "mbo",
+            ],
+            "tokenizer",
+        ),
         "edit": ("image", "edit", "{instruction}", ["l1"], "editing"),
     }
     for name, docs in rows.items():
@@ -58,10 +100,21 @@ def write_toy_suite(root: Path, n: int = 12, seed: int = 0) -> list:
         path.write_text("".join(json.dumps(d) + "\n" for d in docs))
         output, method, prompt, metrics, family = defs[name]
         primary = metrics[0] if isinstance(metrics[0], str) else metrics[0]["name"]
-        specs.append(parse_task({
-            "name": f"toy_{name}", "version": 1, "family": family, "output": output, "method": method,
-            "data": {"path": str(path)}, "prompt": prompt, "metrics": metrics, "primary": primary,
-        }))
+        specs.append(
+            parse_task(
+                {
+                    "name": f"toy_{name}",
+                    "version": 1,
+                    "family": family,
+                    "output": output,
+                    "method": method,
+                    "data": {"path": str(path)},
+                    "prompt": prompt,
+                    "metrics": metrics,
+                    "primary": primary,
+                }
+            )
+        )
     return specs
 
 
@@ -88,7 +141,10 @@ class ToyAdapter:
         out = []
         for r in reqs:
             if "answers" in r.doc:
-                out.append(r.doc["answers"][0].upper() + "." if self._good(r) else "blue")
+                answer = r.doc["answers"][0]
+                out.append(
+                    {"2": "Two."}.get(answer, answer.upper() + ".") if self._good(r) else "blue"
+                )
             else:
                 yes = (r.doc["label"] == "yes") == self._good(r)
                 out.append("Yes, there is." if yes else "No, there is not.")

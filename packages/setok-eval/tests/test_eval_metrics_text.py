@@ -6,7 +6,6 @@ import random
 
 import numpy as np
 import pytest
-
 from setok_eval.metrics.cider import CiderD, cider_d, tokenize_caption
 from setok_eval.metrics.mme import MMEItem, mme_scores, parse_mme_answer
 from setok_eval.metrics.pope import parse_pope_answer, pope_metrics
@@ -141,7 +140,8 @@ def test_cider_resample_weights_equal_duplicated_corpus():
     weights = np.array([2, 0, 1, 3, 0, 1])
     dup_ids = [(i, k) for i in range(6) for k in range(weights[i])]
     ref_score, _ = Cider().compute_score(
-        {j: refs[i] for j, (i, _) in enumerate(dup_ids)}, {j: [preds[i]] for j, (i, _) in enumerate(dup_ids)}
+        {j: refs[i] for j, (i, _) in enumerate(dup_ids)},
+        {j: [preds[i]] for j, (i, _) in enumerate(dup_ids)},
     )
     scorer = CiderD([preds[i] for i in range(6)], [refs[i] for i in range(6)])
     assert scorer.score(weights) == pytest.approx(ref_score, rel=1e-12)
@@ -149,7 +149,9 @@ def test_cider_resample_weights_equal_duplicated_corpus():
 
 def test_cider_hand_worked_identical_caption_and_errors():
     # A hypothesis equal to its only reference, in a two-image corpus, against a disjoint one.
-    score, per = cider_d({"a": "red ball", "b": "blue cat"}, {"a": ["red ball"], "b": ["green dog"]})
+    score, per = cider_d(
+        {"a": "red ball", "b": "blue cat"}, {"a": ["red ball"], "b": ["green dog"]}
+    )
     assert per["a"] == pytest.approx(10.0 / 4 * 2)  # unigram and bigram cosines are 1; 3,4-grams 0
     assert per["b"] == 0.0
     assert score == pytest.approx(2.5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import linalg
-
 from setok_eval.metrics.flops import prefill_flops, prefill_flops_per_sample
 from setok_eval.metrics.grounding import box_iou, normalized_to_pixels, rec_accuracy, xywh_to_xyxy
 from setok_eval.metrics.image import (
@@ -39,7 +38,9 @@ def test_box_iou_and_rec_accuracy_hand_worked():
 def test_box_conversions():
     assert xywh_to_xyxy([[2, 3, 4, 5]]).tolist() == [[2, 3, 6, 8]]
     assert normalized_to_pixels([[0.1, 0.2, 0.5, 1.0]], 200, 100).tolist() == [[20, 20, 100, 100]]
-    assert normalized_to_pixels([[100, 200, 500, 1000]], 200, 100, scale=1000).tolist() == [[20, 20, 100, 100]]
+    assert normalized_to_pixels([[100, 200, 500, 1000]], 200, 100, scale=1000).tolist() == [
+        [20, 20, 100, 100]
+    ]
 
 
 def test_giou_ciou_as_lisa_defines():
@@ -105,7 +106,9 @@ def test_missing_feature_extractor_is_a_clear_error(tmp_path):
 def test_adjusted_rand_index_hand_worked():
     gt = np.array([[0, 0, 1, 1, 1, 1]])
     assert adjusted_rand_index(gt, gt) == 1.0
-    assert adjusted_rand_index(np.array([[5, 5, 7, 7, 7, 7]]), gt) == 1.0  # label names don't matter
+    assert (
+        adjusted_rand_index(np.array([[5, 5, 7, 7, 7, 7]]), gt) == 1.0
+    )  # label names don't matter
     # pred {0,1,2},{3,4,5} vs gt {0,1},{2,3,4,5}: index=4, sum_a=7, sum_b=6, n pairs=15
     pred = np.array([[0, 0, 0, 1, 1, 1]])
     expected = (4 - 7 * 6 / 15) / ((7 + 6) / 2 - 7 * 6 / 15)
@@ -139,8 +142,14 @@ def test_prefill_flops_hand_counted():
     L = 5
     per_layer = 2 * L * 8 * (8 + 16) + 2 * L * 8 * 8 + 4 * L * L * 8 + 2 * L * 8 * 16 * 3
     assert prefill_flops(cfg, L) == 2 * per_layer + 2 * 8 * 10
-    hf = {"hidden_size": 8, "num_hidden_layers": 2, "intermediate_size": 16,
-          "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10}
+    hf = {
+        "hidden_size": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 16,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 10,
+    }
     gqa_layer = per_layer - 2 * L * 8 * 8  # k and v widths halve
     assert prefill_flops(hf, L) == 2 * gqa_layer + 160
     per_sample = prefill_flops_per_sample(cfg, 3, [2, 4])

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as sps
-
 from setok_eval.registry import TaskValidationError, load_task, load_tasks, parse_task
 from setok_eval.stats import bootstrap_ci, mcnemar_exact, paired_compare, states_ci
 
@@ -71,8 +70,14 @@ def test_suite_tasks_load_and_validate():
 
 
 BASE = {
-    "name": "t", "version": 1, "family": "vqa", "output": "text", "data": {"path": "x.jsonl"},
-    "prompt": "{question}", "metrics": ["vqa_accuracy"], "primary": "vqa_accuracy",
+    "name": "t",
+    "version": 1,
+    "family": "vqa",
+    "output": "text",
+    "data": {"path": "x.jsonl"},
+    "prompt": "{question}",
+    "metrics": ["vqa_accuracy"],
+    "primary": "vqa_accuracy",
 }
 
 

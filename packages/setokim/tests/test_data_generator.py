@@ -7,7 +7,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from setokim.data.annotate import describe, vqa
 from setokim.data.card import blind_baseline
 from setokim.data.edits import sample_edit
@@ -26,7 +25,9 @@ def test_same_seed_gives_byte_identical_shards(tmp_path):
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert a["version"] == b["version"] != c["version"]
-    assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (tmp_path / "c" / "train-000000.tar").read_bytes()
+    assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (
+        tmp_path / "c" / "train-000000.tar"
+    ).read_bytes()
     card = json.loads((tmp_path / "a" / "dataset_card.json").read_text())
     assert card["splits"]["train"]["images"] == 12 and card["info"]["seed"] == 5
     assert set(card["blind_baseline"]) == {"val", "test"}
@@ -131,7 +132,9 @@ def test_edits_change_the_scene_as_instructed():
 def test_blind_baseline_is_near_chance():
     world = ShapesWorld(seed=4)
     train = [q for i in range(300) for q in vqa(world.scene("train", i), np.random.default_rng(i))]
-    val = [q for i in range(200) for q in vqa(world.scene("val", i), np.random.default_rng(10_000 + i))]
+    val = [
+        q for i in range(200) for q in vqa(world.scene("val", i), np.random.default_rng(10_000 + i))
+    ]
     base = blind_baseline(train, val)
     for qtype in ("exist", "position", "compare"):
         assert base[qtype]["by_question"] < 0.62, (qtype, base[qtype])

@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 from setokim.data.rle import decode_mask
@@ -29,12 +28,26 @@ def keys(loader) -> list[str]:
 @pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 0), (3, 2), (7, 0)])
 def test_every_sample_once_per_epoch_across_ranks_and_workers(shards, world_size, num_workers):
     per_rank = [
-        keys(make_loader(shards, "train", "caption", 3, rank=r, world_size=world_size, num_workers=num_workers, even=False))
+        keys(
+            make_loader(
+                shards,
+                "train",
+                "caption",
+                3,
+                rank=r,
+                world_size=world_size,
+                num_workers=num_workers,
+                even=False,
+            )
+        )
         for r in range(world_size)
     ]
     everything = [k for ks in per_rank for k in ks]
     assert len(everything) == len(set(everything)) == N_TRAIN
-    even = [len(keys(make_loader(shards, "train", "caption", 3, rank=r, world_size=world_size))) for r in range(world_size)]
+    even = [
+        len(keys(make_loader(shards, "train", "caption", 3, rank=r, world_size=world_size)))
+        for r in range(world_size)
+    ]
     assert len(set(even)) == 1, f"even=True must give equal counts per rank, got {even}"
 
 
@@ -71,10 +84,18 @@ def test_batch_layout_and_content_for_every_task(shards):
         assert sum(len(b["key"]) for b in batches) == N_TRAIN
         b = batches[0]
         assert set(b) == set(COMMON_FIELDS) | set(BATCH_FIELDS[task]), task
-        assert b["task"] == task and b["pixels"].shape == (4, 3, 64, 64) and b["pixels"].dtype == torch.float32
+        assert (
+            b["task"] == task
+            and b["pixels"].shape == (4, 3, 64, 64)
+            and b["pixels"].dtype == torch.float32
+        )
         assert 0.0 <= b["pixels"].min() and b["pixels"].max() <= 1.0
         bsz, n_obj = b["object_valid"].shape
-        assert b["object_masks"].shape == (bsz, n_obj, 64, 64) and b["boxes"].shape == (bsz, n_obj, 4)
+        assert b["object_masks"].shape == (bsz, n_obj, 64, 64) and b["boxes"].shape == (
+            bsz,
+            n_obj,
+            4,
+        )
         # padding rows are empty; real rows are the JSON objects
         assert not b["object_masks"][~b["object_valid"]].any()
         assert [len(n) for n in b["object_names"]] == b["object_valid"].sum(1).tolist()
@@ -120,9 +141,14 @@ def test_expand_yields_every_item(shards):
 
 
 def test_mix_follows_the_weights(shards):
-    tasks = Counter(b["task"] for b in make_loader(shards, "train", "mix", 1, mix_weights={"vqa": 1, "pope": 1}))
+    tasks = Counter(
+        b["task"] for b in make_loader(shards, "train", "mix", 1, mix_weights={"vqa": 1, "pope": 1})
+    )
     assert set(tasks) == {"vqa", "pope"} and sum(tasks.values()) == N_TRAIN
-    only = {b["task"] for b in make_loader(shards, "train", "mix", 2, mix_weights={"edit": 1.0, "rec": 0.0})}
+    only = {
+        b["task"]
+        for b in make_loader(shards, "train", "mix", 2, mix_weights={"edit": 1.0, "rec": 0.0})
+    }
     assert only == {"edit"}
 
 

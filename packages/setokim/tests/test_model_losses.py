@@ -26,7 +26,7 @@ def test_next_token_loss_shifts_and_ignores():
 def test_next_token_loss_without_labels_is_zero_with_grad():
     logits = torch.randn(1, 4, 6, requires_grad=True)
     loss, count = next_token_loss(logits, torch.full((1, 4), IGNORE_INDEX))
-    assert count == 0 and float(loss) == 0.0
+    assert count == 0 and loss.item() == 0.0
     loss.backward()
     assert logits.grad is not None
 

@@ -10,6 +10,14 @@ from setok_eval.results import read_results
 from setok_eval.runner import resolve_rank, run_eval
 
 __all__ = [
-    "ModelAdapter", "ReplayAdapter", "Request", "TaskSpec", "TaskValidationError", "load_task",
-    "load_tasks", "read_results", "resolve_rank", "run_eval",
+    "ModelAdapter",
+    "ReplayAdapter",
+    "Request",
+    "TaskSpec",
+    "TaskValidationError",
+    "load_task",
+    "load_tasks",
+    "read_results",
+    "resolve_rank",
+    "run_eval",
 ]

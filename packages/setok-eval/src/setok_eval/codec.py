@@ -30,5 +30,7 @@ def decode_labels(obj: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"not an encoded label map: {str(obj)[:80]}") from exc
     flat = np.repeat(np.asarray(values, dtype=np.int64), np.asarray(runs, dtype=np.int64))
     if flat.size != int(np.prod(shape)):
-        raise ValueError(f"encoded runs cover {flat.size} pixels, shape {shape} needs {np.prod(shape)}")
+        raise ValueError(
+            f"encoded runs cover {flat.size} pixels, shape {shape} needs {np.prod(shape)}"
+        )
     return flat.reshape(shape)

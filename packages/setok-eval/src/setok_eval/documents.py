@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,9 @@ def load_documents(
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"task {task.name!r}: {path}:{line_no} is not JSON: {exc}") from exc
+                raise ValueError(
+                    f"task {task.name!r}: {path}:{line_no} is not JSON: {exc}"
+                ) from exc
             if not isinstance(doc, dict) or "id" not in doc:
                 raise ValueError(f"task {task.name!r}: {path}:{line_no} needs an 'id' field")
             doc["id"] = str(doc["id"])
@@ -43,7 +44,9 @@ def load_documents(
             seen.add(doc["id"])
             missing = sorted(needed - set(doc))
             if missing:
-                raise ValueError(f"task {task.name!r}: document {doc['id']!r} lacks field(s) {missing}")
+                raise ValueError(
+                    f"task {task.name!r}: document {doc['id']!r} lacks field(s) {missing}"
+                )
             for key in FILE_FIELDS:
                 if isinstance(doc.get(key), str):
                     doc[key] = str((path.parent / doc[key]).resolve())

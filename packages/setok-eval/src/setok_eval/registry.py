@@ -106,8 +106,18 @@ class TaskSpec:
 
 
 _TOP_KEYS = {
-    "name", "version", "family", "output", "method", "data", "prompt", "metrics", "primary",
-    "higher_is_better", "generation", "description",
+    "name",
+    "version",
+    "family",
+    "output",
+    "method",
+    "data",
+    "prompt",
+    "metrics",
+    "primary",
+    "higher_is_better",
+    "generation",
+    "description",
 }
 _REQUIRED = ("name", "version", "family", "output", "data", "prompt", "metrics", "primary")
 
@@ -129,7 +139,9 @@ def _parse_metric(entry: Any, where: str, output: str) -> MetricSpec:
         raise _fail(where, f"metrics: unknown metric {metric!r}; known: {sorted(METRICS)}")
     info = METRICS[metric]
     if output not in info.outputs:
-        raise _fail(where, f"metrics: {metric!r} scores {info.outputs} outputs, task output is {output!r}")
+        raise _fail(
+            where, f"metrics: {metric!r} scores {info.outputs} outputs, task output is {output!r}"
+        )
     args = entry.get("args", {}) or {}
     if not isinstance(args, Mapping):
         raise _fail(where, f"metrics: 'args' of {metric!r} must be a mapping")
@@ -162,7 +174,9 @@ def parse_task(raw: Mapping[str, Any], source: str = "<memory>") -> TaskSpec:
     if isinstance(data, str):
         data = {"path": data}
     if not isinstance(data, Mapping) or "path" not in data:
-        raise _fail(source, "'data' must be a path or a mapping with 'path' (and optional 'version')")
+        raise _fail(
+            source, "'data' must be a path or a mapping with 'path' (and optional 'version')"
+        )
     if set(data) - {"path", "version"}:
         raise _fail(source, f"unknown key(s) {sorted(set(data) - {'path', 'version'})} in 'data'")
     prompt = raw["prompt"]
@@ -187,7 +201,9 @@ def parse_task(raw: Mapping[str, Any], source: str = "<memory>") -> TaskSpec:
     primary_hib = next(m.higher_is_better for m in metrics if m.name == primary)
     hib = raw.get("higher_is_better", primary_hib)
     if not isinstance(hib, bool):
-        raise _fail(source, "'higher_is_better' must be true or false")
+        raise _fail(
+            source, f"'higher_is_better' must be true or false (primary {primary!r} has no default)"
+        )
     generation = raw.get("generation", {}) or {}
     if not isinstance(generation, Mapping):
         raise _fail(source, "'generation' must be a mapping of generation settings")

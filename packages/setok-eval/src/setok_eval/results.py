@@ -24,7 +24,9 @@ SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"
 
 
-def task_entry(task: Any, data_version: str, scored: Mapping[str, Any], n_resamples: int, seed: int) -> dict:
+def task_entry(
+    task: Any, data_version: str, scored: Mapping[str, Any], n_resamples: int, seed: int
+) -> dict:
     """The results entry of one task from its scored metrics."""
     metrics, items = {}, {}
     for spec in task.metrics:
@@ -97,7 +99,9 @@ def read_results(path: str | os.PathLike[str]) -> dict:
     return data
 
 
-def item_states(task_result: Mapping[str, Any], metric: str) -> tuple[list[str], np.ndarray, str] | None:
+def item_states(
+    task_result: Mapping[str, Any], metric: str
+) -> tuple[list[str], np.ndarray, str] | None:
     """(ids, states (N, k), reducer) of a metric, or None when it has no per-item states."""
     entry = task_result.get("items", {}).get(metric)
     if entry is None:

@@ -40,7 +40,9 @@ def _git_sha() -> str:
     if os.environ.get("SETOK_GIT_SHA"):
         return os.environ["SETOK_GIT_SHA"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -50,16 +52,22 @@ def _serialise(task: TaskSpec, output: Any, key: str, out_dir: Path, doc_id: str
     """Make an adapter output JSON-friendly (images go to PNG files beside the cache)."""
     if task.output == "text":
         if not isinstance(output, str):
-            raise TypeError(f"task {task.name!r} doc {doc_id!r}: expected str, got {type(output).__name__}")
+            raise TypeError(
+                f"task {task.name!r} doc {doc_id!r}: expected str, got {type(output).__name__}"
+            )
         return output
     if task.output == "box":
         arr = np.asarray(output, dtype=np.float64).reshape(-1)
         if arr.size != 4:
-            raise ValueError(f"task {task.name!r} doc {doc_id!r}: a box needs 4 numbers, got {arr.size}")
+            raise ValueError(
+                f"task {task.name!r} doc {doc_id!r}: a box needs 4 numbers, got {arr.size}"
+            )
         return arr.tolist()
     if task.output in ("mask", "tokens"):
         arr = np.asarray(output)
-        labels = arr.astype(bool).astype(np.int64) if task.output == "mask" else arr.astype(np.int64)
+        labels = (
+            arr.astype(bool).astype(np.int64) if task.output == "mask" else arr.astype(np.int64)
+        )
         return encode_labels(labels)
     rel = Path("predictions") / task.name / "images" / f"{key}.png"
     img = np.asarray(output)
@@ -91,7 +99,9 @@ def _predict_task(
     pending = []
     for doc in docs[rank::world_size]:
         prompt = format_prompt(task, doc)
-        key = prediction_key(task.name, task.version, doc["id"], prompt, task.generation, fingerprint)
+        key = prediction_key(
+            task.name, task.version, doc["id"], prompt, task.generation, fingerprint
+        )
         if key not in done:
             pending.append(Request(task.name, doc["id"], prompt, doc, dict(task.generation)))
     bar = tqdm(total=len(pending), desc=f"{task.name} [rank {rank}]", disable=not progress)
@@ -103,7 +113,9 @@ def _predict_task(
                 f"adapter.{task.method} returned {len(outputs)} outputs for {len(batch)} requests (task {task.name!r})"
             )
         for req, output in zip(batch, outputs, strict=True):
-            key = prediction_key(task.name, task.version, req.doc_id, req.prompt, task.generation, fingerprint)
+            key = prediction_key(
+                task.name, task.version, req.doc_id, req.prompt, task.generation, fingerprint
+            )
             value = _serialise(task, output, key, out_dir, req.doc_id)
             cache.append({"key": key, "task": task.name, "id": req.doc_id, "prediction": value})
             bar.update(1)
@@ -111,11 +123,17 @@ def _predict_task(
 
 
 def _collect(
-    task: TaskSpec, docs: Sequence[dict[str, Any]], out_dir: Path, fingerprint: str, timeout_s: float
+    task: TaskSpec,
+    docs: Sequence[dict[str, Any]],
+    out_dir: Path,
+    fingerprint: str,
+    timeout_s: float,
 ) -> dict[str, Any]:
     """Wait until every document's prediction is in the merged cache, then return them by id."""
     keys = {
-        d["id"]: prediction_key(task.name, task.version, d["id"], format_prompt(task, d), task.generation, fingerprint)
+        d["id"]: prediction_key(
+            task.name, task.version, d["id"], format_prompt(task, d), task.generation, fingerprint
+        )
         for d in docs
     }
     deadline = time.monotonic() + timeout_s
@@ -133,7 +151,9 @@ def _collect(
         time.sleep(min(5.0, max(0.1, timeout_s / 100)))
 
 
-def _write_overlays(task: TaskSpec, docs: Sequence[dict], preds: Mapping[str, Any], out_dir: Path, n: int) -> None:
+def _write_overlays(
+    task: TaskSpec, docs: Sequence[dict], preds: Mapping[str, Any], out_dir: Path, n: int
+) -> None:
     for doc in docs[:n]:
         if not isinstance(doc.get("image"), str):
             return
@@ -206,7 +226,11 @@ def run_eval(
             }
         )
     results = build_results(
-        entries, fingerprint=fingerprint, config_hash=config_hash, git_sha=git_sha or _git_sha(), world_size=world_size
+        entries,
+        fingerprint=fingerprint,
+        config_hash=config_hash,
+        git_sha=git_sha or _git_sha(),
+        world_size=world_size,
     )
     write_results(out, results)
     return results

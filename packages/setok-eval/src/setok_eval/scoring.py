@@ -49,7 +49,9 @@ class Scored:
         details: Mapping[str, Any] | None = None,
     ) -> None:
         self.ids = list(ids)
-        self.states = None if states is None else np.asarray(states, dtype=np.float64).reshape(len(ids), -1)
+        self.states = (
+            None if states is None else np.asarray(states, dtype=np.float64).reshape(len(ids), -1)
+        )
         self.reducer = reducer
         self.value = value if value is not None else reduce_states(self.states, reducer)
         self.resample = resample
@@ -71,8 +73,12 @@ def _gt_box(doc: Mapping[str, Any]) -> np.ndarray:
     if fmt == "xywh":
         return xywh_to_xyxy(box)
     if fmt == "norm_xyxy":
-        return normalized_to_pixels(box, float(doc["width"]), float(doc["height"]), float(doc.get("box_scale", 1.0)))
-    raise ValueError(f"document {doc['id']!r}: box_format must be xyxy, xywh or norm_xyxy, got {fmt!r}")
+        return normalized_to_pixels(
+            box, float(doc["width"]), float(doc["height"]), float(doc.get("box_scale", 1.0))
+        )
+    raise ValueError(
+        f"document {doc['id']!r}: box_format must be xyxy, xywh or norm_xyxy, got {fmt!r}"
+    )
 
 
 def _pred_box(pred: Any, doc_id: str) -> np.ndarray:
@@ -86,10 +92,14 @@ def _count_tokens(labels: np.ndarray) -> int:
     return int(np.unique(labels[labels >= 0]).size)
 
 
-def _extractor(spec: MetricSpec, task: TaskSpec, extractors: Mapping[str, FeatureExtractor]) -> FeatureExtractor:
+def _extractor(
+    spec: MetricSpec, task: TaskSpec, extractors: Mapping[str, FeatureExtractor]
+) -> FeatureExtractor:
     name = spec.args.get("extractor")
     if name is None:
-        raise ValueError(f"task {task.name!r} metric {spec.name!r} needs args.extractor (e.g. clip)")
+        raise ValueError(
+            f"task {task.name!r} metric {spec.name!r} needs args.extractor (e.g. clip)"
+        )
     if name not in extractors:
         raise KeyError(
             f"task {task.name!r} metric {spec.name!r} needs feature extractor {name!r}: pass "
@@ -99,7 +109,10 @@ def _extractor(spec: MetricSpec, task: TaskSpec, extractors: Mapping[str, Featur
 
 
 def _features(extractor: FeatureExtractor, images: list[np.ndarray], chunk: int = 32) -> np.ndarray:
-    parts = [np.asarray(extractor(images[i : i + chunk]), dtype=np.float64) for i in range(0, len(images), chunk)]
+    parts = [
+        np.asarray(extractor(images[i : i + chunk]), dtype=np.float64)
+        for i in range(0, len(images), chunk)
+    ]
     return np.concatenate(parts, axis=0)
 
 
@@ -115,7 +128,9 @@ def score_task(
     """Score every metric of `task`; `preds[doc_id]` is the cached (serialised) prediction."""
     missing = [d["id"] for d in docs if d["id"] not in preds]
     if missing:
-        raise ValueError(f"task {task.name!r}: {len(missing)} documents lack predictions, e.g. {missing[:5]}")
+        raise ValueError(
+            f"task {task.name!r}: {len(missing)} documents lack predictions, e.g. {missing[:5]}"
+        )
     extractors = extractors or {}
     out_dir = Path(out_dir)
     ids = [d["id"] for d in docs]
@@ -139,9 +154,17 @@ def score_task(
     for spec in task.metrics:
         m = spec.metric
         if m == "vqa_accuracy":
-            out[spec.name] = Scored(ids, [vqa_accuracy(str(a), d["answers"]) for a, d in zip(p, docs, strict=True)], "mean")
+            out[spec.name] = Scored(
+                ids,
+                [vqa_accuracy(str(a), d["answers"]) for a, d in zip(p, docs, strict=True)],
+                "mean",
+            )
         elif m == "exact_match":
-            out[spec.name] = Scored(ids, [exact_match(str(a), d["answer"]) for a, d in zip(p, docs, strict=True)], "mean")
+            out[spec.name] = Scored(
+                ids,
+                [exact_match(str(a), d["answer"]) for a, d in zip(p, docs, strict=True)],
+                "mean",
+            )
         elif m == "cider_d":
             scorer = CiderD(
                 [tokenize_caption(str(a)) for a in p],
@@ -149,21 +172,36 @@ def score_task(
             )
             per_doc = scorer.per_doc()
             out[spec.name] = Scored(
-                ids, per_doc, "mean", value=float(per_doc.mean()),
+                ids,
+                per_doc,
+                "mean",
+                value=float(per_doc.mean()),
                 resample=lambda idx, s=scorer: s.score(np.bincount(idx, minlength=s.num_docs)),
             )
         elif m == "pope_accuracy":
-            correct = [float(parse_pope_answer(str(a)) == (1 if str(d["label"]).lower() in ("yes", "1") else 0))
-                       for a, d in zip(p, docs, strict=True)]
+            correct = [
+                float(
+                    parse_pope_answer(str(a))
+                    == (1 if str(d["label"]).lower() in ("yes", "1") else 0)
+                )
+                for a, d in zip(p, docs, strict=True)
+            ]
             out[spec.name] = Scored(ids, correct, "mean")
         elif m in _POPE:
-            out[spec.name] = Scored(ids, pope_confusion([str(a) for a in p], [d["label"] for d in docs]), m)
+            out[spec.name] = Scored(
+                ids, pope_confusion([str(a) for a in p], [d["label"] for d in docs]), m
+            )
         elif m == "mme_score":
-            items = [MMEItem(str(d["subtask"]), str(d["image_id"]), str(a), str(d["answer"])) for a, d in zip(p, docs, strict=True)]
+            items = [
+                MMEItem(str(d["subtask"]), str(d["image_id"]), str(a), str(d["answer"]))
+                for a, d in zip(p, docs, strict=True)
+            ]
             subtasks, states = mme_image_states(items)
             keys = sorted({(it.subtask, it.image_id) for it in items})
             details = mme_from_states(states, subtasks)
-            out[spec.name] = Scored([f"{s}/{i}" for s, i in keys], states, "mme_total", details=details)
+            out[spec.name] = Scored(
+                [f"{s}/{i}" for s, i in keys], states, "mme_total", details=details
+            )
         elif m == "rec_accuracy":
             thr = float(spec.args.get("iou_threshold", 0.5))
             pred_boxes = np.concatenate([_pred_box(a, i) for a, i in zip(p, ids, strict=True)])
@@ -182,13 +220,19 @@ def score_task(
             out[spec.name] = Scored(ids, cos, "mean")
         elif m == "fid":
             ex = _extractor(spec, task, extractors)
-            value = fid_from_features(_features(ex, images("pred")), _features(ex, images("target")))
+            value = fid_from_features(
+                _features(ex, images("pred")), _features(ex, images("target"))
+            )
             out[spec.name] = Scored(ids, None, None, value=value)
         elif m == "tokens_per_image":
             counts = [_count_tokens(c) for c in cluster_maps()]
             out[spec.name] = Scored(ids, counts, "mean", details=tokens_per_image_stats(counts))
         elif m in ("ari", "mbo", "hungarian_miou"):
-            fn = {"ari": adjusted_rand_index, "mbo": mean_best_overlap, "hungarian_miou": hungarian_miou}[m]
+            fn = {
+                "ari": adjusted_rand_index,
+                "mbo": mean_best_overlap,
+                "hungarian_miou": hungarian_miou,
+            }[m]
             ignore = spec.args.get("ignore_label")
             vals = []
             for c, d in zip(cluster_maps(), docs, strict=True):

@@ -47,7 +47,11 @@ def reduce_states(states: np.ndarray, reducer: str) -> float:
 def is_binary(states: np.ndarray, reducer: str) -> bool:
     """True when the metric is a mean of 0/1 per-item scores (McNemar applies)."""
     s = np.asarray(states, dtype=np.float64)
-    return reducer == "mean" and s.ndim <= 2 and bool(np.isin(s.reshape(len(s), -1)[:, 0], (0, 1)).all())
+    return (
+        reducer == "mean"
+        and s.ndim <= 2
+        and bool(np.isin(s.reshape(len(s), -1)[:, 0], (0, 1)).all())
+    )
 
 
 def bootstrap_ci(
@@ -75,7 +79,9 @@ def states_ci(
 ) -> tuple[float, float]:
     """95% bootstrap interval of a reducer over per-item states."""
     s = np.asarray(states, dtype=np.float64)
-    return bootstrap_ci(lambda idx: reduce_states(s[idx], reducer), len(s), n_resamples=n_resamples, seed=seed)
+    return bootstrap_ci(
+        lambda idx: reduce_states(s[idx], reducer), len(s), n_resamples=n_resamples, seed=seed
+    )
 
 
 def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,7 +131,10 @@ def paired_compare(
         deltas[r] = reduce_states(b[idx], reducer) - reduce_states(a[idx], reducer)
     lo, hi = np.percentile(deltas, [2.5, 97.5])
     if is_binary(a, reducer) and is_binary(b, reducer):
-        p, method = mcnemar_exact(a.reshape(len(a), -1)[:, 0], b.reshape(len(b), -1)[:, 0]), "mcnemar"
+        p, method = (
+            mcnemar_exact(a.reshape(len(a), -1)[:, 0], b.reshape(len(b), -1)[:, 0]),
+            "mcnemar",
+        )
     else:
         extreme = np.abs(deltas - delta) >= abs(delta) - 1e-12
         p, method = float((1 + extreme.sum()) / (1 + n_resamples)), "paired_bootstrap"

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from setok_eval.leaderboard.compare import MixedDataError, build_tables, check_data_versions, load_runs
+from setok_eval.leaderboard.compare import (
+    MixedDataError,
+    build_tables,
+    check_data_versions,
+    load_runs,
+)
 from setok_eval.leaderboard.plots import forest_plot, tokens_histogram
 from setok_eval.leaderboard.render import copy_overlays, csv_text, html_page, markdown, write_text
 
@@ -26,7 +31,10 @@ def build_leaderboard(
     paths = [Path(p) for p in run_dirs]
     base_path = Path(baseline)
     runs = load_runs(paths)
-    base = next((r for r in runs if r.path.resolve() == base_path.resolve() or r.name == str(baseline)), None)
+    base = next(
+        (r for r in runs if r.path.resolve() == base_path.resolve() or r.name == str(baseline)),
+        None,
+    )
     if base is None:
         if not base_path.exists():
             raise FileNotFoundError(f"baseline {baseline!r} is neither a given run name nor a path")

@@ -115,7 +115,9 @@ def _paired(base: dict, other: dict, metric: str, n_resamples: int, seed: int):
     return paired_compare(a[1][ia], b[1][ib], a[2], n_resamples=n_resamples, seed=seed)
 
 
-def build_tables(runs: list[Run], baseline: Run, *, n_resamples: int = 1000, seed: int = 0) -> list[FamilyTable]:
+def build_tables(
+    runs: list[Run], baseline: Run, *, n_resamples: int = 1000, seed: int = 0
+) -> list[FamilyTable]:
     """One table per task family with every metric of every task any run has."""
     columns: dict[str, dict[tuple[str, str], Column]] = {}
     for run in runs:
@@ -123,7 +125,8 @@ def build_tables(runs: list[Run], baseline: Run, *, n_resamples: int = 1000, see
             fam = columns.setdefault(entry["family"], {})
             for metric, m in entry["metrics"].items():
                 fam.setdefault(
-                    (task, metric), Column(task, metric, m.get("higher_is_better"), metric == entry["primary"])
+                    (task, metric),
+                    Column(task, metric, m.get("higher_is_better"), metric == entry["primary"]),
                 )
     tables = []
     for family in sorted(columns):
@@ -137,13 +140,19 @@ def build_tables(runs: list[Run], baseline: Run, *, n_resamples: int = 1000, see
                     continue
                 m = entry["metrics"][col.metric]
                 cell = Cell(float(m["value"]), m.get("ci95"), int(m.get("n", entry["n"])))
-                if run is not baseline and base_entry is not None and col.metric in base_entry["metrics"]:
+                if (
+                    run is not baseline
+                    and base_entry is not None
+                    and col.metric in base_entry["metrics"]
+                ):
                     cell.delta = cell.value - float(base_entry["metrics"][col.metric]["value"])
                     res = _paired(base_entry, entry, col.metric, n_resamples, seed)
                     if res is not None:
                         cell.delta_ci95, cell.p_value, cell.test = res.ci95, res.p_value, res.method
                 table.cells[(run.name, col.task, col.metric)] = cell
-            present = [c for (r, t, mt), c in table.cells.items() if t == col.task and mt == col.metric]
+            present = [
+                c for (r, t, mt), c in table.cells.items() if t == col.task and mt == col.metric
+            ]
             if col.higher_is_better is not None and len(present) > 1:
                 best = (max if col.higher_is_better else min)(c.value for c in present)
                 for c in present:

@@ -23,7 +23,9 @@ def _save(fig, path: str | os.PathLike[str]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def forest_plot(tables: list[FamilyTable], runs: list[Run], baseline: Run, path: str | os.PathLike[str]) -> bool:
+def forest_plot(
+    tables: list[FamilyTable], runs: list[Run], baseline: Run, path: str | os.PathLike[str]
+) -> bool:
     """Delta vs baseline with 95% intervals, one row per (run, task primary metric)."""
     rows = []
     for table in tables:

@@ -41,10 +41,21 @@ def _arrow(hib: bool | None) -> str:
     return {True: " ↑", False: " ↓", None: ""}[hib]
 
 
-def markdown(tables: list[FamilyTable], runs: list[Run], baseline: Run, notes: list[str], figures: dict[str, str]) -> str:
-    lines = ["# Leaderboard", "", f"Baseline: **{baseline.name}**. Cells: value [95% CI]; "
-             "Δ: run − baseline [95% paired bootstrap CI], p from exact McNemar (0/1 scores) or "
-             "paired bootstrap. Best value per column in bold.", ""]
+def markdown(
+    tables: list[FamilyTable],
+    runs: list[Run],
+    baseline: Run,
+    notes: list[str],
+    figures: dict[str, str],
+) -> str:
+    lines = [
+        "# Leaderboard",
+        "",
+        f"Baseline: **{baseline.name}**. Cells: value [95% CI]; "
+        "Δ: run − baseline [95% paired bootstrap CI], p from exact McNemar (0/1 scores) or "
+        "paired bootstrap. Best value per column in bold.",
+        "",
+    ]
     lines += [f"> note: {n}" for n in notes]
     for table in tables:
         lines += ["", f"## {table.family}", ""]
@@ -57,7 +68,9 @@ def markdown(tables: list[FamilyTable], runs: list[Run], baseline: Run, notes: l
             row = [run.name + (" (baseline)" if run is baseline else "")]
             for c in table.columns:
                 cell = table.cells.get((run.name, c.task, c.metric))
-                value = "" if cell is None else (f"**{_value(cell)}**" if cell.best else _value(cell))
+                value = (
+                    "" if cell is None else (f"**{_value(cell)}**" if cell.best else _value(cell))
+                )
                 row += [value, _delta(cell)]
             lines.append("| " + " | ".join(row) + " |")
     for title, rel in figures.items():
@@ -68,8 +81,26 @@ def markdown(tables: list[FamilyTable], runs: list[Run], baseline: Run, notes: l
 def csv_text(tables: list[FamilyTable], runs: list[Run], baseline: Run) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["family", "task", "metric", "run", "is_baseline", "value", "ci_lo", "ci_hi", "n",
-                     "delta", "delta_lo", "delta_hi", "p_value", "test", "is_best", "higher_is_better"])
+    writer.writerow(
+        [
+            "family",
+            "task",
+            "metric",
+            "run",
+            "is_baseline",
+            "value",
+            "ci_lo",
+            "ci_hi",
+            "n",
+            "delta",
+            "delta_lo",
+            "delta_hi",
+            "p_value",
+            "test",
+            "is_best",
+            "higher_is_better",
+        ]
+    )
     for table in tables:
         for c in table.columns:
             for run in runs:
@@ -78,9 +109,26 @@ def csv_text(tables: list[FamilyTable], runs: list[Run], baseline: Run) -> str:
                     continue
                 ci = cell.ci95 or [None, None]
                 dci = cell.delta_ci95 or (None, None)
-                writer.writerow([table.family, c.task, c.metric, run.name, run is baseline, cell.value,
-                                 ci[0], ci[1], cell.n, cell.delta, dci[0], dci[1], cell.p_value,
-                                 cell.test, cell.best, c.higher_is_better])
+                writer.writerow(
+                    [
+                        table.family,
+                        c.task,
+                        c.metric,
+                        run.name,
+                        run is baseline,
+                        cell.value,
+                        ci[0],
+                        ci[1],
+                        cell.n,
+                        cell.delta,
+                        dci[0],
+                        dci[1],
+                        cell.p_value,
+                        cell.test,
+                        cell.best,
+                        c.higher_is_better,
+                    ]
+                )
     return buf.getvalue()
 
 
@@ -113,21 +161,33 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def html_page(tables: list[FamilyTable], runs: list[Run], baseline: Run, notes: list[str],
-              figures: dict[str, Path], overlays: dict[str, list[Path]]) -> str:
+def html_page(
+    tables: list[FamilyTable],
+    runs: list[Run],
+    baseline: Run,
+    notes: list[str],
+    figures: dict[str, Path],
+    overlays: dict[str, list[Path]],
+) -> str:
     e = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>SeTok leaderboard</title>",
-             f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>",
-             "<h1>Leaderboard</h1>",
-             f"<p>Baseline: <b>{e(baseline.name)}</b>. Cells: value [95% CI]; Δ: run − baseline "
-             "[95% paired bootstrap CI], p from exact McNemar (0/1 scores) or paired bootstrap. "
-             "Best value per column in bold.</p>",
-             "<p id='image-status'>images loaded: pending</p>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>SeTok leaderboard</title>",
+        f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>",
+        "<h1>Leaderboard</h1>",
+        f"<p>Baseline: <b>{e(baseline.name)}</b>. Cells: value [95% CI]; Δ: run − baseline "
+        "[95% paired bootstrap CI], p from exact McNemar (0/1 scores) or paired bootstrap. "
+        "Best value per column in bold.</p>",
+        "<p id='image-status'>images loaded: pending</p>",
+    ]
     parts += [f"<p class='note'>note: {e(n)}</p>" for n in notes]
     for table in tables:
-        parts.append(f"<h2>{e(table.family)}</h2><table data-family='{e(table.family)}'><tr><th>run</th>")
+        parts.append(
+            f"<h2>{e(table.family)}</h2><table data-family='{e(table.family)}'><tr><th>run</th>"
+        )
         for c in table.columns:
-            parts.append(f"<th>{e(c.task)}/{e(c.metric)}{_arrow(c.higher_is_better)}</th><th>Δ</th>")
+            parts.append(
+                f"<th>{e(c.task)}/{e(c.metric)}{_arrow(c.higher_is_better)}</th><th>Δ</th>"
+            )
         parts.append("</tr>")
         for run in runs:
             cls = " class='baseline'" if run is baseline else ""

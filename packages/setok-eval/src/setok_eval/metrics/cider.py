@@ -64,11 +64,16 @@ class CiderD:
         self.num_docs = len(hypotheses)
         hyp_grams = [_ngrams(h, n) for h in hypotheses]
         ref_grams = [[_ngrams(r, n) for r in refs] for refs in references]
-        self.pair_doc = np.array([d for d, refs in enumerate(references) for _ in refs], dtype=np.int64)
+        self.pair_doc = np.array(
+            [d for d, refs in enumerate(references) for _ in refs], dtype=np.int64
+        )
         self.refs_per_doc = np.array([len(refs) for refs in references], dtype=np.float64)
-        hyp_len = np.array([sum(g[1].values()) if n > 1 else 0 for g in hyp_grams], dtype=np.float64)
+        hyp_len = np.array(
+            [sum(g[1].values()) if n > 1 else 0 for g in hyp_grams], dtype=np.float64
+        )
         ref_len = np.array(
-            [sum(g[1].values()) if n > 1 else 0 for refs in ref_grams for g in refs], dtype=np.float64
+            [sum(g[1].values()) if n > 1 else 0 for refs in ref_grams for g in refs],
+            dtype=np.float64,
         )
         delta = hyp_len[self.pair_doc] - ref_len
         self.penalty = np.exp(-(delta**2) / (2.0 * sigma**2))
@@ -90,7 +95,9 @@ class CiderD:
                 hyp_rows.append(d)
                 hyp_cols.append(vocab[gram])
                 hyp_vals.append(c)
-        hyp = sparse.csr_matrix((hyp_vals, (hyp_rows, hyp_cols)), shape=(self.num_docs, v), dtype=np.float64)
+        hyp = sparse.csr_matrix(
+            (hyp_vals, (hyp_rows, hyp_cols)), shape=(self.num_docs, v), dtype=np.float64
+        )
         rows, cols, vals, mins = [], [], [], []
         df_rows, df_cols = [], []
         pair = 0

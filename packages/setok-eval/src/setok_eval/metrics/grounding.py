@@ -52,7 +52,9 @@ def box_iou(pred_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
     return np.where(valid, iou, 0.0)
 
 
-def rec_hits(pred_boxes: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
+def rec_hits(
+    pred_boxes: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5
+) -> np.ndarray:
     """Per-item 0/1: IoU >= threshold."""
     return (box_iou(pred_boxes, gt_boxes) >= iou_threshold).astype(np.float64)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 
 def parse_mme_answer(text: str) -> str:
-    """"yes", "no" or "other": exact yes/no, else look for them in the first four characters."""
+    """ "yes", "no" or "other": exact yes/no, else look for them in the first four characters."""
     answer = text.strip().lower() if isinstance(text, str) else ""
     if answer in ("yes", "no"):
         return answer
@@ -46,9 +46,7 @@ def mme_image_states(items: Sequence[MMEItem]) -> tuple[list[str], np.ndarray]:
         groups[(item.subtask, str(item.image_id))].append(parse_mme_answer(item.prediction) == gold)
     subtasks = sorted({s for s, _ in groups})
     index = {s: i for i, s in enumerate(subtasks)}
-    rows = [
-        (index[s], sum(c), len(c), float(all(c))) for (s, _), c in sorted(groups.items())
-    ]
+    rows = [(index[s], sum(c), len(c), float(all(c))) for (s, _), c in sorted(groups.items())]
     return subtasks, np.asarray(rows, dtype=np.float64).reshape(-1, 4)
 
 

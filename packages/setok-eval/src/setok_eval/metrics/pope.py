@@ -37,8 +37,12 @@ def pope_confusion(predictions: Sequence[str], labels: Sequence[str | int]) -> n
     pred = np.array([parse_pope_answer(p) for p in predictions], dtype=np.int64)
     gold = np.array([_label(v, i) for i, v in enumerate(labels)], dtype=np.int64)
     return np.stack(
-        [(pred == 1) & (gold == 1), (pred == 1) & (gold == 0), (pred == 0) & (gold == 0),
-         (pred == 0) & (gold == 1)],
+        [
+            (pred == 1) & (gold == 1),
+            (pred == 1) & (gold == 0),
+            (pred == 0) & (gold == 0),
+            (pred == 0) & (gold == 1),
+        ],
         axis=1,
     ).astype(np.float64)
 

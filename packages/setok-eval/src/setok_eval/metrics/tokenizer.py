@@ -40,7 +40,9 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize((shape[1], shape[0]), Image.NEAREST)).astype(np.int64)
 
 
-def _flat_pair(pred: np.ndarray, gt: np.ndarray, ignore_label: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _flat_pair(
+    pred: np.ndarray, gt: np.ndarray, ignore_label: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     p, g = np.asarray(pred), np.asarray(gt)
     if p.shape != g.shape:
         raise ValueError(f"cluster map shape {p.shape} differs from mask shape {g.shape}")

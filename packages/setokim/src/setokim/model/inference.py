@@ -336,7 +336,7 @@ class Generator:
 @torch.no_grad()
 def segment_masks(model, pixels: Tensor, queries: Tensor) -> Tensor:
     """(B,3,H,W) images + one query token each (B,1,d) → bool masks (B,H,W)."""
-    setok_out = model.vision_tokenizer(pixels)
+    setok_out = model.vision_tokenizer(model.preprocess(pixels))
     query_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
     logits = model.mask_decoder(
         queries, query_mask, setok_out.features, output_size=tuple(pixels.shape[-2:])

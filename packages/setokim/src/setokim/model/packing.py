@@ -141,8 +141,12 @@ def collate_sequences(
     padding_side: str = "right",
     add_bos: bool = True,
     max_text_tokens: int | None = None,
+    wrap_images: bool = True,
 ) -> SequenceLayout:
-    """Tokenise `samples` into a `SequenceLayout` (loops over samples on CPU; that is fine here)."""
+    """Tokenise `samples` into a `SequenceLayout` (loops over samples on CPU; that is fine here).
+
+    wrap_images=False leaves out the `[Img]`/`[/Img]` markers (LLaVA-format models).
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if len(samples) == 0:
@@ -180,14 +184,16 @@ def collate_sequences(
                         f"samples[{b}].images[{seg.index}] has shape {tuple(img.shape)}, "
                         f"the batch uses {image_shape}; resize images in the loader"
                     )
-                tok_ids.append(ids.img_start)
-                train.append(seg.output)
+                if wrap_images:
+                    tok_ids.append(ids.img_start)
+                    train.append(seg.output)
                 img_sample.append(b)
                 img_after.append(len(tok_ids))
                 img_output.append(seg.output)
                 pixels.append(img)
-                tok_ids.append(ids.img_end)
-                train.append(seg.output)
+                if wrap_images:
+                    tok_ids.append(ids.img_end)
+                    train.append(seg.output)
             else:
                 raise TypeError(f"samples[{b}] has a segment of type {type(seg).__name__}")
         if max_text_tokens is not None and len(tok_ids) > max_text_tokens:

@@ -247,8 +247,14 @@ class SeTokIM(nn.Module):
         if pixels is None or pixels.shape[0] == 0:
             empty = torch.zeros(0, 1, self.token_dim, device=self.device)
             return VisualTokens(empty, torch.zeros(0, 1, dtype=torch.bool, device=self.device))
-        out = self.vision_tokenizer(pixels.to(self.device))
+        out = self.vision_tokenizer(self.preprocess(pixels))
         return VisualTokens(out.tokens.detach(), out.token_mask.bool(), out)
+
+    def preprocess(self, pixels: Tensor) -> Tensor:
+        """[0,1] pixels (B,3,H,W) → what the vision tokenizer's forward expects."""
+        pixels = pixels.to(self.device)
+        prep = getattr(self.vision_tokenizer, "preprocess", None)
+        return prep(pixels) if callable(prep) else pixels
 
     def embed(
         self, layout: SequenceLayout, visual: VisualTokens | None = None

@@ -374,5 +374,6 @@ def _train(
         loop_seconds=loop_seconds,
         samples_per_s=steps_run * samples_per_step / max(loop_seconds, 1e-9),
         world_size=world,
+        signal=flag.received if preempted else None,
         history=history,
     )

@@ -24,4 +24,5 @@ class TrainResult:
     loop_seconds: float
     samples_per_s: float
     world_size: int
+    signal: int | None = None  # the signal that caused the preemption, if any
     history: list[float] = field(default_factory=list)  # loss per optimizer step (this call)
