@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from setok_experiments.compose import ConfigError
-from setok_experiments.executors import Outcome, Submission, run_inline, submit_array, wait
+from setok_experiments.executors import Outcome, run_inline, submit_array, wait
 from setok_experiments.plan import Plan, build_plan, mark_active, split_exp
 from setok_experiments.record import append_launch, new_launch_id
 from setok_experiments.rundir import source_state, write_run_metadata
@@ -116,6 +116,10 @@ def launch(argv: Sequence[str]) -> int:
         return 0
 
     to_run = plan.to_run
+    if not to_run:
+        print(_plan_table(plan))
+        print("nothing to launch: every job is still queued or running")
+        return 0
     source = source_state()
     command = ["experiments/launch.py", *argv]
     for job in to_run:
@@ -136,26 +140,18 @@ def launch(argv: Sequence[str]) -> int:
     launch_id = new_launch_id()
     specs = [job.spec(plan.exp) for job in to_run]
     folder = plan.exp_dir / "submitit"
-    submissions: list[Submission] = []
-    job_ids: dict[int, str] = {}
     if kind == "inline":
         job_ids = {job.index: f"inline-{launch_id}-{job.index}" for job in to_run}
         _record(plan, launch_id, kind, command, job_ids, None)
         print(_plan_table(plan, job_ids), flush=True)
-        if to_run:
-            submissions = run_inline(specs, [job_ids[j.index] for j in to_run])
-    elif to_run:
+        submissions = run_inline(specs, [job_ids[j.index] for j in to_run])
+    else:
         submissions = submit_array(
             kind, specs, folder, plan.launcher, plan.cluster, job_name=f"setok-{plan.exp}"
         )
         job_ids = {job.index: sub.job_id for job, sub in zip(to_run, submissions, strict=True)}
         _record(plan, launch_id, kind, command, job_ids, folder)
         print(_plan_table(plan, job_ids))
-    else:
-        print(_plan_table(plan))
-    if not to_run:
-        print("nothing to launch: every job is still queued or running")
-        return 0
 
     if kind == "inline" or args.wait:
         if kind != "inline":

@@ -106,7 +106,7 @@ def check_scores(score: Tensor, valid: Tensor, name: str = "score") -> None:
         raise ValueError(f"{name} has non-finite values at batch index {int(bad.nonzero()[0, 0])}")
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
+def check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
@@ -128,7 +128,7 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     return d2
 
 
-def _sq_dists_to(x: Tensor, index: Tensor) -> Tensor:
+def sq_dists_to(x: Tensor, index: Tensor) -> Tensor:
     """Differentiable squared distances from the tokens at `index` (B, T) to all (B, T, N)."""
     centres = x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
     sq = torch.linalg.vector_norm(x, dim=-1).square()
@@ -149,7 +149,7 @@ def density_peak_scores(
     Scores carry no gradient: they only choose seeds.
     """
     valid, has_padding = check_features(x, valid)
-    knn_k = _check_int(knn_k, "knn_k", 1)
+    knn_k = check_int(knn_k, "knn_k", 1)
     n = x.shape[1]
     with torch.no_grad():
         d2 = pairwise_sq_dists(x)
@@ -209,7 +209,7 @@ def semantic_clustering(
     """
     valid, has_padding = check_features(x, valid)
     check_scores(score, valid)
-    k = _check_int(max_clusters, "max_clusters", 2)
+    k = check_int(max_clusters, "max_clusters", 2)
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
     if stop not in STOPS:
@@ -311,7 +311,7 @@ def _differentiable_masks(
         xf = torch.where(valid[:, :, None], xf, 0.0)
     step_seeds = seeds[:, :steps]
     active = step_seeds >= 0
-    alpha = torch.exp2(_sq_dists_to(xf, step_seeds.clamp(min=0)) * (-beta / LN2))
+    alpha = torch.exp2(sq_dists_to(xf, step_seeds.clamp(min=0)) * (-beta / LN2))
     alpha = torch.where(valid[:, None, :] & active[:, :, None], alpha, 0.0)
     validf = valid.float()[:, None, :]
     scope_after = validf * torch.cumprod(1.0 - alpha, dim=1)  # (B, T, N)
