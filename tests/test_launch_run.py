@@ -38,7 +38,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     out = capsys.readouterr().out
     assert "exp=smoke_toy launcher=inline jobs=2" in out
     assert "seed=0" in out and "seed=1" in out
-    assert "trainer.max_steps=4 trainer.seed=1" in out
+    assert "trainer.micro_batch_size=4 trainer.seed=1" in out
     assert "runs/smoke_toy/" in out
     assert not (tmp_path / "runs").exists()
 

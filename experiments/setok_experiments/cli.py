@@ -98,7 +98,7 @@ def _outcome_table(plan: Plan, outcomes: dict[int, Outcome]) -> str:
 
 
 def launch(argv: Sequence[str]) -> int:
-    args = _launch_parser().parse_args(list(argv))
+    args = _launch_parser().parse_intermixed_args(list(argv))
     only = [s for s in args.only.split(",") if s] if args.only else None
     try:
         exp, overrides = split_exp(args.overrides)

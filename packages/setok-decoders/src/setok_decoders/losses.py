@@ -100,7 +100,8 @@ def mask_consistency_kl(
     target = target / target.sum(1, keepdim=True).clamp_min(_TINY)
     target = torch.where(cvalid[..., None], target, torch.ones_like(target))
 
-    kl = (torch.xlogy(p, p) - p * target.log()).sum(1)  # (B, N)
+    # p * log p with log clamped: finite gradient where a cluster's share is exactly 0
+    kl = (p * (p.clamp_min(_TINY).log() - target.log())).sum(1)  # (B, N)
     count = pos.sum()
     if count == 0:
         return cluster_masks.sum() * 0.0

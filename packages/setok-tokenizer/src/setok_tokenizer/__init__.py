@@ -5,23 +5,18 @@
 >>> out = setok.tokenize(images)  # out.tokens (B, K, d), out.token_mask (B, K)
 """
 
-# TEMP-H2: tolerant while clustering.py is missing
+from setok_tokenizer.clustering import (
+    ClusterOutput,
+    DensityPeakScores,
+    density_peak_scores,
+    semantic_clustering,
+)
 from setok_tokenizer.config import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
 from setok_tokenizer.encoders import VisionEncoder
+from setok_tokenizer.mechanisms import Resampler, cluster_features
 from setok_tokenizer.merger import ClusterMerger
 from setok_tokenizer.position import sincos_2d
-
-try:
-    from setok_tokenizer.clustering import (
-        ClusterOutput,
-        DensityPeakScores,
-        density_peak_scores,
-        semantic_clustering,
-    )
-    from setok_tokenizer.mechanisms import Resampler, cluster_features
-    from setok_tokenizer.setok import SeTok, SeTokOutput, config_from_dict
-except ModuleNotFoundError:
-    pass
+from setok_tokenizer.setok import SeTok, SeTokOutput, config_from_dict
 
 __all__ = [
     "ClusterMerger",

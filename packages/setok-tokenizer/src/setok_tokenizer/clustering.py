@@ -115,17 +115,27 @@ def check_int(value: object, name: str, minimum: int) -> int:
 # ----------------------------------------------------------------------------- distances
 @torch.no_grad()
 def pairwise_sq_dists(x: Tensor) -> Tensor:
-    """(B, N, D) -> (B, N, N) fp32 squared distances; one batched matmul, edited in place.
+    """(B, N, D) -> (B, N, N) fp32 squared distances, exactly symmetric with a zero diagonal.
 
-    The squared norms are read off the Gram diagonal, so d2[i, i] is exactly 0 and d2 is
-    exactly symmetric in i, j up to the matmul's own rounding. Not differentiable.
+    Not differentiable (gradients flow through the alpha kernel, see semantic_clustering).
+    """
+    return _sq_dists_with_workspace(x)[0]
+
+
+def _sq_dists_with_workspace(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared distances plus a spare (B, N, N) fp32 buffer (the Gram matrix's storage).
+
+    One batched matmul G, then h = sq_i - G_ij in place and d2 = h + hᵀ, i.e.
+    d2_ij = (sq_i - G_ij) + (sq_j - G_ji): the same two terms for (i, j) and (j, i), so d2 is
+    symmetric bit for bit (equal density ties stay ties) and d2_ii = 0 exactly (sq_i = G_ii).
+    Fresh large allocations are costly on CPU, so callers reuse the returned buffer.
     """
     x = x.float()
-    d2 = torch.bmm(x, x.transpose(1, 2))
-    sq = d2.diagonal(dim1=1, dim2=2).clone()
-    d2.mul_(-2.0).add_(sq[:, :, None]).add_(sq[:, None, :]).clamp_(min=0.0)
-    d2.diagonal(dim1=1, dim2=2).zero_()
-    return d2
+    gram = torch.bmm(x, x.transpose(1, 2))
+    sq = gram.diagonal(dim1=1, dim2=2).clone()
+    half = torch.sub(sq[:, :, None], gram, out=gram)
+    d2 = torch.add(half, half.transpose(1, 2)).clamp_(min=0.0)
+    return d2, half
 
 
 def sq_dists_to(x: Tensor, index: Tensor) -> Tensor:
@@ -152,7 +162,7 @@ def density_peak_scores(
     knn_k = check_int(knn_k, "knn_k", 1)
     n = x.shape[1]
     with torch.no_grad():
-        d2 = pairwise_sq_dists(x)
+        d2, workspace = _sq_dists_with_workspace(x)
         pad_columns = ~valid[:, None, :]
         if has_padding:
             d2.masked_fill_(pad_columns, 0.0)  # 0 never wins the max below
@@ -170,16 +180,14 @@ def density_peak_scores(
         rho = torch.where(valid, rho, torch.zeros_like(rho))
 
         rho_cmp = rho.masked_fill(~valid, -math.inf) if has_padding else rho
-        rho_i, rho_j = rho_cmp[:, :, None], rho_cmp[:, None, :]
-        if keep_d2:  # one extra (B, N, N) matrix so d2 survives
-            d2_min = torch.where(rho_j > rho_i, d2, math.inf).amin(dim=-1)
-        else:  # in place: d2 is not needed afterwards
-            d2_min = d2.masked_fill_(rho_j <= rho_i, math.inf).amin(dim=-1)
-            d2 = None
+        higher = rho_cmp[:, None, :] > rho_cmp[:, :, None]  # [b, i, j]: rho_j > rho_i
+        inf = torch.full((), math.inf, device=d2.device)
+        d2_min = torch.where(higher, d2, inf, out=workspace).amin(dim=-1)
+        del higher, workspace
         delta = torch.where(torch.isinf(d2_min), d2_max, d2_min)
         delta = torch.where(valid, delta, torch.zeros_like(delta))
         score = rho * delta
-    return DensityPeakScores(rho=rho, delta=delta, score=score, d2=d2)
+    return DensityPeakScores(rho=rho, delta=delta, score=score, d2=d2 if keep_d2 else None)
 
 
 # ----------------------------------------------------------------------------- Algorithm 1

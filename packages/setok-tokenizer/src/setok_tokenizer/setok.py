@@ -19,12 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from setok_tokenizer.clustering import (
-    ClusterOutput,
-    DensityPeakScores,
-    density_peak_scores,
-    semantic_clustering,
-)
+from setok_tokenizer.clustering import ClusterOutput, DensityPeakScores
 from setok_tokenizer.config import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
 from setok_tokenizer.encoders import VisionEncoder, write_dir_atomically
 from setok_tokenizer.mechanisms import Resampler, cluster_features
@@ -134,24 +129,10 @@ class SeTok(nn.Module):
             return F.layer_norm(x, x.shape[-1:])
         return x
 
-    def cluster(self, x: torch.Tensor) -> tuple[ClusterOutput, DensityPeakScores | None]:
-        """Normalised features (B, N, D) -> clusters (and scores where the mechanism has them)."""
+    def cluster(self, x: torch.Tensor) -> ClusterOutput:
+        """Normalised features (B, N, D) -> clusters; `.scores` set where the mechanism has them."""
         c = self.cfg.clustering
-        if c.mechanism in ("dynamic", "fixed"):
-            scores = density_peak_scores(x, c.knn_k, keep_d2=True)
-            out = semantic_clustering(
-                x,
-                scores.score,
-                c.max_clusters,
-                kernel_scale=c.kernel_scale,
-                min_scope=c.min_scope,
-                assignment=c.assignment,
-                stop=c.mechanism,
-                d2=scores.d2,
-            )
-            scores.d2 = None  # (B, N, N): do not keep it alive in the output
-            return out, scores
-        out = cluster_features(
+        return cluster_features(
             x,
             c.mechanism,
             max_clusters=c.max_clusters,
@@ -162,10 +143,6 @@ class SeTok(nn.Module):
             threshold=c.threshold,
             min_clusters=c.min_clusters,
         )
-        scores = out.scores
-        if scores is not None:
-            scores.d2 = None
-        return out, scores
 
     def forward(self, pixels: torch.Tensor) -> SeTokOutput:
         """pixels (B, 3, H, W), normalised as by `preprocess` -> SeTokOutput."""
@@ -177,11 +154,10 @@ class SeTok(nn.Module):
                 f"encoder features are non-finite (batch index {int((~finite).nonzero()[0])})"
             )
         x = features.reshape(b, h * w, d)
-        scores = None
         if self.resampler is not None:
             tokens, out = self.resampler(x, None)
         else:
-            out, scores = self.cluster(self.normalise(x))
+            out = self.cluster(self.normalise(x))
         k = max(int(out.num_clusters.max()), 1)
         masks = out.masks[:, :k]
         token_mask = out.cluster_valid[:, :k]
@@ -197,7 +173,7 @@ class SeTok(nn.Module):
             token_mask=token_mask,
             masks=masks.reshape(b, k, h, w),
             num_tokens=out.num_clusters,
-            scores=scores,
+            scores=out.scores,
             features=features,
             seeds=out.seeds[:, :k],
         )

@@ -1,0 +1,119 @@
+"""Mask decoder + Eq. 4 mask loss: shapes, key padding, save/load, each term falls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from setok_decoders.config import MaskDecoderConfig
+from setok_decoders.losses import mask_loss, resize_masks
+from setok_decoders.mask_decoder import PAD_LOGIT, MaskDecoder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _decoder(**kw) -> MaskDecoder:
+    torch.manual_seed(0)
+    cfg = MaskDecoderConfig(token_dim=16, feature_dim=24, hidden_dim=32, num_heads=4, **kw)
+    return MaskDecoder(cfg)
+
+
+def _batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(2, 5, 16, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]).bool()
+    features = torch.randn(2, 4, 4, 24, generator=gen)
+    return tokens, mask, features
+
+
+def _objects() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images of 16x16 with three rectangles each (one invalid in image 1)."""
+    obj = torch.zeros(2, 3, 16, 16)
+    obj[0, 0, :8, :8] = 1
+    obj[0, 1, 8:, :] = 1
+    obj[0, 2, :8, 10:] = 1
+    obj[1, 0, :, :6] = 1
+    obj[1, 1, 4:12, 8:14] = 1
+    obj[1, 2, 0:2, 0:2] = 1
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    return obj, valid
+
+
+def test_shapes_padding_and_resize():
+    dec = _decoder(mask_scale=4).eval()
+    tokens, mask, features = _batch()
+    logits = dec(tokens, mask, features)
+    assert logits.shape == (2, 5, 16, 16)
+    assert (logits[~mask] == PAD_LOGIT).all()
+    changed = tokens.clone()
+    changed[~mask] = 50.0
+    assert torch.equal(dec(changed, mask, features), logits)
+    changed[0, 1] += 1.0
+    assert not torch.allclose(dec(changed, mask, features)[0, 0], logits[0, 0])
+    assert dec(tokens, mask, features, output_size=(20, 12)).shape == (2, 5, 20, 12)
+    with pytest.raises(ValueError, match="features"):
+        dec(tokens, mask, features[..., :8])
+    with pytest.raises(ValueError, match="mask_scale"):
+        _decoder(mask_scale=3)
+
+
+def test_save_load_identical(tmp_path):
+    dec = _decoder(mask_scale=2).eval()
+    tokens, mask, features = _batch(1)
+    dec.save_pretrained(tmp_path / "md")
+    assert not [p for p in (tmp_path / "md").iterdir() if p.name.endswith(".tmp")]
+    again = MaskDecoder.from_pretrained(tmp_path / "md").eval()
+    assert again.config == dec.config
+    assert torch.equal(again(tokens, mask, features), dec(tokens, mask, features))
+
+
+def test_mask_loss_terms_and_validation():
+    tokens, mask, features = _batch()
+    obj, ovalid = _objects()
+    logits = _decoder()(tokens, mask, features)
+    clusters = torch.rand(2, 5, 4, 4).softmax(1)
+    out = mask_loss(logits, mask, obj, ovalid, clusters)
+    assert out.num_matched == 3 + 2
+    for term in (out.kl, out.bce, out.dice):
+        assert term.item() > 0
+    assert torch.allclose(out.total, out.kl + out.bce + out.dice)
+    weighted = mask_loss(logits, mask, obj, ovalid, clusters, kl_weight=0.0, dice_weight=2.0)
+    assert torch.allclose(weighted.total, weighted.bce + 2 * weighted.dice)
+    assert mask_loss(logits, mask, obj, ovalid).kl.item() == 0.0
+    with pytest.raises(ValueError, match="object_valid"):
+        mask_loss(logits, mask, obj, ovalid[:, :2])
+    with pytest.raises(ValueError, match="cluster_masks"):
+        mask_loss(logits, mask, obj, ovalid, clusters[:, :3])
+
+
+def test_each_mask_loss_term_falls_when_overfitting():
+    dec = _decoder(mask_scale=4)
+    tokens, mask, features = _batch(2)
+    obj, ovalid = _objects()
+    cluster_logits = torch.zeros(2, 5, 4, 4).normal_(generator=torch.Generator().manual_seed(3))
+    cluster_logits.requires_grad_(True)
+    opt = torch.optim.Adam([*dec.parameters(), cluster_logits], lr=3e-3)
+    history = []
+    for _ in range(60):
+        opt.zero_grad()
+        clusters = cluster_logits.masked_fill(~mask[:, :, None, None], -1e4).softmax(1)
+        out = mask_loss(dec(tokens, mask, features), mask, obj, ovalid, clusters)
+        out.total.backward()
+        opt.step()
+        history.append((out.kl.item(), out.bce.item(), out.dice.item()))
+    first, last = history[0], history[-1]
+    for name, a, b in zip(("kl", "bce", "dice"), first, last, strict=True):
+        assert b < 0.5 * a, (name, a, b)
+
+
+def test_resize_masks_area():
+    obj, _ = _objects()
+    small = resize_masks(obj, (4, 4))
+    assert small.shape == (2, 3, 4, 4)
+    assert torch.allclose(small.sum((-1, -2)) * 16, obj.sum((-1, -2)))
