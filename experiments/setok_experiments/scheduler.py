@@ -44,7 +44,8 @@ def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
     states: dict[str, str] = {}
     if not ids:
         return states
-    # sacct first (finished and running jobs), then squeue (newest truth for live jobs).
+    # sacct is authoritative (it says COMPLETED while squeue may still say COMPLETING);
+    # squeue fills in jobs that accounting has not recorded yet.
     out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)])
     for line in (out or "").splitlines():
         parts = line.split("|")
@@ -55,7 +56,7 @@ def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
     wanted = set(ids)
     for line in (out or "").splitlines():
         parts = line.split("|")
-        if len(parts) == 2 and parts[0] in wanted:
+        if len(parts) == 2 and parts[0] in wanted and states.get(parts[0], "UNKNOWN") == "UNKNOWN":
             states[parts[0]] = parts[1]
     return {j: states.get(j, "UNKNOWN") for j in ids}
 

@@ -98,7 +98,9 @@ def test_each_mask_loss_term_falls_when_overfitting():
     obj, ovalid = _objects()
     cluster_logits = torch.zeros(2, 5, 4, 4).normal_(generator=torch.Generator().manual_seed(3))
     cluster_logits.requires_grad_(True)
-    opt = torch.optim.Adam([*dec.parameters(), cluster_logits], lr=3e-3)
+    opt = torch.optim.Adam(
+        [{"params": dec.parameters(), "lr": 3e-3}, {"params": [cluster_logits], "lr": 0.3}]
+    )
     history = []
     for _ in range(60):
         opt.zero_grad()

@@ -202,3 +202,17 @@ def test_bad_input_names_the_argument() -> None:
         SeTok(SeTokConfig(clustering=ClusteringConfig(feature_norm="batchnorm")))
     with pytest.raises(FileNotFoundError, match="setok_config.json"):
         SeTok.from_pretrained("no-such-dir")
+
+
+def test_bf16_model_runs_and_cluster_api() -> None:
+    model = _setok(assignment="soft").to(torch.bfloat16)
+    out = model(_pixels())
+    assert out.tokens.dtype == torch.bfloat16 and out.features.dtype == torch.bfloat16
+    _check_output(model, out)
+    torch.testing.assert_close(out.masks.float().sum(1), torch.ones(3, 8, 8))
+    x = model.normalise(out.features.reshape(3, 64, -1))
+    clusters, scores = model.cluster(x)
+    assert torch.equal(clusters.num_clusters, out.num_tokens)
+    assert scores is not None and torch.equal(scores.score, out.scores.score)
+    with pytest.raises(ValueError, match="resampler"):
+        _setok(mechanism="resampler").cluster(x.float())

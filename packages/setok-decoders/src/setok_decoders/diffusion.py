@@ -211,12 +211,15 @@ class DiffusionDecoder(nn.Module):
     def reconstruct(
         self, images: Tensor, tokenizer: nn.Module | None = None, **decode_kwargs: Any
     ) -> Tensor:
-        """Tokenize images (B, 3, H, W) in [0, 1] with SeTok and decode them back."""
+        """Tokenize images (B, 3, H, W) in [0, 1] with SeTok and decode them back.
+
+        Uses the tokenizer's `tokenize` (preprocess + forward) when it has one, else calls it.
+        """
         tok = tokenizer if tokenizer is not None else self._tokenizer
         if tok is None:
             raise ValueError("reconstruct needs a tokenizer: pass tokenizer= or attach_tokenizer()")
         with torch.no_grad():
-            out = tok(images)
+            out = tok.tokenize(images) if hasattr(tok, "tokenize") else tok(images)
         return self.decode(out.tokens, out.token_mask, **decode_kwargs)
 
     # ---- what trains ------------------------------------------------------------------

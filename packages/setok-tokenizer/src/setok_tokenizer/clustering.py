@@ -306,7 +306,13 @@ def _stick_breaking(
 
 
 def _differentiable_masks(
-    x: Tensor, masks: Tensor, seeds: Tensor, valid: Tensor, num_seeded: Tensor, steps: int, beta: float
+    x: Tensor,
+    masks: Tensor,
+    seeds: Tensor,
+    valid: Tensor,
+    num_seeded: Tensor,
+    steps: int,
+    beta: float,
 ) -> Tensor:
     """The loop's masks with the gradient of Algorithm 1 in x at the chosen seeds.
 
@@ -357,7 +363,9 @@ def harden(
     num_clusters = keep.sum(dim=1)
     dropped_rank = (~keep).long().cumsum(dim=1) - 1 + num_clusters[:, None]
     dest = torch.where(keep, kept_rank, dropped_rank)
-    source = torch.empty_like(dest).scatter_(1, dest, torch.arange(k, device=masks.device).expand(b, k))
+    source = torch.empty_like(dest).scatter_(
+        1, dest, torch.arange(k, device=masks.device).expand(b, k)
+    )
     new_valid = torch.arange(k, device=masks.device)[None, :] < num_clusters[:, None]
     new_masks = hard.gather(1, source[:, :, None].expand(-1, -1, n))
     new_masks = new_masks * new_valid[:, :, None].to(new_masks.dtype)

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 from setok_tokenizer.clustering import (
     ClusterOutput,
     DensityPeakScores,
-    check_int,
-    sq_dists_to,
     check_features,
+    check_int,
     check_scores,
     check_valid,
     density_peak_scores,
     semantic_clustering,
+    sq_dists_to,
 )
 
 MECHANISMS = ("dynamic", "fixed", "threshold", "patch")
@@ -124,7 +124,9 @@ class Resampler(nn.Module):
 def patch_clustering(valid: Tensor) -> ClusterOutput:
     """No clustering: each valid patch its own cluster (K = N), valid ones first in order."""
     if not isinstance(valid, Tensor) or valid.ndim != 2:
-        raise ValueError(f"valid must be a (B, N) bool tensor, got {getattr(valid, 'shape', valid)}")
+        raise ValueError(
+            f"valid must be a (B, N) bool tensor, got {getattr(valid, 'shape', valid)}"
+        )
     b, n = valid.shape
     valid = check_valid(valid, b, n, valid.device)
     count = valid.sum(dim=1)

@@ -129,10 +129,15 @@ class SeTok(nn.Module):
             return F.layer_norm(x, x.shape[-1:])
         return x
 
-    def cluster(self, x: torch.Tensor) -> ClusterOutput:
-        """Normalised features (B, N, D) -> clusters; `.scores` set where the mechanism has them."""
+    def cluster(self, x: torch.Tensor) -> tuple[ClusterOutput, DensityPeakScores | None]:
+        """Normalised features (B, N, D) -> (clusters, density-peak scores or None).
+
+        Not for the resampler, which is a learned module (`self.resampler`).
+        """
         c = self.cfg.clustering
-        return cluster_features(
+        if self.resampler is not None:
+            raise ValueError("cluster() is not defined for mechanism='resampler'")
+        out = cluster_features(
             x,
             c.mechanism,
             max_clusters=c.max_clusters,
@@ -143,6 +148,7 @@ class SeTok(nn.Module):
             threshold=c.threshold,
             min_clusters=c.min_clusters,
         )
+        return out, out.scores
 
     def forward(self, pixels: torch.Tensor) -> SeTokOutput:
         """pixels (B, 3, H, W), normalised as by `preprocess` -> SeTokOutput."""
@@ -157,7 +163,7 @@ class SeTok(nn.Module):
         if self.resampler is not None:
             tokens, out = self.resampler(x, None)
         else:
-            out = self.cluster(self.normalise(x))
+            out, _ = self.cluster(self.normalise(x))
         k = max(int(out.num_clusters.max()), 1)
         masks = out.masks[:, :k]
         token_mask = out.cluster_valid[:, :k]

@@ -92,7 +92,8 @@ class BoxConstraint:
                 self.pieces[idx] = surface
 
     def __call__(self, batch_id: int, input_ids: Tensor) -> list[int]:
-        text = self.tokenizer.decode(input_ids.tolist(), skip_special_tokens=True).replace(" ", "")
+        # every generated id came from `pieces` (or an end id), so join surfaces directly
+        text = "".join(self.pieces.get(int(i), "") for i in input_ids.tolist())
         if _BOX_FULL.fullmatch(text):
             return self.end_ids
         allowed = [i for i, p in self.pieces.items() if _is_box_prefix(text + p)]
