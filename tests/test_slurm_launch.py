@@ -82,7 +82,8 @@ def test_toy_array_runs_to_completion_through_sbatch(
     assert len(jobs) == 2
     ids = [j["job_id"] for j in jobs.values()]
     assert len({i.split("_")[0] for i in ids}) == 1, "one array, not two jobs"
-    assert all(state == "COMPLETED" for state in slurm_states(ids).values())
+    # The result pickle can appear before SLURM marks the job finished: poll accounting.
+    _wait_for(lambda: set(slurm_states(ids).values()) == {"COMPLETED"}, 60, f"sacct {ids}")
     for run_dir in jobs:
         status = read_status(run_dir)
         assert status is not None and status["state"] == "COMPLETED" and status["step"] == 4
@@ -110,7 +111,8 @@ def test_ablation_array_runs_to_completion_through_sbatch(
     assert main(args) == 0, capsys.readouterr()
     jobs = _jobs(root / "ablation_clustering")
     assert sorted(j["name"] for j in jobs.values()) == ["dynamic_soft", "fixed_8"]
-    assert set(slurm_states([j["job_id"] for j in jobs.values()]).values()) == {"COMPLETED"}
+    ids = [j["job_id"] for j in jobs.values()]
+    _wait_for(lambda: set(slurm_states(ids).values()) == {"COMPLETED"}, 60, f"sacct {ids}")
     for run_dir in jobs:
         assert read_status(run_dir)["state"] == "COMPLETED"  # type: ignore[index]
         assert (Path(run_dir) / "metrics.jsonl").is_file()
@@ -160,7 +162,7 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(
     assert status["resumed_from"] >= 6, "the second attempt must resume, not restart"
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "preempted" for e in events)
-    assert slurm_states([job_id])[job_id] == "COMPLETED"
+    _wait_for(lambda: slurm_states([job_id])[job_id] == "COMPLETED", 60, f"sacct {job_id}")
 
 
 def test_slurm_warning_signal_checkpoints_and_requeues_through_submitit(

@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-
 from setok_decoders.config import DiffusionDecoderConfig, MapperConfig, NoiseScheduleConfig
 from setok_decoders.diffusion import SAMPLERS, DiffusionDecoder
 from setok_decoders.trainable import set_trainable, trainable_parameter_names, trainable_table
@@ -65,9 +64,9 @@ def test_eps_loss_falls_when_overfitting_one_batch():
     dec = _decoder(train_unet="all")
     dec.apply_trainable()
     images, tokens, mask = _batch()
-    opt = torch.optim.Adam([p for p in dec.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.Adam([p for p in dec.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(12):  # fixed noise and timesteps: a pure overfit
         opt.zero_grad()
         loss = dec.loss(images, tokens, mask, generator=torch.Generator().manual_seed(7))
         loss.backward()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
-
 from setok_decoders.config import MapperConfig
 from setok_decoders.qformer import FeatureMapper
+from transformers import BertConfig, BertModel
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -32,13 +32,14 @@ def _case(seed: int, soft: bool, b: int = 3, k: int = 5, h: int = 4, w: int = 5,
     return x, masks, valid
 
 
+@pytest.mark.parametrize("layout", ["rows", "image", "auto"])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("out_dim", [None, 24])
-def test_batched_equals_loop(soft: bool, out_dim: int | None) -> None:
+def test_batched_equals_loop(soft: bool, out_dim: int | None, layout: str) -> None:
     torch.manual_seed(0)
     merger = ClusterMerger(16, num_blocks=2, num_heads=2, out_dim=out_dim).eval()
     x, masks, valid = _case(1, soft)
-    batched = merger(x, masks, valid)
+    batched = merger(x, masks, valid, layout=layout)
     loop = merger.forward_loop(x, masks, valid)
     assert batched.shape == (3, 5, out_dim or 16)
     torch.testing.assert_close(batched, loop, atol=1e-5, rtol=1e-4)
@@ -56,9 +57,10 @@ def test_batched_equals_loop(soft: bool, out_dim: int | None) -> None:
     h=st.integers(1, 4),
     w=st.integers(1, 4),
     soft=st.booleans(),
+    layout=st.sampled_from(["rows", "image"]),
 )
 def test_batched_equals_loop_property(
-    seed: int, b: int, k: int, h: int, w: int, soft: bool
+    seed: int, b: int, k: int, h: int, w: int, soft: bool, layout: str
 ) -> None:
     torch.manual_seed(seed)
     merger = ClusterMerger(8, num_blocks=1, num_heads=2).eval()
@@ -67,22 +69,38 @@ def test_batched_equals_loop_property(
     masks = (_soft_masks if soft else _hard_masks)(gen, b, k, h * w)
     valid = torch.rand(b, k, generator=gen) > 0.2
     torch.testing.assert_close(
-        merger(x, masks, valid), merger.forward_loop(x, masks, valid), atol=1e-5, rtol=1e-4
+        merger(x, masks, valid, layout=layout),
+        merger.forward_loop(x, masks, valid),
+        atol=1e-5,
+        rtol=1e-4,
     )
 
 
-def test_attention_stays_inside_the_cluster() -> None:
+@pytest.mark.parametrize("layout", ["rows", "image"])
+def test_attention_stays_inside_the_cluster(layout: str) -> None:
     """Features outside a cluster (mask 0) must not change that cluster's token."""
     torch.manual_seed(0)
     merger = ClusterMerger(16).eval()
     x, masks, valid = _case(2, soft=False)
-    before = merger(x, masks, valid)
+    before = merger(x, masks, valid, layout=layout)
     outside = masks[0, 0] == 0
     x2 = x.clone()
     x2[0].view(-1, 16)[outside] += 5.0
-    after = merger(x2, masks, valid)
+    after = merger(x2, masks, valid, layout=layout)
     torch.testing.assert_close(after[0, 0], before[0, 0])
     assert not torch.allclose(after[0, 1:], before[0, 1:])
+
+
+def test_auto_layout_picks_the_cheaper_packing() -> None:
+    merger = ClusterMerger(16)
+    hard = torch.zeros(2, 4, 20)
+    hard[:, 0, :17] = 1.0  # one big cluster, three small ones: per-cluster rows waste padding
+    hard[:, 1, 17] = hard[:, 2, 18] = hard[:, 3, 19] = 1.0
+    counts = hard.sum(-1).long()
+    assert merger._cheaper_layout(counts, counts > 0) == "image"
+    soft = torch.ones(2, 4, 20) / 4  # every token in every cluster: image packing is 4x longer
+    counts = (soft > 0).sum(-1)
+    assert merger._cheaper_layout(counts, counts > 0) == "rows"
 
 
 def test_no_pe_differs_from_pe() -> None:
@@ -113,13 +131,14 @@ def test_mean_variant_is_masked_mean() -> None:
     torch.testing.assert_close(got, merger.forward_loop(x, masks, valid), atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_reach_params_features_and_masks() -> None:
+@pytest.mark.parametrize("layout", ["rows", "image"])
+def test_gradients_reach_params_features_and_masks(layout: str) -> None:
     torch.manual_seed(0)
     merger = ClusterMerger(16, out_dim=8)
     x, masks, valid = _case(5, soft=True)
     x.requires_grad_(True)
     masks.requires_grad_(True)
-    merger(x, masks, valid).square().sum().backward()
+    merger(x, masks, valid, layout=layout).square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert masks.grad is not None and masks.grad.abs().sum() > 0
     for name, p in merger.named_parameters():
@@ -153,5 +172,7 @@ def test_bad_input_names_the_argument() -> None:
     bad[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="batch index 1"):
         merger(x, bad, valid)
+    with pytest.raises(ValueError, match="layout"):
+        merger(x, masks, valid, layout="diagonal")
     with pytest.raises(ValueError, match="num_heads"):
         ClusterMerger(15, num_heads=2)

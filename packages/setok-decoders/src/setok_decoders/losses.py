@@ -169,9 +169,7 @@ def mask_loss(
     _check_pair(object_masks, object_valid, "object_masks", "object_valid", 4)
     bsz, k, h, w = mask_logits.shape
     if object_masks.shape[0] != bsz:
-        raise ValueError(
-            f"object_masks batch {object_masks.shape[0]} != mask_logits batch {bsz}"
-        )
+        raise ValueError(f"object_masks batch {object_masks.shape[0]} != mask_logits batch {bsz}")
     target = resize_masks(object_masks, (h, w)).flatten(2)
     logits = mask_logits.flatten(2)
     matches = match_masks(

@@ -102,7 +102,9 @@ class MaskDecoder(nn.Module):
                 f"got {tuple(features.shape)}"
             )
         if features.shape[0] != tokens.shape[0]:
-            raise ValueError(f"features batch {features.shape[0]} != tokens batch {tokens.shape[0]}")
+            raise ValueError(
+                f"features batch {features.shape[0]} != tokens batch {tokens.shape[0]}"
+            )
         bsz, h, w, _ = features.shape
         valid = token_mask.bool()
         pixels = self.feature_proj(features).flatten(1, 2)  # (B, h*w, dim)

@@ -33,7 +33,9 @@ def hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
     return torch.as_tensor(rows, **as_long), torch.as_tensor(cols, **as_long)
 
 
-def pairwise_mask_cost(pred: Tensor, target: Tensor, kind: str = "dice", eps: float = 1.0) -> Tensor:
+def pairwise_mask_cost(
+    pred: Tensor, target: Tensor, kind: str = "dice", eps: float = 1.0
+) -> Tensor:
     """Cost between every predicted and every target mask, (B, K, N) x (B, O, N) -> (B, K, O).
 
     `pred` are probabilities in [0, 1] (not logits); `target` soft or binary masks.

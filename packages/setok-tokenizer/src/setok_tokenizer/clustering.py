@@ -138,6 +138,27 @@ def _sq_dists_with_workspace(x: Tensor) -> tuple[Tensor, Tensor]:
     return d2, half
 
 
+def _lane_width(n: int) -> int:
+    """n rounded up to a multiple of 64: rows this wide never hit a kernel's scalar tail."""
+    return -(-n // 64) * 64
+
+
+def _rowwise(fn, z: Tensor) -> Tensor:
+    """fn(z) for an element-wise transcendental fn, computed the same way for every element.
+
+    Vectorised kernels finish a buffer's last few elements with a scalar routine that may
+    differ in the last bit; padding rows to whole vector lanes makes the result independent
+    of the batch around a row (so batched equals per-image, bit for bit).
+    """
+    n = z.shape[-1]
+    width = _lane_width(n)
+    if width == n:
+        return fn(z.contiguous())
+    buf = z.new_zeros(*z.shape[:-1], width)
+    buf[..., :n] = z
+    return fn(buf)[..., :n]
+
+
 def sq_dists_to(x: Tensor, index: Tensor) -> Tensor:
     """Differentiable squared distances from the tokens at `index` (B, T) to all (B, T, N)."""
     centres = x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
@@ -176,7 +197,7 @@ def density_peak_scores(
             nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)
         count = (valid.sum(dim=1) - 1).clamp(max=knn_k)  # (B,)
         mean = nearest.sum(dim=-1) / count.clamp(min=1)[:, None].to(nearest.dtype)
-        rho = torch.where(count[:, None] > 0, torch.exp(-mean), torch.ones_like(mean))
+        rho = torch.where(count[:, None] > 0, _rowwise(torch.exp, -mean), 1.0)
         rho = torch.where(valid, rho, torch.zeros_like(rho))
 
         rho_cmp = rho.masked_fill(~valid, -math.inf) if has_padding else rho
@@ -280,6 +301,8 @@ def _stick_breaking(
     d2_rows = d2.reshape(b * n, n)  # index_select of rows is far cheaper than d2[rows, seed]
     row_offset = torch.arange(b, device=device) * n
     log2_scale = -beta / LN2  # exp(-beta d2) = exp2(-beta / ln2 * d2); exp2 is the cheaper op
+    lanes = torch.zeros(b, _lane_width(n), device=device)  # see _rowwise
+    alpha = lanes[:, :n]
     steps = 0
     for t in range(k - 1):
         if stop == "dynamic":
@@ -290,7 +313,8 @@ def _stick_breaking(
         if has_padding:
             priority.masked_fill_(invalid, -math.inf)
         seed = priority.argmax(dim=1)
-        alpha = d2_rows.index_select(0, row_offset + seed).mul_(log2_scale).exp2_()
+        torch.index_select(d2_rows, 0, row_offset + seed, out=alpha)
+        lanes.mul_(log2_scale).exp2_()
         if has_padding:
             alpha.masked_fill_(invalid, 0.0)
         if stop == "dynamic":

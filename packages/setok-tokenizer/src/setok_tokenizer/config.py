@@ -14,9 +14,12 @@ from typing import Any
 class EncoderConfig:
     """Which vision encoder produces the feature grid, and how.
 
-    family: vit | siglip | clip | dinov2 | convnext (all through transformers).
+    family: vit | siglip | clip | dinov2 | dinov2_registers | convnext (all through
+        transformers).
     preset: a named tiny/base architecture used when `pretrained_path` is None.
     pretrained_path: a local directory with a transformers checkpoint (never a download).
+    image_size: the square input resolution; a pretrained ViT/SigLIP/CLIP trained at another
+        size gets its position embeddings interpolated (DINOv2 always interpolates).
     layer: "last" or "penultimate" hidden state.
     overrides: extra kwargs for the transformers config (e.g. hidden_size for tests).
     """

@@ -3,8 +3,9 @@
 Each cluster's features are weighted by its mask and given 2D positions,
 X̂ = PE(X)⊙M + X⊙M, passed through L transformer blocks whose self-attention stays inside
 the cluster, and average-pooled with the mask as weights. All clusters of all images go
-through each block as ONE batched attention call: only tokens with mask weight > 0 are
-gathered, packed to (clusters, longest cluster, D) with a key-padding mask.
+through each block as ONE batched attention call: only (cluster, token) entries with mask
+weight > 0 are gathered and packed either per cluster (padded, key-padding mask) or per
+image (block-diagonal mask), whichever is cheaper.
 """
 
 from __future__ import annotations
@@ -31,15 +32,14 @@ class MergerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x (R, L, D); key_valid (R, L) bool — False keys are never attended to."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (G, L, D); attn_mask bool, broadcastable to (G, heads, L, L): True = may attend."""
         r, length, dim = x.shape
         q, k, v = (
             self.qkv(x)
             .view(r, length, 3, self.num_heads, dim // self.num_heads)
             .permute(2, 0, 3, 1, 4)
         )
-        attn_mask = None if key_valid is None else key_valid[:, None, None, :]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         a = a.transpose(1, 2).reshape(r, length, dim)
         x = self.norm1(x + self.attn_out(a))
@@ -117,11 +117,23 @@ class ClusterMerger(nn.Module):
 
     # ------------------------------------------------------------------ batched
     def forward(
-        self, x: torch.Tensor, masks: torch.Tensor, cluster_valid: torch.Tensor
+        self,
+        x: torch.Tensor,
+        masks: torch.Tensor,
+        cluster_valid: torch.Tensor,
+        *,
+        layout: str = "auto",
     ) -> torch.Tensor:
-        """x (B,h,w,D), masks (B,K,N), cluster_valid (B,K) bool -> tokens (B,K,out_dim)."""
-        b, h, w, k = self._check(x, masks, cluster_valid)
-        n, d = h * w, self.dim
+        """x (B,h,w,D), masks (B,K,N), cluster_valid (B,K) bool -> tokens (B,K,out_dim).
+
+        layout: how entries are packed for the blocks — "rows" (one padded sequence per
+        cluster), "image" (one per image with block-diagonal attention; no padding waste for
+        hard masks) or "auto" (the one with fewer estimated FLOPs). Results are the same.
+        """
+        if layout not in ("auto", "rows", "image"):
+            raise ValueError(f"layout must be 'auto', 'rows' or 'image', got {layout!r}")
+        b, _, _, k = self._check(x, masks, cluster_valid)
+        d = self.dim
         feats, inp = self._inputs(x)
         weights = masks.to(x.dtype) * cluster_valid[..., None].to(x.dtype)
         selected = weights > 0  # (B, K, N)
@@ -132,23 +144,49 @@ class ClusterMerger(nn.Module):
             tokens = torch.einsum("bkn,bnd->bkd", weights, feats) / total.clamp_min(1e-12)
             return self._finish(tokens, keep)
 
-        rows = keep.nonzero()  # (R, 2): (image, cluster) of every non-empty valid cluster
-        tokens = x.new_zeros(b, k, d)
-        if rows.shape[0] > 0:
-            bi, ki = rows[:, 0], rows[:, 1]
-            row_counts = counts[bi, ki]
-            longest = int(row_counts.max())
-            # Stable sort puts each cluster's member positions first, in raster order.
-            order = torch.argsort((~selected[bi, ki]).to(torch.int8), dim=1, stable=True)
-            order = order[:, :longest]  # (R, L)
-            key_valid = torch.arange(longest, device=x.device)[None, :] < row_counts[:, None]
-            m = weights[bi, ki].gather(1, order) * key_valid.to(x.dtype)  # (R, L)
-            seq = inp.reshape(b * n, d)[bi[:, None] * n + order] * m[..., None]
-            for block in self.blocks:
-                seq = block(seq, key_valid)
-            pooled = (seq * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-            tokens = tokens.index_put((bi, ki), pooled)
+        eb, ek, en = selected.nonzero(as_tuple=True)  # entries, ordered by (image, cluster)
+        m = weights[eb, ek, en]
+        entries = inp[eb, en] * m[:, None]  # X̂ = (X + PE) ⊙ M, one row per (b, k, n) entry
+        if eb.numel() == 0:
+            return self._finish(x.new_zeros(b, k, d), keep)
+        if layout == "auto":
+            layout = self._cheaper_layout(counts, keep)
+        if layout == "rows":  # one sequence per non-empty cluster
+            group = (keep.flatten().long().cumsum(0) - 1)[eb * k + ek]
+            sizes = counts[keep]
+        else:  # "image": one sequence per image, block-diagonal attention
+            group, sizes = eb, counts.sum(1)
+        starts = sizes.cumsum(0) - sizes
+        pos = torch.arange(eb.numel(), device=x.device) - starts[group]
+        longest = int(sizes.max())
+        seq = x.new_zeros(sizes.shape[0], longest, d).index_put((group, pos), entries)
+        if layout == "rows":
+            key_valid = torch.arange(longest, device=x.device)[None, :] < sizes[:, None]
+            attn_mask = key_valid[:, None, None, :]
+        else:  # same cluster may attend; padding (-1) only sees padding, so no row is empty
+            cid = torch.full((b, longest), -1, device=x.device).index_put((group, pos), ek)
+            attn_mask = (cid[:, :, None] == cid[:, None, :])[:, None]
+        for block in self.blocks:
+            seq = block(seq, attn_mask)
+        out = seq[group, pos] * m[:, None]  # masked average pooling weighted by M
+        flat = eb * k + ek
+        num = x.new_zeros(b * k, d).index_add(0, flat, out)
+        den = x.new_zeros(b * k).index_add(0, flat, m)
+        den = torch.where(den > 0, den, torch.ones_like(den))
+        tokens = (num / den[:, None]).view(b, k, d)
         return self._finish(tokens, keep)
+
+    def _cheaper_layout(self, counts: torch.Tensor, keep: torch.Tensor) -> str:
+        """Estimated block FLOPs of both packings: per token (4 + 2 mlp) D² + 2 L D."""
+        d = self.dim
+        mlp = self.blocks[0].mlp[0].out_features
+        rows, row_len = int(keep.sum()), int(counts.max())
+        images, image_len = counts.shape[0], int(counts.sum(1).max())
+
+        def cost(groups: int, length: int) -> int:
+            return groups * length * (4 * d * d + 2 * d * mlp + 2 * length * d)
+
+        return "rows" if cost(rows, row_len) <= cost(images, image_len) else "image"
 
     # ------------------------------------------------------------------ reference
     def forward_loop(

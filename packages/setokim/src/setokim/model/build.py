@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from setokim.model.config import SeTokIMConfig
+from torch import nn
 
 
 def tiny_decoders(

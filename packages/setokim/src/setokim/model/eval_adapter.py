@@ -104,7 +104,7 @@ class SeTokIMAdapter:
     def _pixels(self, image: np.ndarray) -> Tensor:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"document image must be HxWx3, got {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+        t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0
         return F.interpolate(t[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True)[
             0
         ]

@@ -159,14 +159,22 @@ class QuickstartStage:
         return model
 
     def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
-        """The encoder's transformer layers / ConvNeXt stages."""
-        hf = model.setok.encoder.model  # type: ignore[union-attr]
-        enc = getattr(hf, "encoder", None)
-        for name in ("layer", "layers", "stages"):
-            blocks = getattr(enc, name, None)
-            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-                return list(blocks)
-        return []
+        """The encoder's repeated blocks (ViT layers, ConvNeXt stages, ...).
+
+        Found structurally: the ModuleList of same-typed children holding the most
+        parameters, so it works across transformers families and versions.
+        """
+        best: list[nn.Module] = []
+        best_size = 0
+        for module in model.setok.encoder.modules():  # type: ignore[union-attr]
+            if not isinstance(module, nn.ModuleList) or len(module) < 2:
+                continue
+            if len({type(child) for child in module}) != 1:
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = list(module), size
+        return best
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
