@@ -98,11 +98,11 @@ def test_padding_tokens_change_nothing(case: dict, extra: int) -> None:
     x = torch.cat([case["x"], junk], dim=1)
     valid = torch.cat([case["valid"], torch.zeros(b, extra, dtype=torch.bool)], dim=1)
     scores2, out2 = run(case, x, valid)
-    assert_close(scores2.score[:, :n], scores.score, rtol=1e-5, atol=1e-6)
+    assert_close(scores2.score[:, :n], scores.score, rtol=1e-4, atol=1e-5)
     assert torch.equal(scores2.score[:, n:], torch.zeros(b, extra))
     assert torch.equal(out2.seeds, out.seeds)
     assert torch.equal(out2.num_clusters, out.num_clusters)
-    assert_close(out2.masks[:, :, :n], out.masks, rtol=1e-5, atol=1e-6)
+    assert_close(out2.masks[:, :, :n], out.masks, rtol=1e-4, atol=1e-5)
     assert torch.equal(out2.masks[:, :, n:], torch.zeros(b, case["max_clusters"], extra))
 
 

@@ -1,0 +1,453 @@
+"""Stage I: tokenizer pretraining with a diffusion decoder and a mask decoder (paper §2.2).
+
+Sub-phase 1 (Eq. 3): the vision encoder is frozen; the cluster merger, the Q-Former mapper
+(+ the learned null condition) and the U-Net's cross-attention keys/values train on the
+eps-prediction loss of a DiffusionDecoder conditioned on the SeTok tokens.
+Sub-phase 2 (Eq. 4): the mask decoder joins (tokens as queries over the encoder grid);
+L = diffusion_weight * L_unet + mask_weight * (KL(M || sg(pi)) + BCE + Dice) on data with
+object masks. The KL only moves the tokenizer when the cluster masks carry gradient, i.e.
+when the encoder trains (`train_encoder`, default true) — hard assignment passes the soft
+masks' gradient straight through.
+
+The model always holds all three parts (tokenizer, diffusion decoder, mask decoder), so a
+sub-phase-1 checkpoint initialises sub-phase 2 (`init_from`) with a strict load, and the
+sub-phase only decides what trains. `subphase1_batches` runs both in one job: the first
+that many micro-batches are sub-phase 1 (encoder output detached, no mask loss), the rest
+sub-phase 2 (what `+exp=stage1_shapes` does on CPU). The cluster recipe runs them as two
+jobs (`+exp=stage1`, then `+exp=stage1_phase2` initialised from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from setok_decoders import (
+    DiffusionDecoder,
+    DiffusionDecoderConfig,
+    MaskDecoder,
+    MaskDecoderConfig,
+    mask_loss,
+    set_trainable,
+    trainable_table,
+)
+from setok_decoders.config import config_from_dict as decoder_config_from_dict
+from setok_tokenizer import SeTok, SeTokConfig
+from setok_tokenizer.setok import config_from_dict as setok_config_from_dict
+from torch import Tensor, nn
+
+from setokim.data.config import DataConfig
+from setokim.stages.quickstart import ensure_dataset
+
+SUBPHASES = (1, 2)
+_DEFAULT_TOKENIZER: dict[str, Any] = {
+    "encoder": {"family": "vit", "preset": "tiny", "image_size": 64},
+    "clustering": {"mechanism": "dynamic", "assignment": "hard", "max_clusters": 8},
+    "merger": {"num_blocks": 1, "num_heads": 2},
+}
+_DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_stage1", "task": "caption"}
+
+
+@dataclass
+class Stage1Config:
+    """tokenizer / data: partial SeTokConfig / DataConfig mappings over the defaults above.
+
+    decoder: {"diffusion": DiffusionDecoderConfig fields, "mask": MaskDecoderConfig fields};
+        token/feature widths left out are filled from the tokenizer.
+    subphase: 1 or 2 (what trains, see the module docstring).
+    subphase1_batches: with subphase=2, the first N micro-batches of the run are sub-phase 1.
+    init_from: a checkpoint step directory of an earlier Stage I run (model weights only).
+    train_encoder: sub-phase 2 trains the vision encoder (needed for the KL to act).
+    cpu_threads: torch.set_num_threads on CPU-only hosts (1 is fastest for the tiny U-Net).
+    """
+
+    tokenizer: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_TOKENIZER))
+    decoder: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_DATA))
+    subphase: int = 1
+    subphase1_batches: int = 0
+    init_from: str | None = None
+    train_encoder: bool = True
+    diffusion_weight: float = 1.0
+    mask_weight: float = 1.0
+    kl_weight: float = 1.0
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    match_cost: str = "bce_dice"
+    cpu_threads: int | None = None
+    generate_if_missing: bool = True
+    generate_train: int = 256
+    generate_image_size: int = 64
+    generate_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.subphase not in SUBPHASES:
+            raise ValueError(f"stage1: subphase must be one of {SUBPHASES}, got {self.subphase!r}")
+        if self.subphase1_batches < 0:
+            raise ValueError(f"stage1: subphase1_batches must be >= 0, got {self.subphase1_batches}")
+        if self.subphase == 1 and self.subphase1_batches:
+            raise ValueError("stage1: subphase1_batches needs subphase=2")
+        for key in ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"stage1: {key} must be >= 0, got {getattr(self, key)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"stage1: cpu_threads must be >= 1 or null, got {self.cpu_threads}")
+        unknown = sorted(set(self.decoder) - {"diffusion", "mask"})
+        if unknown:
+            raise ValueError(f"stage1: unknown decoder key(s) {unknown}; known: diffusion, mask")
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class Stage1Model(nn.Module):
+    """Tokenizer + diffusion decoder + mask decoder; forward returns the unweighted loss terms."""
+
+    def __init__(self, setok: SeTok, diffusion: DiffusionDecoder, mask_decoder: MaskDecoder):
+        super().__init__()
+        self.setok = setok
+        self.diffusion = diffusion
+        self.mask_decoder = mask_decoder
+        self.encoder_grad = True
+        self.setok.encoder.register_forward_hook(self._gate_encoder)
+
+    def _gate_encoder(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        # Sub-phase-1 batches of a combined run: the encoder's output carries no gradient.
+        return output if self.encoder_grad else output.detach()
+
+    def forward(
+        self,
+        pixels: Tensor,
+        object_masks: Tensor | None = None,
+        object_valid: Tensor | None = None,
+        *,
+        with_masks: bool = False,
+        encoder_grad: bool = True,
+        mask_kwargs: Mapping[str, Any] | None = None,
+    ) -> dict[str, Tensor]:
+        """pixels (B,3,S,S) in [0,1] -> {"diffusion"[, "mask", "kl", "bce", "dice"]}."""
+        self.encoder_grad = encoder_grad
+        out = self.setok(self.setok.preprocess(pixels))
+        images = resize_images(pixels, self.diffusion.config.image_size)
+        terms = {"diffusion": self.diffusion.loss(images, out.tokens, out.token_mask)}
+        if with_masks:
+            if object_masks is None or object_valid is None:
+                raise ValueError("sub-phase 2 needs object_masks and object_valid in the batch")
+            logits = self.mask_decoder(out.tokens, out.token_mask, out.features)
+            ml = mask_loss(
+                logits, out.token_mask, object_masks.float(), object_valid, out.masks,
+                **dict(mask_kwargs or {}),
+            )  # fmt: skip
+            terms.update(mask=ml.total, kl=ml.kl, bce=ml.bce, dice=ml.dice)
+        return terms
+
+
+def resize_images(pixels: Tensor, size: int) -> Tensor:
+    """Area-resize (B,3,H,W) images in [0,1] to size x size (identity when already there)."""
+    if tuple(pixels.shape[-2:]) == (size, size):
+        return pixels.float()
+    return F.interpolate(pixels.float(), size=(size, size), mode="area").clamp(0, 1)
+
+
+def build_parts(
+    tokenizer: SeTokConfig, decoder: Mapping[str, Any]
+) -> tuple[SeTok, DiffusionDecoder, MaskDecoder]:
+    """The three modules; token/feature widths missing from `decoder` come from the tokenizer."""
+    setok = SeTok.from_config(tokenizer)
+    width, feat = setok.output_dim, setok.encoder.feature_dim
+    diff_spec = dict(decoder.get("diffusion", {}))
+    mapper = dict(diff_spec.get("mapper", {}))
+    mapper.setdefault("token_dim", width)
+    if mapper["token_dim"] != width:
+        raise ValueError(
+            f"decoder.diffusion.mapper.token_dim={mapper['token_dim']} != tokenizer width {width}"
+        )
+    diff_cfg = decoder_config_from_dict(DiffusionDecoderConfig, {**diff_spec, "mapper": mapper})
+    mask_spec = {"token_dim": width, "feature_dim": feat, **dict(decoder.get("mask", {}))}
+    if (mask_spec["token_dim"], mask_spec["feature_dim"]) != (width, feat):
+        raise ValueError(
+            f"decoder.mask token_dim/feature_dim must be {width}/{feat}, "
+            f"got {mask_spec['token_dim']}/{mask_spec['feature_dim']}"
+        )
+    mask_cfg = decoder_config_from_dict(MaskDecoderConfig, mask_spec)
+    return setok, DiffusionDecoder(diff_cfg), MaskDecoder(mask_cfg)
+
+
+def trainable_patterns(model: Stage1Model, subphase: int, train_encoder: bool) -> list[str]:
+    """Glob patterns over the model's parameter names that train in `subphase`."""
+    patterns = ["diffusion." + p for p in model.diffusion.trainable_patterns()]
+    for part in ("merger", "resampler", "proj"):
+        module = getattr(model.setok, part, None)
+        if module is not None and any(True for _ in module.parameters()):
+            patterns.append(f"setok.{part}.*")
+    if subphase == 2:
+        patterns.append("mask_decoder.*")
+        if train_encoder:
+            patterns.append("setok.encoder.*")
+    return patterns
+
+
+def _is_main() -> bool:
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Stage1Stage:
+    """Stage protocol implementation (see setokim.train.stage.Stage)."""
+
+    def __init__(self, cfg: Stage1Config) -> None:
+        self.cfg = cfg
+        spec = cfg.tokenizer
+        self.tokenizer_cfg = (
+            spec
+            if isinstance(spec, SeTokConfig)
+            else setok_config_from_dict(_deep_merge(_DEFAULT_TOKENIZER, spec))
+        )
+        if self.tokenizer_cfg.clustering.mechanism in ("resampler", "patch") and cfg.subphase == 2:
+            raise ValueError(
+                f"stage1: tokenizer.clustering.mechanism {self.tokenizer_cfg.clustering.mechanism!r}"
+                " has no cluster masks for sub-phase 2"
+            )
+        data = {**_DEFAULT_DATA, **cfg.data}
+        known = {f.name for f in fields(DataConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"stage1: unknown data key(s) {unknown}; known: {sorted(known)}")
+        self.data_cfg = DataConfig(**data)
+
+    # ---- model ------------------------------------------------------------------------------
+    def build_model(self) -> Stage1Model:
+        """All parts built; sub-phase decides what trains; `init_from` weights loaded."""
+        cfg = self.cfg
+        if cfg.cpu_threads is not None and not torch.cuda.is_available():
+            torch.set_num_threads(cfg.cpu_threads)
+        # SeTok's encoder.freeze is overridden: the sub-phase decides what trains.
+        model = Stage1Model(*build_parts(self.tokenizer_cfg, cfg.decoder))
+        if cfg.init_from:
+            from setokim.train.checkpoint import load_model_state
+
+            load_model_state(Path(cfg.init_from), model)
+        self.apply_subphase(model)
+        if _is_main():
+            print(f"Stage I sub-phase {cfg.subphase}: trainable parameters")
+            print(trainable_table(model, depth=2))
+        return model
+
+    def apply_subphase(self, model: Stage1Model) -> list[str]:
+        """Freeze everything but this sub-phase's parameters; return the trainable names."""
+        train_encoder = self.cfg.subphase == 2 and self.cfg.train_encoder
+        names = set_trainable(model, trainable_patterns(model, self.cfg.subphase, train_encoder))
+        model.setok.encoder.frozen = not train_encoder  # keeps a frozen encoder in eval mode
+        model.setok.encoder.train(model.training)
+        return names
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        """Encoder blocks, Q-Former layers and the U-Net's down/up blocks."""
+        units: list[nn.Module] = []
+        best: list[nn.Module] = []
+        for module in model.setok.encoder.modules():  # type: ignore[union-attr]
+            if isinstance(module, nn.ModuleList) and len(module) >= 2:
+                if len({type(c) for c in module}) == 1 and len(module) > len(best):
+                    best = list(module)
+        units += best
+        units += list(model.diffusion.mapper.qformer.encoder.layer)  # type: ignore[union-attr]
+        unet = model.diffusion.unet  # type: ignore[union-attr]
+        units += list(unet.down_blocks) + list(unet.up_blocks)
+        return units
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # ---- data -------------------------------------------------------------------------------
+    def _prepare_data(self, rank: int) -> None:
+        shard_dir = Path(self.data_cfg.shard_dir)
+        if rank == 0 and not (shard_dir / "manifest.json").is_file():
+            if not self.cfg.generate_if_missing:
+                raise FileNotFoundError(
+                    f"data.shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
+                )
+            ensure_dataset(
+                shard_dir,
+                train=self.cfg.generate_train,
+                image_size=self.cfg.generate_image_size,
+                seed=self.cfg.generate_seed,
+            )
+        if dist.is_initialized():
+            dist.barrier()
+
+    def subphase_at(self, position: int) -> int:
+        """The sub-phase of micro-batch `position` of this run."""
+        if self.cfg.subphase == 2 and position < self.cfg.subphase1_batches:
+            return 1
+        return self.cfg.subphase
+
+    def batches(
+        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
+    ) -> Iterator[dict[str, Any]]:
+        """Endless epochs of full micro-batches, each tagged with its sub-phase."""
+        from setokim.data import make_loader
+
+        self._prepare_data(rank)
+        d = self.data_cfg
+
+        def loader(epoch: int, start_sample: int) -> Any:
+            return make_loader(
+                d.shard_dir, d.split, d.task, micro_batch_size, rank=rank,
+                world_size=world_size, num_workers=d.num_workers, seed=d.seed, epoch=epoch,
+                start_sample=start_sample, on_error=d.on_error, image_size=d.image_size,
+                shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, expand=d.expand, even=True,
+            )  # fmt: skip
+
+        per_epoch = loader(0, 0).num_samples // micro_batch_size
+        if per_epoch == 0:
+            raise ValueError(
+                f"data: split {d.split!r} of {d.shard_dir} has fewer samples per rank than "
+                f"micro_batch_size={micro_batch_size}"
+            )
+        position = start_step
+        epoch, within = divmod(start_step, per_epoch)
+        while True:
+            it = iter(loader(d.epoch + epoch, within * micro_batch_size))
+            for _ in range(per_epoch - within):
+                batch = next(it)
+                yield {
+                    "pixels": batch["pixels"],
+                    "object_masks": batch.get("object_masks"),
+                    "object_valid": batch.get("object_valid"),
+                    "subphase": self.subphase_at(position),
+                }
+                position += 1
+            epoch, within = epoch + 1, 0
+
+    # ---- objective --------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        phase = int(batch.get("subphase", cfg.subphase))
+        terms = model(
+            batch["pixels"],
+            batch.get("object_masks"),
+            batch.get("object_valid"),
+            with_masks=phase == 2,
+            encoder_grad=phase == 2 and cfg.train_encoder,
+            mask_kwargs={
+                "kl_weight": cfg.kl_weight,
+                "bce_weight": cfg.bce_weight,
+                "dice_weight": cfg.dice_weight,
+                "match_cost": cfg.match_cost,
+            },
+        )
+        loss = cfg.diffusion_weight * terms["diffusion"]
+        if phase == 2:
+            loss = loss + cfg.mask_weight * terms["mask"]
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        metrics["subphase"] = float(phase)
+        return loss, metrics
+
+    def describe(self) -> dict[str, Any]:
+        """Logged into trainer.json; `params` rebuilds this stage (`load_stage1_checkpoint`)."""
+        params = asdict(self.cfg)
+        params["tokenizer"] = asdict(self.tokenizer_cfg)
+        params["data"] = asdict(self.data_cfg)
+        return {"name": "stage1", "params": params}
+
+
+def build(cfg: Mapping[str, Any]) -> Stage1Stage:
+    """Registry entry: unknown keys are an error naming them."""
+    known = {f.name for f in fields(Stage1Config)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"stage1 stage: unknown config key(s) {unknown}; known: {sorted(known)}")
+    return Stage1Stage(Stage1Config(**dict(cfg)))
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def _resolve_step_dir(path: Path) -> tuple[Path, Path]:
+    """(run_dir, step_dir) for a run directory or one of its checkpoint step directories."""
+    from setokim.train.checkpoint import latest_checkpoint
+
+    if (path / "trainer.json").is_file():
+        step = latest_checkpoint(path)
+        if step is None:
+            raise FileNotFoundError(f"checkpoint: run dir {path} has no checkpoint yet")
+        return path, step
+    run_dir = path.parent.parent
+    if not (run_dir / "trainer.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint: {path} is neither a run dir nor a step dir of one (no trainer.json)"
+        )
+    return run_dir, path
+
+
+def load_stage1_checkpoint(
+    path: str | os.PathLike[str], **overrides: Any
+) -> tuple[Stage1Stage, Stage1Model]:
+    """Rebuild a Stage I run's model from its trainer.json and load a checkpoint's weights.
+
+    `path`: the run dir (its latest checkpoint) or a step directory. `overrides` replace
+    stage params (e.g. cpu_threads=1). `init_from` is dropped: the checkpoint has everything.
+    """
+    from setokim.train.checkpoint import load_model_state
+
+    run_dir, step_dir = _resolve_step_dir(Path(path))
+    meta = json.loads((run_dir / "trainer.json").read_text(encoding="utf-8"))
+    stage_meta = meta.get("stage")
+    if not isinstance(stage_meta, dict) or stage_meta.get("name") != "stage1":
+        raise ValueError(f"checkpoint: {run_dir} is not a Stage I run (trainer.json stage)")
+    params = {**stage_meta["params"], "init_from": None, **overrides}
+    stage = build(params)
+    model = stage.build_model()
+    load_model_state(step_dir, model)
+    return stage, model.eval()
+
+
+def export_parts(model: Stage1Model, directory: str | os.PathLike[str]) -> Path:
+    """Write tokenizer/, diffusion/ and mask_decoder/ with each package's save_pretrained."""
+    out = Path(directory)
+    model.setok.save_pretrained(out / "tokenizer")
+    model.diffusion.save_pretrained(out / "diffusion")
+    model.mask_decoder.save_pretrained(out / "mask_decoder")
+    return out
+
+
+def load_parts(directory: str | os.PathLike[str]) -> Stage1Model:
+    """Inverse of `export_parts` (no pretrained paths needed but the VAE's, if any)."""
+    root = Path(directory)
+    for name in ("tokenizer", "diffusion", "mask_decoder"):
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"directory: {root} has no {name}/ (not an export_parts dir)")
+    setok = SeTok.from_pretrained(root / "tokenizer")
+    model = Stage1Model(
+        setok,
+        DiffusionDecoder.from_pretrained(root / "diffusion"),
+        MaskDecoder.from_pretrained(root / "mask_decoder"),
+    )
+    return model.eval()
+
+
+__all__ = [
+    "Stage1Config",
+    "Stage1Model",
+    "Stage1Stage",
+    "build",
+    "build_parts",
+    "export_parts",
+    "load_parts",
+    "load_stage1_checkpoint",
+    "resize_images",
+    "trainable_patterns",
+]
