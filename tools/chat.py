@@ -138,8 +138,19 @@ def interactive(model, args: argparse.Namespace, size: int, gen) -> None:
         print(reply, flush=True)
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Fail on bad flag combinations before the (slow) model build."""
+    if args.mode in ("ground", "segment", "edit") and len(args.image) != 1:
+        raise SystemExit(f"--mode {args.mode} needs exactly one --image")
+    if args.mode != "understand" and args.prompt is None:
+        raise SystemExit(f"--mode {args.mode} needs --prompt")
+    if args.mode in ("segment", "generate", "edit") and args.out is None:
+        raise SystemExit(f"--mode {args.mode} needs --out FILE.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    validate(args)
     from setokim.model.inference import GenerationConfig
 
     model = build_model(args).eval()

@@ -58,4 +58,4 @@ def test_regression_without_output_images_is_zero():
     loss, count = embedding_regression_loss(
         torch.randn(1, 3, 4), head, packed, torch.randn(1, 1, 5), torch.ones(1, 1, dtype=torch.bool)
     )
-    assert count == 0 and float(loss) == 0.0
+    assert count == 0 and loss.item() == 0.0
