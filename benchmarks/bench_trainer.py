@@ -14,12 +14,15 @@ import argparse
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
 from setokim.stages import build_stage
 from setokim.train import TrainerConfig, train
 
@@ -88,27 +91,47 @@ def _rss_kib(field: str) -> int:
 
 
 def peak_memory_mib(stage_cfg: dict, steps: int, mb: int, ac: bool) -> float:
-    """Peak memory above the pre-training level during a short run."""
+    """Peak memory above the pre-training level during a short run.
+
+    CPU: measured in a fresh interpreter, since memory freed by an earlier run stays in the
+    process heap and would hide the second run's growth from the RSS high-water mark.
+    """
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         trainer_loop(stage_cfg, steps, mb, 1e-3, 1.0, activation_checkpointing=ac)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+    probe = json.dumps({"stage": stage_cfg, "steps": steps, "mb": mb, "ac": ac})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-probe", probe],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(spec: str) -> None:
+    args = json.loads(spec)
+    trainer_loop(args["stage"], 1, args["mb"], 1e-3, 1.0)  # imports and one-off buffers
     base = _rss_kib("VmRSS")
-    trainer_loop(stage_cfg, steps, mb, 1e-3, 1.0, activation_checkpointing=ac)
-    return (_rss_kib("VmHWM") - base) / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+    trainer_loop(args["stage"], args["steps"], args["mb"], 1e-3, 1.0,
+                 activation_checkpointing=args["ac"])  # fmt: skip
+    print((_rss_kib("VmHWM") - base) / 1024)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-dist", action="store_true")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe is not None:
+        _memory_probe(args.memory_probe)
+        return
 
     model = {"hidden": 256, "depth": 4, "in_dim": 64, "out_dim": 16}
-    mb, lr, clip = 64, 1e-3, 1.0
+    mb, lr, clip = 32, 1e-3, 1.0
     trainer_loop(model, 5, mb, lr, clip)  # warm-up: imports, allocator, first-step costs
     bare_loop(model, 5, mb, lr, clip)
     bare_s, loop_s = [], []
@@ -136,9 +159,9 @@ def main() -> None:
         ]
         result.update(one_rank_sps=single, two_rank_sps=double, dist_speedup=double / single)
 
-    big = {"hidden": 256, "depth": 8, "in_dim": 64, "out_dim": 16, "seq_len": 128}
-    off = peak_memory_mib(big, 3, 32, ac=False)
-    on = peak_memory_mib(big, 3, 32, ac=True)
+    big = {"hidden": 256, "depth": 6, "in_dim": 64, "out_dim": 16, "seq_len": 64}
+    off = peak_memory_mib(big, 2, 16, ac=False)
+    on = peak_memory_mib(big, 2, 16, ac=True)
     rows += [
         ("peak MiB, activation ckpt off", off),
         ("peak MiB, activation ckpt on", on),

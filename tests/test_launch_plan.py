@@ -129,3 +129,24 @@ def test_plan_refuses_an_override_of_a_swept_key(tmp_path: Path) -> None:
 def test_plan_refuses_a_sweep_over_launchers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="launcher"):
         build_plan("smoke_toy", [f"run_root={tmp_path}", "launcher.poll_s=1,2"])
+
+
+def test_cluster_profile_maps_to_valid_submitit_slurm_parameters(tmp_path: Path) -> None:
+    import submitit
+
+    from setok_experiments.executors import slurm_parameters
+
+    cluster = load_experiment("smoke_toy", ["cluster=gpu_a100", "cluster.nodes=2"]).cluster
+    params = slurm_parameters(cluster, "setok-x")
+    assert params["nodes"] == 2
+    assert params["ntasks_per_node"] == params["gpus_per_node"] == 8  # one task per GPU
+    assert params["mem"] == f"{480 * 1024}MB" and params["constraint"] == "a100"
+    assert "account" not in params  # null in the profile: not passed to sbatch
+    executor = submitit.SlurmExecutor(folder=tmp_path)
+    executor.update_parameters(**params)  # raises on any name sbatch/submitit does not know
+    assert executor.parameters["time"] == cluster.time_min
+    assert executor.parameters["setup"] == cluster.setup
+
+    dev = slurm_parameters(load_experiment("smoke_toy", ["cluster=dev"]).cluster, "setok-x")
+    assert dev["ntasks_per_node"] == 1 and "gpus_per_node" not in dev
+    assert dev["partition"] == "dev"

@@ -144,3 +144,23 @@ def test_failing_job_is_reported_and_exit_code_is_1(
     status = read_status(run_dir)
     assert status is not None and status["state"] == "FAILED"
     assert "non-finite" in status["error"]
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_the_array_as_subprocesses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    root = tmp_path / "runs"
+    args = [*TOY, f"run_root={root}", "launcher=local", "launcher.poll_s=1", "--wait"]
+    assert main([*args, "--only", "seed=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("COMPLETED") == 1
+    record = read_record(root / "smoke_toy")
+    (launch,) = record["launches"]
+    assert launch["launcher"] == "local"
+    for job in launch["jobs"]:
+        status = read_status(job["run_dir"])
+        assert status is not None and status["state"] == "COMPLETED"
+        assert status["pid"] != os.getpid()  # ran in a submitit subprocess
+        assert int(job["job_id"]) > 0

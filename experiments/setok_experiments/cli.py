@@ -10,15 +10,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from setok_experiments.compose import ConfigError
-from setok_experiments.executors import Outcome, run_inline, submit_array, wait
-from setok_experiments.plan import Plan, build_plan, mark_active, split_exp
-from setok_experiments.record import append_launch, new_launch_id
-from setok_experiments.rundir import source_state, write_run_metadata
-from setok_experiments.status import collect
 from setok_experiments.table import format_table
+
+if TYPE_CHECKING:
+    from setok_experiments.executors import Outcome
+    from setok_experiments.plan import Plan
+
+# The launch machinery imports torch and the packages (tens of seconds on a busy machine):
+# it is imported inside the commands, so `--help` answers at once.
 
 DESCRIPTION = """\
 Launch an experiment (Hydra configs in experiments/conf) as one job array.
@@ -99,6 +100,12 @@ def _outcome_table(plan: Plan, outcomes: dict[int, Outcome]) -> str:
 
 def launch(argv: Sequence[str]) -> int:
     args = _launch_parser().parse_intermixed_args(list(argv))
+    from setok_experiments.compose import ConfigError
+    from setok_experiments.executors import run_inline, submit_array, wait
+    from setok_experiments.plan import build_plan, mark_active, split_exp
+    from setok_experiments.record import new_launch_id
+    from setok_experiments.rundir import source_state, write_run_metadata
+
     only = [s for s in args.only.split(",") if s] if args.only else None
     try:
         exp, overrides = split_exp(args.overrides)
@@ -135,7 +142,10 @@ def launch(argv: Sequence[str]) -> int:
             launcher=kind,
         )
         if changed:
-            print(f"warning: {_rel(job.run_dir)}: config changed since its last launch", file=sys.stderr)
+            print(
+                f"warning: {_rel(job.run_dir)}: config changed since its last launch",
+                file=sys.stderr,
+            )
 
     launch_id = new_launch_id()
     specs = [job.spec(plan.exp) for job in to_run]
@@ -155,7 +165,9 @@ def launch(argv: Sequence[str]) -> int:
 
     if kind == "inline" or args.wait:
         if kind != "inline":
-            print(f"waiting up to {plan.launcher.wait_timeout_min:g} min for {len(submissions)} job(s)")
+            print(
+                f"waiting up to {plan.launcher.wait_timeout_min:g} min for {len(submissions)} job(s)"
+            )
         outcomes = wait(
             submissions, timeout_s=plan.launcher.wait_timeout_min * 60, poll_s=plan.launcher.poll_s
         )
@@ -175,6 +187,8 @@ def _record(
     job_ids: dict[int, str],
     folder: Path | None,
 ) -> None:
+    from setok_experiments.record import append_launch
+
     host = socket.gethostname()
     jobs: list[dict[str, Any]] = []
     for job in plan.jobs:
@@ -206,6 +220,8 @@ def _record(
 
 def status(argv: Sequence[str]) -> int:
     args = _status_parser().parse_args(list(argv))
+    from setok_experiments.status import collect
+
     try:
         exp_dir, rows = collect(args.path)
     except FileNotFoundError as err:
@@ -232,7 +248,17 @@ def status(argv: Sequence[str]) -> int:
                 _rel(Path(r["run_dir"])),
             ]
         )
-    headers = ["#", "name", "job id", "scheduler", "run", "attempts", "ckpt step", "loss", "run dir"]
+    headers = [
+        "#",
+        "name",
+        "job id",
+        "scheduler",
+        "run",
+        "attempts",
+        "ckpt step",
+        "loss",
+        "run dir",
+    ]
     print(format_table(headers, table_rows))
     for r in rows:
         if r["error"]:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from setokim.config import ExperimentConfig, register_configs
 
 from setok_experiments.overrides import format_value
 from setok_experiments.paths import CLUSTER_PROFILES_DIR, CONF_DIR
+from setokim.config import ExperimentConfig, register_configs
 
 
 class ConfigError(ValueError):
@@ -39,7 +40,7 @@ def compose_experiment(exp: str | None, overrides: Sequence[str] = ()) -> DictCo
             version_base="1.3", config_dir=str(CONF_DIR), job_name="setok_launch"
         ):
             cfg = compose(config_name="config", overrides=full)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise ConfigError(_describe(err)) from None
     return cfg
 

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from setokim.config import ClusterConfig, LauncherConfig
-
 from setok_experiments.job import JobSpec, TrainJob
 from setok_experiments.paths import EXPERIMENTS_DIR
+from setokim.config import ClusterConfig, LauncherConfig
 
 
 @dataclass

@@ -23,6 +23,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import submitit
+
 from setokim.utils.io import atomic_write_json
 
 STATUS_FILE = "job_status.json"
@@ -106,10 +107,10 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, spec: JobSpec) -> dict[str, Any]:
         from omegaconf import OmegaConf
-        from setokim.stages import build_stage
-        from setokim.train import train
 
         from setok_experiments.compose import from_yaml
+        from setokim.stages import build_stage
+        from setokim.train import train
 
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +139,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         except BaseException as err:
             if main:
                 state = "INTERRUPTED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-                _write_status(
-                    run_dir, state=state, ended=time.time(), error=_short_error(err)
-                )
+                _write_status(run_dir, state=state, ended=time.time(), error=_short_error(err))
             raise
 
         summary = {

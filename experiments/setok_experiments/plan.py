@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from setokim.config import ClusterConfig, ExperimentConfig, LauncherConfig
 
 from setok_experiments.compose import ConfigError, compose_experiment, validate
 from setok_experiments.job import JobSpec, read_status
@@ -24,6 +23,7 @@ from setok_experiments.record import latest_jobs, read_record
 from setok_experiments.rundir import exp_dir_for, run_dir_for
 from setok_experiments.scheduler import ACTIVE_SLURM_STATES, pid_alive, slurm_states
 from setok_experiments.sweep import expand_sweep, swept_keys
+from setokim.config import ClusterConfig, ExperimentConfig, LauncherConfig
 
 
 @dataclass
@@ -91,7 +91,9 @@ def build_plan(
     cli_sweeps = [p for p in parsed if p.is_sweep]
 
     base = validate(compose_experiment(exp, fixed))
-    clash = sorted({p.key for p in parsed if not p.is_sweep} & swept_keys(base.variants, base.sweep))
+    clash = sorted(
+        {p.key for p in parsed if not p.is_sweep} & swept_keys(base.variants, base.sweep)
+    )
     if clash:
         raise ConfigError(
             f"{clash[0]}: set on the command line but swept by +exp={exp}; "

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from setokim.utils.io import atomic_write_json, atomic_write_text
-
 from setok_experiments.paths import REPO_ROOT
+from setokim.utils.io import atomic_write_json, atomic_write_text
 
 HASH_LEN = 12
 META_FILE = "launch_meta.json"

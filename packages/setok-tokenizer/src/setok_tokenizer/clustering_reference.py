@@ -49,13 +49,11 @@ def reference_density_peak_scores(
             else:
                 nearest = torch.sort(others).values[:knn_k]
                 rho_b.append(float(torch.exp(-nearest.mean())))
+        rho_t = torch.tensor(rho_b)
         for i in range(n):
-            higher = [j for j in range(n) if rho_b[j] > rho_b[i]]
-            if higher:
-                d = min(float(rows[i][j]) for j in higher)
-            else:
-                d = float(rows[i].max())
-            rho[b, index[i]] = rho_b[i]
+            higher = rho_t > rho_t[i]
+            d = rows[i][higher].min() if bool(higher.any()) else rows[i].max()
+            rho[b, index[i]] = rho_t[i]
             delta[b, index[i]] = d
     return DensityPeakScores(rho=rho, delta=delta, score=rho * delta)
 

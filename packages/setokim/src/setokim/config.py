@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from setok_tokenizer.config import SeTokConfig
-
 from setokim.data.config import DataConfig
 from setokim.train.config import TrainerConfig, WandbConfig
 
@@ -137,7 +136,9 @@ class ExperimentConfig:
                 _fail(f"sweep.{key}", f"must be a non-empty list of values, got {values!r}")
         for name, overrides in self.variants.items():
             if not isinstance(overrides, list | tuple):
-                _fail(f"variants.{name}", f"must be a list of 'key=value' strings, got {overrides!r}")
+                _fail(
+                    f"variants.{name}", f"must be a list of 'key=value' strings, got {overrides!r}"
+                )
             for item in overrides:
                 if not isinstance(item, str) or "=" not in item:
                     _fail(f"variants.{name}", f"entries must be 'key=value' strings, got {item!r}")

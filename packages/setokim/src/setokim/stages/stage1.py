@@ -65,6 +65,9 @@ class Stage1Config:
     subphase1_batches: with subphase=2, the first N micro-batches of the run are sub-phase 1.
     init_from: a checkpoint step directory of an earlier Stage I run (model weights only).
     train_encoder: sub-phase 2 trains the vision encoder (needed for the KL to act).
+    kl_mask_floor: added to every valid cluster's mask before the KL. Hard straight-through
+        masks are exactly 0/1, where `mask_consistency_kl`'s clamp(min=0) and per-position
+        renormalisation give a zero gradient; the floor keeps the KL's gradient alive.
     cpu_threads: torch.set_num_threads on CPU-only hosts (1 is fastest for the tiny U-Net).
     """
 
@@ -81,6 +84,7 @@ class Stage1Config:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     match_cost: str = "bce_dice"
+    kl_mask_floor: float = 1e-4
     cpu_threads: int | None = None
     generate_if_missing: bool = True
     generate_train: int = 256
@@ -94,7 +98,8 @@ class Stage1Config:
             raise ValueError(f"stage1: subphase1_batches must be >= 0, got {self.subphase1_batches}")
         if self.subphase == 1 and self.subphase1_batches:
             raise ValueError("stage1: subphase1_batches needs subphase=2")
-        for key in ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight"):
+        weights = ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight")
+        for key in (*weights, "kl_mask_floor"):
             if getattr(self, key) < 0:
                 raise ValueError(f"stage1: {key} must be >= 0, got {getattr(self, key)}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
@@ -147,11 +152,13 @@ class Stage1Model(nn.Module):
         if with_masks:
             if object_masks is None or object_valid is None:
                 raise ValueError("sub-phase 2 needs object_masks and object_valid in the batch")
+            kwargs = dict(mask_kwargs or {})
+            floor = float(kwargs.pop("kl_mask_floor", 0.0))
+            clusters = out.masks + floor * out.token_mask[:, :, None, None].to(out.masks.dtype)
             logits = self.mask_decoder(out.tokens, out.token_mask, out.features)
             ml = mask_loss(
-                logits, out.token_mask, object_masks.float(), object_valid, out.masks,
-                **dict(mask_kwargs or {}),
-            )  # fmt: skip
+                logits, out.token_mask, object_masks.float(), object_valid, clusters, **kwargs
+            )
             terms.update(mask=ml.total, kl=ml.kl, bce=ml.bce, dice=ml.dice)
         return terms
 
@@ -229,6 +236,11 @@ class Stage1Stage:
         if unknown:
             raise ValueError(f"stage1: unknown data key(s) {unknown}; known: {sorted(known)}")
         self.data_cfg = DataConfig(**data)
+        if cfg.init_from is not None and not (Path(cfg.init_from) / "trainer_state.json").is_file():
+            raise ValueError(
+                f"stage1: init_from {cfg.init_from!r} is not a checkpoint step directory "
+                "(runs/<exp>/<hash>/checkpoints/step_N with trainer_state.json)"
+            )
 
     # ---- model ------------------------------------------------------------------------------
     def build_model(self) -> Stage1Model:
@@ -349,6 +361,7 @@ class Stage1Stage:
                 "bce_weight": cfg.bce_weight,
                 "dice_weight": cfg.dice_weight,
                 "match_cost": cfg.match_cost,
+                "kl_mask_floor": cfg.kl_mask_floor,
             },
         )
         loss = cfg.diffusion_weight * terms["diffusion"]

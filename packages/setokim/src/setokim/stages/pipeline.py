@@ -1,0 +1,272 @@
+"""Run stages in sequence (Stage I -> II -> III), each in `run_dir/<stage>/`, each resumable.
+
+Per step: `train()` in `<stage>/train/` (resumes from its own checkpoints), then the
+trained model is exported to `<stage>/export/` (written to a temp dir and renamed), then
+`<stage>/pipeline_step.json` records the result. A relaunch skips every step that has that
+record, so a killed pipeline continues with the step it was in. The next step's init path
+(`INIT_KEYS`) is set to the previous export unless its params already give one.
+
+Exports: stage1 -> `stage1.export_parts` (tokenizer/, diffusion/, mask_decoder/); stages with
+an `export(checkpoint, out_dir)` method (stage2, stage3) -> `SeTokIM.save_pretrained`.
+
+Several ranks: every rank trains; rank 0 exports and the others wait for the step record.
+
+CLI (a plain YAML/JSON file with `trainer` defaults and `steps`, as in the experiment's
+`stage.params` when `stage.name: pipeline`):
+    python -m setokim.stages.pipeline --config steps.yaml --run-dir runs/setokim_shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from setokim.train.config import TrainerConfig, WandbConfig
+from setokim.train.result import TrainResult
+from setokim.utils.io import atomic_write_json
+
+RECORD = "pipeline_step.json"
+INIT_KEYS: dict[str, str] = {"stage2": "init_tokenizer", "stage3": "init_from"}
+StepSpec = tuple[str, Mapping[str, Any], "TrainerConfig | Mapping[str, Any]"]
+
+
+@dataclass
+class StepRecord:
+    """What one finished step left behind (also `<stage>/pipeline_step.json`)."""
+
+    name: str
+    step: int
+    last_loss: float
+    export: str | None
+    checkpoint: str | None
+    skipped: bool = False  # True when this launch found the step already done
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineResult:
+    steps: list[StepRecord] = field(default_factory=list)
+    preempted: bool = False
+    last: TrainResult | None = None  # of the last step trained in this launch
+
+    def export(self, name: str) -> Path | None:
+        for rec in self.steps:
+            if rec.name == name and rec.export:
+                return Path(rec.export)
+        return None
+
+
+def trainer_config(spec: TrainerConfig | Mapping[str, Any], base: Mapping[str, Any]) -> TrainerConfig:
+    """A TrainerConfig, or a partial mapping over `base` (the pipeline's trainer defaults)."""
+    if isinstance(spec, TrainerConfig):
+        return spec
+    known = {f.name for f in fields(TrainerConfig)}
+    merged = {**base, **dict(spec)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ValueError(f"trainer: unknown key(s) {unknown}; known: {sorted(known)}")
+    return TrainerConfig(**merged)
+
+
+def _rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def read_record(step_dir: Path) -> StepRecord | None:
+    path = step_dir / RECORD
+    if not path.is_file():
+        return None
+    return StepRecord(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def export_step(stage: Any, name: str, train_dir: Path, checkpoint: Path, out: Path) -> Path | None:
+    """Export the trained model of one step to `out` atomically; None when the stage has none."""
+    exporter = getattr(stage, "export", None)
+    if not callable(exporter) and name != "stage1":
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if callable(exporter):
+            exporter(checkpoint, tmp / "model")
+            shutil.move(str(tmp / "model"), str(tmp / "final"))
+        else:
+            from setokim.stages.stage1 import export_parts, load_stage1_checkpoint
+
+            _, model = load_stage1_checkpoint(checkpoint)
+            export_parts(model, tmp / "final")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / "final", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _wait_for_record(step_dir: Path, timeout_s: float = 3600.0) -> StepRecord:
+    start = time.monotonic()
+    while (rec := read_record(step_dir)) is None:
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"rank {_rank()}: rank 0 did not finish exporting {step_dir}")
+        time.sleep(1.0)
+    return rec
+
+
+def run_pipeline(
+    steps: Sequence[StepSpec],
+    run_dir: str | os.PathLike[str],
+    wandb: WandbConfig | None = None,
+    *,
+    trainer_defaults: Mapping[str, Any] | None = None,
+) -> PipelineResult:
+    """Train and export `steps` = [(stage name, stage params, trainer cfg or mapping), ...]."""
+    from setokim.stages import build_stage
+    from setokim.train import train
+
+    names = [s[0] for s in steps]
+    if not steps:
+        raise ValueError("steps: the pipeline is empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"steps: stage names must be unique (each gets run_dir/<name>), got {names}")
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    base = dict(trainer_defaults or {})
+    result = PipelineResult()
+    previous: Path | None = None
+    for index, (name, params, trainer_spec) in enumerate(steps):
+        step_dir = root / name
+        rec = read_record(step_dir)
+        if rec is not None:
+            rec.skipped = True
+            result.steps.append(rec)
+            previous = Path(rec.export) if rec.export else None
+            print(f"pipeline: step {index} {name!r} already done (step {rec.step}), skipping")
+            continue
+        params = dict(params)
+        key = INIT_KEYS.get(name)
+        if key is not None and params.get(key) is None and previous is not None:
+            params[key] = str(previous)
+        trainer = trainer_config(trainer_spec, base)
+        stage = build_stage(name, params)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        out = train(stage, trainer, step_dir / "train", wandb)
+        result.last = out
+        if out.preempted:
+            result.preempted = True
+            print(f"pipeline: step {index} {name!r} preempted at step {out.step}; relaunch resumes")
+            return result
+        if _rank() != 0:
+            rec = _wait_for_record(step_dir)
+        else:
+            if out.checkpoint is None:
+                raise RuntimeError(f"step {name!r}: training left no checkpoint to export")
+            export = export_step(stage, name, step_dir / "train", out.checkpoint, step_dir / "export")
+            rec = StepRecord(
+                name=name,
+                step=out.step,
+                last_loss=out.last_loss,
+                export=None if export is None else str(export.resolve()),
+                checkpoint=str(out.checkpoint),
+                seconds=time.perf_counter() - start,
+            )
+            atomic_write_json(step_dir / RECORD, asdict(rec))
+        result.steps.append(rec)
+        previous = Path(rec.export) if rec.export else None
+    return result
+
+
+@dataclass
+class Pipeline:
+    """The registry's "pipeline" entry: validated steps that `run(run_dir)` trains in order.
+
+    Not a `train.Stage`: a launcher calls `run` instead of `train(stage, ...)`.
+    """
+
+    steps: list[tuple[str, dict[str, Any], dict[str, Any]]]
+    trainer: dict[str, Any]
+
+    def run(self, run_dir: str | os.PathLike[str], wandb: WandbConfig | None = None) -> TrainResult:
+        res = run_pipeline(self.steps, run_dir, wandb, trainer_defaults=self.trainer)
+        if res.last is not None:
+            return res.last
+        rec = res.steps[-1]
+        return TrainResult(
+            step=rec.step, last_loss=rec.last_loss, skipped_steps=0,
+            checkpoint=None if rec.checkpoint is None else Path(rec.checkpoint),
+            preempted=False, resumed_from=rec.step, loop_seconds=0.0, samples_per_s=0.0,
+            world_size=1,
+        )  # fmt: skip
+
+
+def build(cfg: Mapping[str, Any]) -> Pipeline:
+    """Registry entry: {"trainer": defaults, "steps": [{"name", "params", "trainer"}, ...]}.
+
+    Each step's stage config and merged trainer config are checked here (before anything
+    runs); init paths are filled in at run time from the previous step's export.
+    """
+    from setokim.stages import build_stage
+
+    unknown = sorted(set(cfg) - {"trainer", "steps"})
+    if unknown:
+        raise ValueError(f"pipeline: unknown config key(s) {unknown}; known: ['steps', 'trainer']")
+    base = dict(cfg.get("trainer") or {})
+    raw_steps = cfg.get("steps")
+    if not isinstance(raw_steps, Sequence) or not raw_steps:
+        raise ValueError("pipeline: steps must be a non-empty list of {name, params, trainer}")
+    steps: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for i, step in enumerate(raw_steps):
+        if not isinstance(step, Mapping) or "name" not in step:
+            raise ValueError(f"pipeline: steps[{i}] must be a mapping with a 'name'")
+        extra = sorted(set(step) - {"name", "params", "trainer"})
+        if extra:
+            raise ValueError(f"pipeline: steps[{i}] has unknown key(s) {extra}")
+        name, params = str(step["name"]), dict(step.get("params") or {})
+        trainer = dict(step.get("trainer") or {})
+        if name == "pipeline":
+            raise ValueError(f"pipeline: steps[{i}] cannot be a pipeline")
+        try:
+            build_stage(name, params)
+            trainer_config(trainer, base)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"pipeline: steps[{i}] ({name}): {err}") from None
+        steps.append((name, params, trainer))
+    names = [s[0] for s in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pipeline: step names must be unique, got {names}")
+    return Pipeline(steps, base)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML/JSON with `trainer` and `steps`")
+    parser.add_argument("--run-dir", required=True, help="where run_dir/<stage>/ go")
+    parser.add_argument("--wandb", default="disabled", choices=("offline", "online", "disabled"))
+    args = parser.parse_args(argv)
+    import yaml
+
+    spec = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    if not isinstance(spec, Mapping):
+        parser.error(f"--config {args.config}: expected a mapping with `steps`")
+    pipeline = build(spec)
+    res = run_pipeline(
+        pipeline.steps, args.run_dir, WandbConfig(mode=args.wandb), trainer_defaults=pipeline.trainer
+    )
+    for rec in res.steps:
+        print(json.dumps(asdict(rec)))
+    return 3 if res.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

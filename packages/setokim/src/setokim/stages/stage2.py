@@ -1,0 +1,401 @@
+"""Stage II: multimodal pretraining of SeTokIM (paper Section 2.2, Table 7).
+
+Loss = CE on the next text token + MSE from the regression head to the frozen Stage I
+tokenizer's tokens of every image the model outputs (`setokim.model.losses.stage_loss`).
+`[Img]` is a labelled text token before an output image, so the model learns where an image
+starts. Data: a per-batch mix of the caption, t2i, edit and chat views in "pretrain" format
+(`setokim.model.samples.batch_to_samples`). The LLM, projector and regression head train;
+SeTok stays frozen.
+
+Initialisation: `init_tokenizer` is a Stage I export (tokenizer/, diffusion/, mask_decoder/
+from `stage1.export_parts`) or a bare `SeTok.save_pretrained` dir; None builds a seeded
+random tiny SeTok from `tokenizer`. The trained model is written with
+`SeTokIM.save_pretrained` by `export`, its config pointing at the Stage I decoders so
+inference (generate, edit, segment) and Stage III can load it.
+
+The helpers here (`mllm_config`, `MLLMBatches`, ...) are shared with Stage III.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from setokim.data.config import DataConfig
+from setokim.model.config import SeTokIMConfig
+from setokim.model.packing import SequenceLayout, SpecialIds, collate_sequences
+
+MODES = ("pretrain", "instruct")
+_DEFAULT_TOKENIZER: dict[str, Any] = {
+    "encoder": {"family": "vit", "preset": "tiny", "image_size": 64},
+    "clustering": {"mechanism": "dynamic", "assignment": "hard", "max_clusters": 8},
+    "merger": {"num_blocks": 1, "num_heads": 2},
+}
+_STAGE2_DATA: dict[str, Any] = {
+    "shard_dir": "data/shapes_world_setokim",
+    "task": "mix",
+    "mix_weights": {"caption": 1.0, "t2i": 1.0, "edit": 1.0, "chat": 1.0},
+}
+BatchHook = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+# ---- config helpers (shared with Stage III) ----------------------------------------------------
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, recursing into nested mappings."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def mllm_config(spec: Mapping[str, Any] | SeTokIMConfig, where: str) -> SeTokIMConfig:
+    """A partial SeTokIMConfig mapping (the experiment's `mllm` group) over the defaults."""
+    from setokim.model.setokim import config_from_dict
+
+    if isinstance(spec, SeTokIMConfig):
+        return spec
+    merged = deep_merge(asdict(SeTokIMConfig()), spec)
+    try:
+        return config_from_dict(merged)
+    except TypeError as err:
+        raise ValueError(f"{where}: model: {err}") from None
+
+
+def data_config(spec: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> DataConfig:
+    """A partial DataConfig mapping over the stage's defaults; unknown keys are an error."""
+    merged = {**defaults, **spec}
+    known = {f.name for f in fields(DataConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown data key(s) {unknown}; known: {sorted(known)}")
+    return DataConfig(**merged)
+
+
+def check_keys(cls: type, cfg: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown config key(s) {unknown}; known: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where the frozen SeTok (and, from a Stage I export, its decoders) come from."""
+
+    tokenizer: Path
+    decoder: Path | None = None
+    mask_decoder: Path | None = None
+
+
+def resolve_tokenizer_source(path: str | os.PathLike[str]) -> TokenizerSource:
+    """A Stage I export dir (tokenizer/ + decoders) or a bare SeTok.save_pretrained dir."""
+    root = Path(path).resolve()
+    if (root / "tokenizer").is_dir():
+        dec, mask = root / "diffusion", root / "mask_decoder"
+        return TokenizerSource(
+            root / "tokenizer", dec if dec.is_dir() else None, mask if mask.is_dir() else None
+        )
+    if not root.is_dir():
+        raise FileNotFoundError(f"init_tokenizer: {root} is not a directory")
+    return TokenizerSource(root)
+
+
+def special_ids(tokenizer: Any, cfg: SeTokIMConfig) -> SpecialIds:
+    """The ids SeTokIM uses for packing (the same rule as `SeTokIM.__init__`)."""
+    from setokim.model.text_tokenizer import token_id
+
+    return SpecialIds(
+        img_start=token_id(tokenizer, cfg.img_start),
+        img_end=token_id(tokenizer, cfg.img_end),
+        pad=int(tokenizer.pad_token_id),
+        bos=tokenizer.bos_token_id,
+    )
+
+
+def text_tokenizer_for(cfg: SeTokIMConfig, path: str | os.PathLike[str] | None = None) -> Any:
+    """The text tokenizer (from `path`, `cfg.text_tokenizer_path`, or the tiny built one)
+    with SeTokIM's special tokens added — the stage collates with the model's own one."""
+    from transformers import AutoTokenizer
+
+    from setokim.model.setokim import SeTokIM
+    from setokim.model.text_tokenizer import add_special_tokens, build_text_tokenizer
+
+    path = path if path is not None else cfg.text_tokenizer_path
+    tok = AutoTokenizer.from_pretrained(str(path)) if path is not None else build_text_tokenizer()
+    add_special_tokens(tok, SeTokIM.special_token_strings(cfg))
+    return tok
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    if threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+
+
+def is_main() -> bool:
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---- data (shared with Stage III) --------------------------------------------------------------
+class MLLMBatches:
+    """Endless, resumable micro-batches of `SequenceLayout`s from one task view (or "mix").
+
+    Position p (micro-batches done on this rank) -> epoch p // per_epoch and the loader skips
+    (p % per_epoch) * micro_batch_size samples of it, as in the quickstart stage. `hook` may
+    rewrite a task-view batch before it becomes samples (Stage III's prompt formats).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        mode: str,
+        cfg: SeTokIMConfig,
+        tokenizer: Any,
+        hook: BatchHook | None = None,
+        max_text_tokens: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.data, self.mode, self.cfg = data, mode, cfg
+        self.tokenizer = tokenizer
+        self.ids = special_ids(tokenizer, cfg)
+        self.hook = hook
+        self.max_text_tokens = max_text_tokens
+
+    def layout(self, batch: dict[str, Any]) -> SequenceLayout:
+        """One task-view batch -> the model's collated input."""
+        from setokim.model.samples import batch_to_samples
+
+        if self.hook is not None:
+            batch = self.hook(batch)
+        samples = batch_to_samples(batch, self.mode, self.cfg.chat)
+        return collate_sequences(
+            samples, self.tokenizer, self.ids, max_text_tokens=self.max_text_tokens
+        )
+
+    def __call__(
+        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
+    ) -> Iterator[SequenceLayout]:
+        from setokim.data import make_loader
+
+        d = self.data
+
+        def loader(epoch: int, start_sample: int) -> Any:
+            return make_loader(
+                d.shard_dir, d.split, d.task, micro_batch_size, rank=rank,
+                world_size=world_size, num_workers=d.num_workers, seed=d.seed, epoch=epoch,
+                start_sample=start_sample, on_error=d.on_error, image_size=d.image_size,
+                shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, expand=d.expand, even=True,
+                mix_weights=d.mix_weights or None,
+            )  # fmt: skip
+
+        per_epoch = loader(0, 0).num_samples // micro_batch_size
+        if per_epoch == 0:
+            raise ValueError(
+                f"data: split {d.split!r} of {d.shard_dir} has fewer samples per rank than "
+                f"micro_batch_size={micro_batch_size}"
+            )
+        epoch, within = divmod(start_step, per_epoch)
+        while True:
+            it = iter(loader(d.epoch + epoch, within * micro_batch_size))
+            for _ in range(per_epoch - within):
+                yield self.layout(next(it))
+            epoch, within = epoch + 1, 0
+
+
+def prepare_data(
+    data: DataConfig, rank: int, *, generate: bool, train: int, image_size: int, seed: int
+) -> None:
+    """Generate Shapes World into data.shard_dir on rank 0 when it has no manifest."""
+    from setokim.stages.quickstart import ensure_dataset
+
+    shard_dir = Path(data.shard_dir)
+    if rank == 0 and not (shard_dir / "manifest.json").is_file():
+        if not generate:
+            raise FileNotFoundError(
+                f"data.shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
+            )
+        ensure_dataset(shard_dir, train=train, image_size=image_size, seed=seed)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def llm_layers(model: nn.Module) -> list[nn.Module]:
+    """The LLM's decoder layers: the FSDP2 units (adapters share their base layer's unit)."""
+    return list(model.llm.get_decoder().layers)  # type: ignore[union-attr, operator]
+
+
+def export_model(
+    stage: Any, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> Path:
+    """Rebuild `stage`'s model, load a trainer checkpoint step dir, `save_pretrained` it."""
+    from setokim.train.checkpoint import load_model_state
+
+    model = stage.build_model()
+    load_model_state(Path(checkpoint), model)
+    model.config = replace(model.config, **stage.export_fields())
+    return model.save_pretrained(out_dir)
+
+
+# ---- Stage II ----------------------------------------------------------------------------------
+@dataclass
+class Stage2Config:
+    """model: partial SeTokIMConfig (Hydra's `mllm` group); tokenizer: partial SeTokConfig
+    for the random tokenizer used when `init_tokenizer` is None; data: partial DataConfig.
+
+    init_tokenizer: a Stage I export dir or a SeTok.save_pretrained dir.
+    decoder_path / mask_decoder_path: Stage I decoders recorded in the export (default: the
+        ones next to `init_tokenizer` in a Stage I export); not loaded for training.
+    max_text_tokens: truncate each sample's text (None: no cap).
+    """
+
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_TOKENIZER))
+    init_tokenizer: str | None = None
+    decoder_path: str | None = None
+    mask_decoder_path: str | None = None
+    data: dict[str, Any] = field(default_factory=lambda: dict(_STAGE2_DATA))
+    max_text_tokens: int | None = None
+    cpu_threads: int | None = None
+    generate_if_missing: bool = True
+    generate_train: int = 256
+    generate_image_size: int = 64
+    generate_seed: int = 0
+
+
+class Stage2Stage:
+    """Stage protocol implementation (see setokim.train.stage.Stage)."""
+
+    name = "stage2"
+    mode = "pretrain"
+    data_defaults = _STAGE2_DATA
+
+    def __init__(self, cfg: Stage2Config) -> None:
+        from setok_tokenizer.setok import config_from_dict as setok_config
+
+        self.cfg = cfg
+        self.model_cfg = mllm_config(cfg.model, self.name)
+        self.model_cfg.lora = replace(self.model_cfg.lora, enabled=False)
+        self.source = (
+            resolve_tokenizer_source(cfg.init_tokenizer) if cfg.init_tokenizer else None
+        )
+        if self.source is None:
+            self.model_cfg.tokenizer = setok_config(deep_merge(_DEFAULT_TOKENIZER, cfg.tokenizer))
+        self.data_cfg = data_config(cfg.data, self.data_defaults, self.name)
+        self._tokenizer: Any = None
+
+    def text_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = text_tokenizer_for(self.model_cfg)
+        return self._tokenizer
+
+    def export_fields(self) -> dict[str, Any]:
+        """Config fields the exported model records (decoders for inference)."""
+        src = self.source
+        dec = self.cfg.decoder_path or (src.decoder if src else None)
+        mask = self.cfg.mask_decoder_path or (src.mask_decoder if src else None)
+        return {
+            "decoder_path": None if dec is None else str(Path(dec).resolve()),
+            "mask_decoder_path": None if mask is None else str(Path(mask).resolve()),
+        }
+
+    def build_model(self) -> nn.Module:
+        """SeTokIM with the frozen SeTok; decoders are left out (only the export names them)."""
+        from setok_tokenizer import SeTok
+
+        from setokim.model.lora import trainable_summary
+        from setokim.model.setokim import SeTokIM
+
+        set_cpu_threads(self.cfg.cpu_threads)
+        cfg = replace(self.model_cfg, decoder_path=None, mask_decoder_path=None)
+        if self.source is not None:
+            vision = SeTok.from_pretrained(self.source.tokenizer)
+            cfg = replace(cfg, tokenizer=vision.cfg, tokenizer_path=str(self.source.tokenizer))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                vision = SeTok.from_config(cfg.tokenizer)
+        model = SeTokIM.from_config(cfg, vision_tokenizer=vision, text_tokenizer=self.text_tokenizer())
+        if is_main():
+            print(f"{self.name}: {trainable_summary(model)}")
+        return model
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        return llm_layers(model)
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def batch_hook(self) -> BatchHook | None:
+        return None
+
+    def batches(
+        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
+    ) -> Iterator[SequenceLayout]:
+        c = self.cfg
+        prepare_data(
+            self.data_cfg, rank, generate=c.generate_if_missing, train=c.generate_train,
+            image_size=c.generate_image_size, seed=c.generate_seed,
+        )  # fmt: skip
+        source = MLLMBatches(
+            self.data_cfg,
+            self.mode,
+            self.model_cfg,
+            self.text_tokenizer(),
+            hook=self.batch_hook(),
+            max_text_tokens=c.max_text_tokens,
+        )
+        return source(rank, world_size, start_step, micro_batch_size)
+
+    def loss(self, model: nn.Module, batch: SequenceLayout) -> tuple[Tensor, dict[str, float]]:
+        from setokim.model.losses import stage_loss
+
+        loss, metrics = stage_loss(model, batch)
+        metrics.pop("loss", None)  # the loop logs the loss itself
+        return loss, metrics
+
+    def export(self, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+        """Trainer checkpoint step dir -> `SeTokIM.save_pretrained(out_dir)`."""
+        return export_model(self, checkpoint, out_dir)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": asdict(self.model_cfg),
+            "data": asdict(self.data_cfg),
+            **{k: v for k, v in asdict(self.cfg).items() if k not in ("model", "data")},
+        }
+
+
+def build(cfg: Mapping[str, Any]) -> Stage2Stage:
+    """Registry entry: unknown keys are an error naming them."""
+    check_keys(Stage2Config, cfg, "stage2 stage")
+    return Stage2Stage(Stage2Config(**dict(cfg)))
+
+
+__all__ = [
+    "MLLMBatches",
+    "Stage2Config",
+    "Stage2Stage",
+    "TokenizerSource",
+    "build",
+    "data_config",
+    "deep_merge",
+    "export_model",
+    "llm_layers",
+    "mllm_config",
+    "prepare_data",
+    "resolve_tokenizer_source",
+    "text_tokenizer_for",
+]

@@ -1,0 +1,245 @@
+"""Stage III: LoRA instruction tuning of SeTokIM (paper Section 2.2, Table 7).
+
+The same objective as Stage II (`stage_loss`), but the samples are chats rendered with the
+model's template and only assistant answers carry labels ("instruct" mode of
+`batch_to_samples`); edited images in answers keep their regression targets. peft LoRA
+adapters are injected into the LLM's projections and only they (plus `lora.train_heads`)
+train. Data: a per-batch mix of vqa, pope, rec, reasonseg, chat and edit.
+
+Initialisation: `init_from` is a Stage II `SeTokIM.save_pretrained` dir (its text tokenizer,
+SeTok and decoder paths come with it); None builds a seeded random tiny model (tests). The
+export records `lora.enabled=True`, so `SeTokIM.from_pretrained` re-injects the adapters
+before loading their weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from setokim.model.config import LoRAConfig
+from setokim.model.packing import SequenceLayout
+from setokim.stages.stage2 import (
+    _DEFAULT_TOKENIZER,
+    BatchHook,
+    MLLMBatches,
+    check_keys,
+    data_config,
+    export_model,
+    is_main,
+    llm_layers,
+    mllm_config,
+    prepare_data,
+    resolve_tokenizer_source,
+    set_cpu_threads,
+    text_tokenizer_for,
+)
+
+_STAGE3_DATA: dict[str, Any] = {
+    "shard_dir": "data/shapes_world_setokim",
+    "task": "mix",
+    "mix_weights": {
+        "vqa": 1.0,
+        "pope": 1.0,
+        "rec": 1.0,
+        "reasonseg": 1.0,
+        "chat": 1.0,
+        "edit": 1.0,
+    },
+}
+
+
+@dataclass
+class Stage3Config:
+    """init_from: a Stage II export (None: a random tiny model from `model`/`tokenizer`,
+    or with the SeTok of `init_tokenizer`). lora: partial LoRAConfig (rank, alpha, dropout,
+    target_modules, train_heads) over `model.lora`. data: partial DataConfig.
+
+    question_suffix: appended to vqa/pope questions (LLaVA-1.5 trains its short-answer VQA
+        data with "\\nAnswer the question using a single word or phrase.").
+    caption_prompt: when set, caption batches become QA pairs with this prompt instead of
+        `samples.CAPTION_PROMPT` (so training matches an eval suite's prompt).
+    """
+
+    init_from: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_TOKENIZER))
+    init_tokenizer: str | None = None
+    lora: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=lambda: dict(_STAGE3_DATA))
+    question_suffix: str = ""
+    caption_prompt: str | None = None
+    max_text_tokens: int | None = None
+    cpu_threads: int | None = None
+    generate_if_missing: bool = True
+    generate_train: int = 256
+    generate_image_size: int = 64
+    generate_seed: int = 0
+
+
+def lora_config(spec: Mapping[str, Any], base: LoRAConfig) -> LoRAConfig:
+    """A partial LoRAConfig mapping over `base`; always enabled (this is the LoRA stage)."""
+    known = {f.name for f in fields(LoRAConfig)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"stage3: unknown lora key(s) {unknown}; known: {sorted(known)}")
+    merged = {**asdict(base), **dict(spec), "enabled": True}
+    merged["target_modules"] = list(merged["target_modules"])
+    merged["train_heads"] = list(merged["train_heads"])
+    return LoRAConfig(**merged)
+
+
+class Stage3Stage:
+    """Stage protocol implementation (see setokim.train.stage.Stage)."""
+
+    name = "stage3"
+    mode = "instruct"
+
+    def __init__(self, cfg: Stage3Config) -> None:
+        from setok_tokenizer.setok import config_from_dict as setok_config
+
+        from setokim.model.setokim import config_from_dict
+
+        self.cfg = cfg
+        if cfg.init_from is not None:
+            path = Path(cfg.init_from)
+            if not (path / "setokim_config.json").is_file():
+                raise FileNotFoundError(
+                    f"stage3: init_from {str(path)!r} is not a SeTokIM.save_pretrained dir "
+                    "(no setokim_config.json)"
+                )
+            import json
+
+            raw = json.loads((path / "setokim_config.json").read_text(encoding="utf-8"))
+            raw.pop("llm_config", None)
+            base = config_from_dict(raw)
+        else:
+            base = mllm_config(cfg.model, self.name)
+            if cfg.init_tokenizer is None:
+                from setokim.stages.stage2 import deep_merge
+
+                base.tokenizer = setok_config(deep_merge(_DEFAULT_TOKENIZER, cfg.tokenizer))
+        lora_spec = {**dict(cfg.model.get("lora") or {}), **cfg.lora}
+        self.model_cfg = replace(base, lora=lora_config(lora_spec, base.lora))
+        self.data_cfg = data_config(cfg.data, _STAGE3_DATA, self.name)
+        self._tokenizer: Any = None
+
+    def text_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            path = None if self.cfg.init_from is None else Path(self.cfg.init_from) / "text_tokenizer"
+            self._tokenizer = text_tokenizer_for(self.model_cfg, path)
+        return self._tokenizer
+
+    def export_fields(self) -> dict[str, Any]:
+        return {"lora": self.model_cfg.lora}
+
+    def build_model(self) -> nn.Module:
+        """The Stage II model (or a random tiny one) with LoRA injected; all else frozen."""
+        from setokim.model.lora import adapter_dtype, apply_lora, trainable_summary
+        from setokim.model.setokim import SeTokIM
+
+        set_cpu_threads(self.cfg.cpu_threads)
+        lora = self.model_cfg.lora
+        if self.cfg.init_from is not None:
+            # Decoders are inference-only: Identity placeholders keep from_pretrained from
+            # loading them (and their weights out of training checkpoints); the config keeps
+            # their paths for the export.
+            model = SeTokIM.from_pretrained(
+                self.cfg.init_from,
+                text_tokenizer=self.text_tokenizer(),
+                image_decoder=nn.Identity(),
+                mask_decoder=nn.Identity(),
+            )
+            model.image_decoder = model.mask_decoder = None
+        else:
+            cfg = replace(self.model_cfg, lora=replace(lora, enabled=False))
+            vision = None
+            if self.cfg.init_tokenizer is not None:
+                from setok_tokenizer import SeTok
+
+                src = resolve_tokenizer_source(self.cfg.init_tokenizer)
+                vision = SeTok.from_pretrained(src.tokenizer)
+                cfg = replace(cfg, tokenizer=vision.cfg, tokenizer_path=str(src.tokenizer))
+            model = SeTokIM.from_config(
+                cfg, vision_tokenizer=vision, text_tokenizer=self.text_tokenizer()
+            )
+        apply_lora(model, lora)
+        adapter_dtype(model)
+        model.config = replace(model.config, lora=lora)
+        if is_main():
+            print(f"{self.name}: {trainable_summary(model)}")
+        return model
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        return llm_layers(model)
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def batch_hook(self) -> BatchHook | None:
+        suffix, prompt = self.cfg.question_suffix, self.cfg.caption_prompt
+        if not suffix and prompt is None:
+            return None
+
+        def hook(batch: dict[str, Any]) -> dict[str, Any]:
+            task = batch["task"]
+            if suffix and task in ("vqa", "pope"):
+                return {**batch, "questions": [q + suffix for q in batch["questions"]]}
+            if prompt is not None and task == "caption":
+                n = len(batch["captions"])
+                return {**batch, "task": "vqa", "questions": [prompt] * n,
+                        "answers": list(batch["captions"])}  # fmt: skip
+            return batch
+
+        return hook
+
+    def batches(
+        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
+    ) -> Iterator[SequenceLayout]:
+        c = self.cfg
+        prepare_data(
+            self.data_cfg, rank, generate=c.generate_if_missing, train=c.generate_train,
+            image_size=c.generate_image_size, seed=c.generate_seed,
+        )  # fmt: skip
+        source = MLLMBatches(
+            self.data_cfg,
+            self.mode,
+            self.model_cfg,
+            self.text_tokenizer(),
+            hook=self.batch_hook(),
+            max_text_tokens=c.max_text_tokens,
+        )
+        return source(rank, world_size, start_step, micro_batch_size)
+
+    def loss(self, model: nn.Module, batch: SequenceLayout) -> tuple[Tensor, dict[str, float]]:
+        from setokim.model.losses import stage_loss
+
+        loss, metrics = stage_loss(model, batch)
+        metrics.pop("loss", None)
+        return loss, metrics
+
+    def export(self, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+        """Trainer checkpoint step dir -> `SeTokIM.save_pretrained(out_dir)` with adapters."""
+        return export_model(self, checkpoint, out_dir)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": asdict(self.model_cfg),
+            "data": asdict(self.data_cfg),
+            **{k: v for k, v in asdict(self.cfg).items() if k not in ("model", "data")},
+        }
+
+
+def build(cfg: Mapping[str, Any]) -> Stage3Stage:
+    """Registry entry: unknown keys are an error naming them."""
+    check_keys(Stage3Config, cfg, "stage3 stage")
+    return Stage3Stage(Stage3Config(**dict(cfg)))
+
+
+__all__ = ["Stage3Config", "Stage3Stage", "build", "lora_config"]

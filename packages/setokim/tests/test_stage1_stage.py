@@ -1,0 +1,211 @@
+"""Stage I (setokim.stages.stage1): sub-phases, frozen modules, losses, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from setokim.stages.stage1 import (
+    build,
+    export_parts,
+    load_parts,
+    load_stage1_checkpoint,
+)
+from setokim.train import TrainerConfig, train
+
+# 32 px images, a 4x4 grid; 16 px decoder with cross-attention at 8x8: fast on one CPU core.
+TINY_DECODER: dict[str, Any] = {
+    "diffusion": {
+        "image_size": 16,
+        "unet": {
+            "sample_size": 16,
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": [16, 32],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": 32,
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "attention_head_dim": 8,
+        },
+        "mapper": {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                   "intermediate_size": 64},
+        "cond_dropout": 0.0,
+        "num_inference_steps": 3,
+    },
+    "mask": {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "mask_scale": 2},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stage1") / "shapes"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(data_dir: Path, **kw: Any) -> dict[str, Any]:
+    return {
+        "tokenizer": {"encoder": {"image_size": 32}, "clustering": {"max_clusters": 4}},
+        "decoder": TINY_DECODER,
+        "data": {"shard_dir": str(data_dir), "image_size": 32},
+        "generate_train": 16,
+        "generate_image_size": 32,
+        "cpu_threads": 1,
+        **kw,
+    }
+
+
+def _stage(data_dir: Path, **kw: Any):
+    return build(_params(data_dir, **kw))
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def _eval_loss(stage, model, batch, seed: int = 123) -> tuple[float, dict[str, float]]:
+    torch.manual_seed(seed)  # same noise and timesteps before and after training
+    with torch.no_grad():
+        loss, metrics = stage.loss(model, batch)
+    return float(loss), metrics
+
+
+def _fit(stage, model, batch, steps: int, lr: float) -> None:
+    opt = torch.optim.AdamW(stage.trainable(model), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        torch.manual_seed(step)
+        loss, _ = stage.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_subphase1_trains_merger_mapper_cross_kv_only(data_dir: Path, capsys) -> None:
+    stage = _stage(data_dir, decoder={**TINY_DECODER})
+    model = stage.build_model()
+    assert "Stage I sub-phase 1: trainable parameters" in capsys.readouterr().out
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("setok.merger.") for n in names)
+    assert any(n.startswith("diffusion.mapper.") for n in names)
+    unet = [n for n in names if n.startswith("diffusion.unet.")]
+    assert unet and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in unet)
+    assert not any(n.startswith(("setok.encoder.", "mask_decoder.")) for n in names)
+
+    batch = next(stage.batches(0, 1, 0, 2))
+    assert batch["subphase"] == 1 and batch["pixels"].shape == (2, 3, 32, 32)
+    before = _snapshot(model)
+    first, metrics = _eval_loss(stage, model, batch)
+    assert set(metrics) == {"diffusion", "subphase"}
+    _fit(stage, model, batch, steps=8, lr=2e-2)
+    after = _snapshot(model)
+    last, _ = _eval_loss(stage, model, batch)
+    assert last < first
+    for name, value in before.items():
+        changed = not torch.equal(value, after[name])
+        if name in names:
+            continue
+        assert not changed, f"frozen parameter {name} moved"
+    assert any(not torch.equal(before[n], after[n]) for n in names if ".attn2.to_k." in n)
+    assert any(not torch.equal(before[n], after[n]) for n in names if "merger" in n)
+
+
+def test_subphase2_adds_mask_decoder_and_its_losses_fall(data_dir: Path) -> None:
+    stage = _stage(data_dir, subphase=2)
+    model = stage.build_model()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("mask_decoder.") for n in names)
+    assert any(n.startswith("setok.encoder.") for n in names)
+    batch = next(stage.batches(0, 1, 0, 2))
+    assert batch["subphase"] == 2
+    _, m0 = _eval_loss(stage, model, batch)
+    assert {"mask", "kl", "bce", "dice", "diffusion"} <= set(m0)
+    _fit(stage, model, batch, steps=8, lr=1e-2)
+    _, m1 = _eval_loss(stage, model, batch)
+    for key in ("kl", "bce", "dice", "mask", "diffusion"):
+        assert m1[key] < m0[key], (key, m0[key], m1[key])
+
+
+def test_kl_alone_reaches_the_encoder_through_hard_masks(data_dir: Path) -> None:
+    stage = _stage(data_dir, subphase=2, diffusion_weight=0.0, bce_weight=0.0, dice_weight=0.0)
+    model = stage.build_model()
+    assert model.setok.cfg.clustering.assignment == "hard"
+    batch = next(stage.batches(0, 1, 0, 4))
+    loss, metrics = stage.loss(model, batch)
+    assert metrics["kl"] > 0
+    loss.backward()
+    grads = [p.grad for p in model.setok.encoder.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_combined_run_tags_batches_and_gates_the_encoder(data_dir: Path) -> None:
+    stage = _stage(data_dir, subphase=2, subphase1_batches=3)
+    assert [stage.subphase_at(p) for p in range(5)] == [1, 1, 1, 2, 2]
+    tags = [b["subphase"] for _, b in zip(range(5), stage.batches(0, 1, 1, 4), strict=False)]
+    assert tags == [1, 1, 2, 2, 2]  # resumed at position 1
+    model = stage.build_model()
+    batch = next(stage.batches(0, 1, 0, 4))
+    loss, metrics = stage.loss(model, batch)
+    assert "mask" not in metrics
+    loss.backward()
+    assert all(p.grad is None for p in model.setok.encoder.parameters())
+    assert all(p.grad is None for p in model.mask_decoder.parameters())
+    assert any(p.grad is not None for p in model.setok.merger.parameters())
+
+
+def test_checkpoint_init_from_export_and_load(data_dir: Path, tmp_path: Path) -> None:
+    stage = _stage(data_dir)
+    cfg = TrainerConfig(max_steps=2, micro_batch_size=2, lr=1e-2, progress=False, log_every=1)
+    result = train(stage, cfg, tmp_path / "run1")
+    assert result.checkpoint is not None and result.step == 2
+    _, loaded = load_stage1_checkpoint(tmp_path / "run1")
+    fresh = stage.build_model()
+    trained = {k: v for k, v in loaded.state_dict().items()}
+    moved = [k for k, v in fresh.state_dict().items() if not torch.equal(v, trained[k])]
+    assert moved and all(k.startswith(("setok.merger.", "diffusion.")) for k in moved)
+
+    phase2 = _stage(data_dir, subphase=2, init_from=str(result.checkpoint))
+    model2 = phase2.build_model()
+    for key, value in model2.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+    export_parts(loaded, tmp_path / "parts")
+    back = load_parts(tmp_path / "parts")
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+    pixels = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(0)
+    a = loaded(pixels)["diffusion"]
+    torch.manual_seed(0)
+    b = back(pixels)["diffusion"]
+    assert torch.equal(a, b)
+
+
+def test_bad_configs_name_the_key(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="subphase"):
+        _stage(data_dir, subphase=3)
+    with pytest.raises(ValueError, match="subphase1_batches"):
+        _stage(data_dir, subphase1_batches=2)
+    with pytest.raises(ValueError, match="unknown config key"):
+        build({**_params(data_dir), "lr": 1.0})
+    with pytest.raises(ValueError, match="init_from"):
+        _stage(data_dir, init_from=str(data_dir / "nope"))
+    with pytest.raises(ValueError, match="decoder"):
+        _stage(data_dir, decoder={"vae": {}})
+    bad = {**TINY_DECODER, "mask": {**TINY_DECODER["mask"], "token_dim": 7}}
+    with pytest.raises(ValueError, match="decoder.mask"):
+        _stage(data_dir, decoder=bad).build_model()
+    stage = _stage(data_dir, subphase=2)
+    model = stage.build_model()
+    batch = next(stage.batches(0, 1, 0, 2))
+    with pytest.raises(ValueError, match="object_masks"):
+        stage.loss(model, {**batch, "object_masks": None})
