@@ -111,7 +111,11 @@ def peak_memory_mib(stage_cfg: dict, steps: int, mb: int, ac: bool) -> float:
 
 def _memory_probe(spec: str) -> None:
     args = json.loads(spec)
-    trainer_loop(args["stage"], 1, args["mb"], 1e-3, 1.0)  # imports and one-off buffers
+    # Import what a run imports (AdamW pulls in dynamo), but allocate nothing big: memory
+    # freed by a warm-up run would stay in the heap and hide this run's growth.
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.ones(4)
+    torch.optim.AdamW([p]).step()
     base = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
     trainer_loop(args["stage"], args["steps"], args["mb"], 1e-3, 1.0,

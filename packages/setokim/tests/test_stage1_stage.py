@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from setokim.stages.stage1 import (
     build,
     export_parts,
@@ -14,6 +15,7 @@ from setokim.stages.stage1 import (
     load_stage1_checkpoint,
 )
 from setokim.train import TrainerConfig, train
+from setokim.train.rng import seed_all
 
 # 32 px images, a 4x4 grid; 16 px decoder with cross-attention at 8x8: fast on one CPU core.
 TINY_DECODER: dict[str, Any] = {
@@ -168,6 +170,7 @@ def test_checkpoint_init_from_export_and_load(data_dir: Path, tmp_path: Path) ->
     result = train(stage, cfg, tmp_path / "run1")
     assert result.checkpoint is not None and result.step == 2
     _, loaded = load_stage1_checkpoint(tmp_path / "run1")
+    seed_all(cfg.seed)  # the loop's initialisation
     fresh = stage.build_model()
     trained = {k: v for k, v in loaded.state_dict().items()}
     moved = [k for k, v in fresh.state_dict().items() if not torch.equal(v, trained[k])]

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from setokim.model.setokim import SeTokIM
 from setokim.stages import build_stage
 from setokim.stages.pipeline import RECORD, run_pipeline

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from setokim.model.setokim import SeTokIM
 from setokim.stages import build_stage
 

@@ -12,6 +12,7 @@ gradients; the masks are differentiable in `x` through the alpha kernel.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,7 @@ def check_scores(score: Tensor, valid: Tensor, name: str = "score") -> None:
 
 
 def check_int(value: object, name: str, minimum: int) -> int:
+    """value must be a plain int >= minimum (bools are rejected)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
@@ -143,7 +145,7 @@ def _lane_width(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _rowwise(fn, z: Tensor) -> Tensor:
+def _rowwise(fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     """fn(z) for an element-wise transcendental fn, computed the same way for every element.
 
     Vectorised kernels finish a buffer's last few elements with a scalar routine that may

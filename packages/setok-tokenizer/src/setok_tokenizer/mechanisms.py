@@ -43,7 +43,7 @@ def threshold_clustering(
     on ties; never more than the image's valid tokens); each valid token joins its nearest
     centre (lowest slot on ties, a centre always its own). Hard masks, K = max_clusters.
     """
-    valid, _ = check_features(x, valid)
+    valid, has_padding = check_features(x, valid)
     check_scores(score, valid)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
@@ -62,7 +62,7 @@ def threshold_clustering(
         slots = min(max_clusters, n)
         centres = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :slots]
         slot_ok = torch.arange(slots, device=device)[None, :] < count[:, None]
-        xf = torch.where(valid[:, :, None], x.float(), 0.0)
+        xf = torch.where(valid[:, :, None], x.float(), 0.0) if has_padding else x.float()
         dist = sq_dists_to(xf, centres).masked_fill_(~slot_ok[:, :, None], math.inf)
         owner = dist.argmin(dim=1)  # (B, N), first slot on ties
         own_slot = torch.arange(slots, device=device).expand(b, slots)

@@ -17,6 +17,7 @@ StageFactory = Callable[[Mapping[str, Any]], Stage]
 _REGISTRY: dict[str, str | StageFactory] = {
     "toy": "setokim.stages.toy:build",
     "quickstart": "setokim.stages.quickstart:build",
+    "stage1": "setokim.stages.stage1:build",
     "stage2": "setokim.stages.stage2:build",
     "stage3": "setokim.stages.stage3:build",
     "pipeline": "setokim.stages.pipeline:build",  # not a Stage: a launcher calls .run

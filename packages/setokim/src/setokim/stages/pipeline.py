@@ -65,7 +65,9 @@ class PipelineResult:
         return None
 
 
-def trainer_config(spec: TrainerConfig | Mapping[str, Any], base: Mapping[str, Any]) -> TrainerConfig:
+def trainer_config(
+    spec: TrainerConfig | Mapping[str, Any], base: Mapping[str, Any]
+) -> TrainerConfig:
     """A TrainerConfig, or a partial mapping over `base` (the pipeline's trainer defaults)."""
     if isinstance(spec, TrainerConfig):
         return spec
@@ -138,7 +140,9 @@ def run_pipeline(
     if not steps:
         raise ValueError("steps: the pipeline is empty")
     if len(set(names)) != len(names):
-        raise ValueError(f"steps: stage names must be unique (each gets run_dir/<name>), got {names}")
+        raise ValueError(
+            f"steps: stage names must be unique (each gets run_dir/<name>), got {names}"
+        )
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     base = dict(trainer_defaults or {})
@@ -172,7 +176,9 @@ def run_pipeline(
         else:
             if out.checkpoint is None:
                 raise RuntimeError(f"step {name!r}: training left no checkpoint to export")
-            export = export_step(stage, name, step_dir / "train", out.checkpoint, step_dir / "export")
+            export = export_step(
+                stage, name, step_dir / "train", out.checkpoint, step_dir / "export"
+            )
             rec = StepRecord(
                 name=name,
                 step=out.step,
@@ -261,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--config {args.config}: expected a mapping with `steps`")
     pipeline = build(spec)
     res = run_pipeline(
-        pipeline.steps, args.run_dir, WandbConfig(mode=args.wandb), trainer_defaults=pipeline.trainer
+        pipeline.steps,
+        args.run_dir,
+        WandbConfig(mode=args.wandb),
+        trainer_defaults=pipeline.trainer,
     )
     for rec in res.steps:
         print(json.dumps(asdict(rec)))

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from setok_decoders import (
     DiffusionDecoder,
     DiffusionDecoderConfig,
@@ -41,8 +43,6 @@ from setok_decoders import (
 from setok_decoders.config import config_from_dict as decoder_config_from_dict
 from setok_tokenizer import SeTok, SeTokConfig
 from setok_tokenizer.setok import config_from_dict as setok_config_from_dict
-from torch import Tensor, nn
-
 from setokim.data.config import DataConfig
 from setokim.stages.quickstart import ensure_dataset
 
@@ -95,7 +95,9 @@ class Stage1Config:
         if self.subphase not in SUBPHASES:
             raise ValueError(f"stage1: subphase must be one of {SUBPHASES}, got {self.subphase!r}")
         if self.subphase1_batches < 0:
-            raise ValueError(f"stage1: subphase1_batches must be >= 0, got {self.subphase1_batches}")
+            raise ValueError(
+                f"stage1: subphase1_batches must be >= 0, got {self.subphase1_batches}"
+            )
         if self.subphase == 1 and self.subphase1_batches:
             raise ValueError("stage1: subphase1_batches needs subphase=2")
         weights = ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight")

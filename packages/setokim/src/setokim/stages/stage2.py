@@ -287,9 +287,7 @@ class Stage2Stage:
         self.cfg = cfg
         self.model_cfg = mllm_config(cfg.model, self.name)
         self.model_cfg.lora = replace(self.model_cfg.lora, enabled=False)
-        self.source = (
-            resolve_tokenizer_source(cfg.init_tokenizer) if cfg.init_tokenizer else None
-        )
+        self.source = resolve_tokenizer_source(cfg.init_tokenizer) if cfg.init_tokenizer else None
         if self.source is None:
             self.model_cfg.tokenizer = setok_config(deep_merge(_DEFAULT_TOKENIZER, cfg.tokenizer))
         self.data_cfg = data_config(cfg.data, self.data_defaults, self.name)
@@ -313,7 +311,6 @@ class Stage2Stage:
     def build_model(self) -> nn.Module:
         """SeTokIM with the frozen SeTok; decoders are left out (only the export names them)."""
         from setok_tokenizer import SeTok
-
         from setokim.model.lora import trainable_summary
         from setokim.model.setokim import SeTokIM
 
@@ -326,7 +323,9 @@ class Stage2Stage:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 vision = SeTok.from_config(cfg.tokenizer)
-        model = SeTokIM.from_config(cfg, vision_tokenizer=vision, text_tokenizer=self.text_tokenizer())
+        model = SeTokIM.from_config(
+            cfg, vision_tokenizer=vision, text_tokenizer=self.text_tokenizer()
+        )
         if is_main():
             print(f"{self.name}: {trainable_summary(model)}")
         return model

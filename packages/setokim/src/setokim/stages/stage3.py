@@ -102,7 +102,6 @@ class Stage3Stage:
 
     def __init__(self, cfg: Stage3Config) -> None:
         from setok_tokenizer.setok import config_from_dict as setok_config
-
         from setokim.model.setokim import config_from_dict
 
         self.cfg = cfg
@@ -131,7 +130,9 @@ class Stage3Stage:
 
     def text_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            path = None if self.cfg.init_from is None else Path(self.cfg.init_from) / "text_tokenizer"
+            path = (
+                None if self.cfg.init_from is None else Path(self.cfg.init_from) / "text_tokenizer"
+            )
             self._tokenizer = text_tokenizer_for(self.model_cfg, path)
         return self._tokenizer
 

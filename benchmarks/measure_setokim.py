@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""SeTokIM on Shapes World: run (or reuse) the Stage I -> II -> III pipeline of
+`+exp=setokim_shapes`, then evaluate the Stage III export with the eval suite.
+
+Measured: VQA accuracy vs the blind (question-only) baseline of the dataset card, caption
+CIDEr-D, REC Acc@0.5, ReasonSeg gIoU, editing L1, visual tokens per image of SeTok vs the
+`patch` mechanism (same trained encoder and merger, clustering.mechanism=patch), and the
+LLM's prefill FLOPs per VQA sample for both (setok_eval.metrics.flops; also for a
+Vicuna-7B-sized LLM with the same token counts). Prints a table and a final JSON line.
+
+    uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim
+    uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim --eval-limit 16
+
+A finished pipeline in --run-dir is reused (each stage is skipped once done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ["shapes_vqa", "shapes_caption", "shapes_rec", "shapes_reasonseg", "shapes_edit"]
+VICUNA_7B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+}
+
+
+def compose(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """The experiment config (validated) and its resolved pipeline spec."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from omegaconf import OmegaConf
+
+    from setok_experiments.compose import compose_experiment, validate
+    from setokim.stages import available_stages, register_stage
+
+    if "stage1" not in available_stages():  # until the registry lists it
+        register_stage("stage1", "setokim.stages.stage1:build")
+    cfg = compose_experiment("setokim_shapes", [f"run_root={run_dir}", *overrides])
+    obj = validate(cfg)
+    params = OmegaConf.to_container(cfg.stage.params, resolve=True)
+    return obj, params  # type: ignore[return-value]
+
+
+def blind_from_card(shard_dir: Path, docs: list[dict[str, Any]]) -> dict[str, float]:
+    """Question-only baselines: the card's figure for the test split, and the card's train
+    majority answer per question type scored on exactly the evaluated documents."""
+    from setokim.data.card import vqa_accuracy
+
+    card = json.loads((shard_dir / "dataset_card.json").read_text(encoding="utf-8"))
+    per = card["blind_baseline"]["test"]
+    n = sum(v["n"] for v in per.values())
+    full = sum(v["by_type"] * v["n"] for v in per.values()) / n
+    full_q = sum(v["by_question"] * v["n"] for v in per.values()) / n
+    majority = {
+        qtype: Counter(answers).most_common(1)[0][0]
+        for qtype, answers in card["splits"]["train"]["vqa_answers"].items()
+    }
+    scored = [vqa_accuracy(majority.get(d["question_type"], ""), d["answers"]) for d in docs]
+    return {
+        "blind_by_type_test": full,
+        "blind_by_question_test": full_q,
+        "blind_by_type_evaluated": sum(scored) / max(len(scored), 1),
+    }
+
+
+def token_budget(model: Any, docs: list[dict[str, Any]], data_root: Path) -> dict[str, Any]:
+    """Visual tokens per image (SeTok vs patch) and LLM prefill FLOPs per VQA sample."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from setok_eval.metrics.flops import prefill_flops_per_sample
+    from setok_tokenizer import SeTok
+    from setokim.model.inference import Generator
+
+    setok = model.vision_tokenizer
+    patch = SeTok.from_config(
+        replace(setok.cfg, clustering=replace(setok.cfg.clustering, mechanism="patch"))
+    )
+    patch.load_state_dict(setok.state_dict())
+    patch.eval()
+    eval_dir = data_root / "data" / "eval"
+    keys = sorted({d["image"] for d in docs})
+    size = setok.cfg.encoder.image_size
+    images = [
+        torch.from_numpy(
+            np.asarray(Image.open(eval_dir / k).convert("RGB").resize((size, size)))
+        ).permute(2, 0, 1).float() / 255.0
+        for k in keys
+    ]  # fmt: skip
+    pixels = torch.stack(images)
+    with torch.no_grad():
+        n_setok = setok(setok.preprocess(pixels)).num_tokens.float()
+        n_patch = patch(patch.preprocess(pixels)).num_tokens.float()
+    per_image = dict(zip(keys, n_setok.tolist(), strict=True))
+    gen = Generator(model)
+    prompt = "{question}\nAnswer the question using a single word or phrase."
+    samples = [
+        gen.prompt_sample([images[keys.index(d["image"])]], prompt.format(**d)) for d in docs
+    ]
+    layout = model.collate(samples)
+    text = [int(t) for t in layout.text_len]
+    vis = [int(per_image[d["image"]]) for d in docs]
+    n_p = int(n_patch[0])
+    llm = model.llm.config.to_dict()
+    f_setok = prefill_flops_per_sample(llm, text, vis, causal=True)
+    f_patch = prefill_flops_per_sample(llm, text, n_p, causal=True)
+    v_setok = prefill_flops_per_sample(VICUNA_7B, text, vis, causal=True)
+    v_patch = prefill_flops_per_sample(VICUNA_7B, text, n_p, causal=True)
+    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    return {
+        "images": len(keys),
+        "tokens_setok_mean": float(n_setok.mean()),
+        "tokens_setok_min": int(n_setok.min()),
+        "tokens_setok_max": int(n_setok.max()),
+        "tokens_patch": n_p,
+        "text_tokens_mean": mean(text),
+        "flops_setok": mean(f_setok),
+        "flops_patch": mean(f_patch),
+        "flops_ratio": mean(f_setok) / mean(f_patch),
+        "vicuna7b_flops_setok": mean(v_setok),
+        "vicuna7b_flops_patch": mean(v_patch),
+        "vicuna7b_flops_ratio": mean(v_setok) / mean(v_patch),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/measure_setokim"))
+    parser.add_argument("--train-images", type=int, default=512)
+    parser.add_argument("--test-images", type=int, default=32, help="test split size")
+    parser.add_argument("--eval-limit", type=int, default=24, help="documents per task")
+    parser.add_argument("--edit-steps", type=int, default=10, help="diffusion steps for edit")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
+    args = parser.parse_args()
+    from setok_eval.runner import run_eval
+    from setokim.data import generate_dataset
+    from setokim.data.eval_export import export_eval_data, shapes_tasks
+    from setokim.model.eval_adapter import SeTokIMAdapter
+    from setokim.stages.pipeline import run_pipeline
+
+    run_dir = args.run_dir.resolve()
+    exp, spec = compose(run_dir, args.overrides)
+    shard_dir = Path(exp.data.shard_dir)
+    if not (shard_dir / "manifest.json").is_file():
+        generate_dataset(
+            shard_dir, train=args.train_images, val=8, test=args.test_images,
+            image_size=exp.data.image_size or 64, seed=0, progress=True,
+        )  # fmt: skip
+
+    t0 = time.perf_counter()
+    steps = [(s["name"], s.get("params") or {}, s.get("trainer") or {}) for s in spec["steps"]]
+    pipe = run_pipeline(steps, run_dir / "pipeline", trainer_defaults=spec["trainer"])
+    train_s = time.perf_counter() - t0
+    if pipe.preempted:
+        print("pipeline preempted; rerun to continue")
+        return 3
+    export = pipe.export("stage3")
+    assert export is not None, "stage3 left no export"
+
+    t1 = time.perf_counter()
+    data_root = run_dir / "eval_data"
+    export_eval_data(shard_dir, "test", data_root)
+    tasks = shapes_tasks(ROOT / "eval_suite" / "tasks", data_root, TASKS)
+    tasks = [
+        replace(t, generation={**t.generation, "num_inference_steps": args.edit_steps})
+        if t.name == "shapes_edit"
+        else t
+        for t in tasks
+    ]
+    adapter = SeTokIMAdapter.from_pretrained(export, batch_size=args.batch_size)
+    results = run_eval(
+        adapter, tasks, run_dir / "eval", data_root=data_root, batch_size=args.batch_size,
+        limit=args.eval_limit, n_resamples=200, progress=True,
+    )  # fmt: skip
+    eval_s = time.perf_counter() - t1
+    assert results is not None
+    docs = [
+        json.loads(line)
+        for line in (data_root / "data" / "eval" / "shapes_vqa.jsonl").read_text().splitlines()
+    ][: args.eval_limit]
+    blind = blind_from_card(shard_dir, docs)
+    budget = token_budget(adapter.model, docs, data_root)
+
+    def score(task: str, metric: str) -> float:
+        return float(results["tasks"][task]["metrics"][metric]["value"])
+
+    figures = {
+        "vqa_accuracy": score("shapes_vqa", "vqa_accuracy"),
+        **blind,
+        "caption_cider_d": score("shapes_caption", "cider_d"),
+        "rec_acc_at_0.5": score("shapes_rec", "rec_accuracy"),
+        "reasonseg_giou": score("shapes_reasonseg", "giou"),
+        "edit_l1": score("shapes_edit", "l1"),
+        **budget,
+    }
+    losses = {
+        r.name: {"step": r.step, "last_loss": r.last_loss, "skipped": r.skipped} for r in pipe.steps
+    }
+    print("\nSeTokIM on Shapes World (tiny CPU pipeline; eval on the first "
+          f"{args.eval_limit} documents per task of a {args.test_images}-image test split)")  # fmt: skip
+    print(f"{'figure':32s} value")
+    for key, value in figures.items():
+        print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
+    print(
+        f"{'visual tokens setok/patch':32s} {budget['tokens_setok_mean'] / budget['tokens_patch']:.3f}"
+    )
+    print(f"{'train seconds':32s} {train_s:.1f}   eval seconds {eval_s:.1f}")
+    print(json.dumps({
+        "benchmark": "measure_setokim", "run_dir": str(run_dir), "stages": losses,
+        "eval_limit": args.eval_limit, "test_images": args.test_images,
+        "edit_steps": args.edit_steps, "train_s": train_s, "eval_s": eval_s, **figures,
+    }))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
