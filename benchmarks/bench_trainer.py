@@ -105,6 +105,8 @@ def peak_memory_mib(stage_cfg: dict, steps: int, mb: int, ac: bool) -> float:
     proc = subprocess.run(
         [sys.executable, __file__, "--memory-probe", probe],
         capture_output=True, text=True, check=True,
+        # every big buffer mmapped, so freed memory leaves RSS and the peak is the real one
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )  # fmt: skip
     return float(proc.stdout.strip().splitlines()[-1])
 

@@ -96,7 +96,7 @@ def token_budget(model: Any, docs: list[dict[str, Any]], data_root: Path) -> dic
     size = setok.cfg.encoder.image_size
     images = [
         torch.from_numpy(
-            np.asarray(Image.open(eval_dir / k).convert("RGB").resize((size, size)))
+            np.array(Image.open(eval_dir / k).convert("RGB").resize((size, size)))
         ).permute(2, 0, 1).float() / 255.0
         for k in keys
     ]  # fmt: skip

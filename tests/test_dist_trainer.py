@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+
 from setokim.stages import build_stage
 from setokim.train import TrainerConfig, latest_checkpoint, load_model_state, train
 

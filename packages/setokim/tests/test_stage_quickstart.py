@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from setokim.stages import build_stage
 from setokim.train import TrainerConfig, train
 

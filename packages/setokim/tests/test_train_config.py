@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
+
 from setokim.stages import available_stages, build_stage
 from setokim.train import TrainerConfig, WandbConfig
 from setokim.train.schedule import build_scheduler, warmup_cosine

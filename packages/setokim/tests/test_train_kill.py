@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from setokim.stages import build_stage
 from setokim.train import TrainerConfig, latest_checkpoint, load_model_state, train
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from setokim.stages import build_stage
 from setokim.train import (
     NonFiniteLossError,
@@ -155,6 +156,7 @@ def test_fsdp_on_one_rank_matches_plain(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "fsdp" / "trainer.json").read_text())["fsdp"] is True
 
 
+@pytest.mark.slow  # wandb starts a service process: seconds
 def test_wandb_offline_run_dir_created(tmp_path: Path) -> None:
     cfg = WandbConfig(mode="offline", project="setok-test", name="toy", tags=["unit"])
     train(build_stage("toy", TOY), _cfg(max_steps=3), tmp_path, wandb=cfg)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from torch import Tensor, nn
+
 from setok_decoders.losses import mask_consistency_kl, resize_masks
 from setok_tokenizer import SeTok, SeTokConfig
 from setok_tokenizer.setok import config_from_dict
-from torch import Tensor, nn
-
 from setokim.data.config import DataConfig
 
 _DEFAULT_TOKENIZER: dict[str, Any] = {
