@@ -135,7 +135,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             stage = build_stage(cfg.stage.name, params)  # type: ignore[arg-type]
             forward = _ForwardToTrainer(_submitit_preempt_signal())
             with forward:
-                result = train(stage, cfg.trainer, run_dir, wandb=cfg.wandb)
+                # A multi-stage pipeline runs its own sequence of train() calls.
+                runner = getattr(stage, "run", None)
+                if callable(runner):
+                    result = runner(run_dir, wandb=cfg.wandb)
+                else:
+                    result = train(stage, cfg.trainer, run_dir, wandb=cfg.wandb)
         except BaseException as err:
             if main:
                 state = "INTERRUPTED" if isinstance(err, KeyboardInterrupt) else "FAILED"
