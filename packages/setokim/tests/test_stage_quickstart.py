@@ -61,8 +61,8 @@ def test_loss_trains_the_encoder_only(data_dir: Path) -> None:
 def test_bad_configs_name_the_key(data_dir: Path) -> None:
     with pytest.raises(ValueError, match="encoder.freeze"):
         _stage(data_dir, tokenizer={"encoder": {"freeze": True}})
-    with pytest.raises(ValueError, match="resampler"):
-        _stage(data_dir, tokenizer={"clustering": {"mechanism": "resampler"}})
+    with pytest.raises(ValueError, match="patch"):
+        _stage(data_dir, tokenizer={"clustering": {"mechanism": "patch"}})
     with pytest.raises(ValueError, match="lr_typo"):
         _stage(data_dir, lr_typo=1)
     with pytest.raises(ValueError, match="shard_dirr"):
@@ -85,3 +85,16 @@ def test_quickstart_loss_falls(tmp_path: Path) -> None:
     assert sum(last) / 8 < 0.7 * sum(first) / 8, result.history
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"clusters", "objects"} <= records[-1].keys()
+
+
+def test_resampler_attention_maps_are_trained(data_dir: Path) -> None:
+    """Table 5's resampler row: the KL moves the learnable queries through attention maps."""
+    stage = _stage(
+        data_dir, tokenizer={"clustering": {"mechanism": "resampler", "max_clusters": 4}}
+    )
+    model = stage.build_model()
+    batch = next(stage.batches(0, 1, 0, 4))
+    loss, _ = stage.loss(model, batch)
+    loss.backward()
+    grad = model.setok.resampler.queries.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

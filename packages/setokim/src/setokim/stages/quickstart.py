@@ -68,7 +68,12 @@ class QuickstartModel(nn.Module):
         setok = self.setok
         features = setok.encoder(setok.preprocess(pixels))
         b, h, w, d = features.shape
-        out, _ = setok.cluster(setok.normalise(features.reshape(b, h * w, d)))
+        x = features.reshape(b, h * w, d)
+        if setok.resampler is not None:
+            # Table 5's resampler row: its cross-attention maps are the cluster masks.
+            _, out = setok.resampler(x, None)
+        else:
+            out, _ = setok.cluster(setok.normalise(x))
         k = max(int(out.num_clusters.max()), 1)
         return out.masks[:, :k], out.cluster_valid[:, :k], (h, w)
 
@@ -146,10 +151,10 @@ class QuickstartStage:
                 "quickstart stage: tokenizer.encoder.freeze must be false — the mask-consistency "
                 "loss trains the encoder and nothing else"
             )
-        if self.tokenizer_cfg.clustering.mechanism in ("resampler", "patch"):
+        if self.tokenizer_cfg.clustering.mechanism == "patch":
             raise ValueError(
-                "quickstart stage: tokenizer.clustering.mechanism "
-                f"{self.tokenizer_cfg.clustering.mechanism!r} has no cluster masks to train"
+                "quickstart stage: tokenizer.clustering.mechanism 'patch' has no cluster masks "
+                "to train (every patch is its own token)"
             )
 
     def build_model(self) -> nn.Module:
