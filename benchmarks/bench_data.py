@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 

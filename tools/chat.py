@@ -62,6 +62,7 @@ def save_png(path: Path, array) -> None:
     """Atomic PNG write of an HxW bool mask or a (3,H,W) [0,1] tensor."""
     import numpy as np
     from PIL import Image
+
     from setokim.utils.io import atomic_write_bytes
 
     arr = array.detach().cpu().numpy()

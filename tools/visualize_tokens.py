@@ -97,6 +97,7 @@ def load_images(paths: list[str], demo: bool) -> list[tuple[str, Image.Image]]:
 def build_tokenizer(checkpoint: str | None, max_clusters: int | None, seed: int):
     """SeTok from a checkpoint directory, or a tiny seeded random one (announced on stdout)."""
     import torch
+
     from setok_tokenizer import ClusteringConfig, EncoderConfig, SeTok, SeTokConfig
 
     if checkpoint is not None:
@@ -139,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--panel-size must be >= 16, got {args.panel_size}")
 
     import torch
-    from setokim.utils.io import atomic_write_bytes
     from tqdm import tqdm
+
+    from setokim.utils.io import atomic_write_bytes
 
     images = load_images(args.images, args.demo)
     model = build_tokenizer(args.checkpoint, args.max_clusters, args.seed)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+
 from setok_decoders.config import DiffusionDecoderConfig, MapperConfig, NoiseScheduleConfig
 from setok_decoders.diffusion import SAMPLERS, DiffusionDecoder
 from setok_decoders.trainable import set_trainable, trainable_parameter_names, trainable_table

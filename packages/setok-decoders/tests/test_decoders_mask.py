@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from setok_decoders.config import MaskDecoderConfig
 from setok_decoders.losses import mask_loss, resize_masks
 from setok_decoders.mask_decoder import PAD_LOGIT, MaskDecoder

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+
 from setok_decoders.losses import mask_consistency_kl, object_distribution
 from setok_decoders.matching import hungarian_match, match_masks, pairwise_mask_cost
 

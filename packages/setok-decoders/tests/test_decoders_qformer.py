@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import BertConfig, BertModel
+
 from setok_decoders.config import MapperConfig
 from setok_decoders.qformer import FeatureMapper
-from transformers import BertConfig, BertModel
 
 
 @pytest.fixture(autouse=True, scope="module")

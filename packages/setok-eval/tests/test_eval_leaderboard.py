@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from eval_toys import ToyAdapter, write_toy_suite
+
 from setok_eval import run_eval
 from setok_eval.io import atomic_write_json
 from setok_eval.leaderboard import MixedDataError, build_leaderboard

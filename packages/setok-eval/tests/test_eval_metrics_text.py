@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+
 from setok_eval.metrics.cider import CiderD, cider_d, tokenize_caption
 from setok_eval.metrics.mme import MMEItem, mme_scores, parse_mme_answer
 from setok_eval.metrics.pope import parse_pope_answer, pope_metrics

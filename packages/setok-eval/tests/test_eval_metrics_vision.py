@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import linalg
+
 from setok_eval.metrics.flops import prefill_flops, prefill_flops_per_sample
 from setok_eval.metrics.grounding import box_iou, normalized_to_pixels, rec_accuracy, xywh_to_xyxy
 from setok_eval.metrics.image import (

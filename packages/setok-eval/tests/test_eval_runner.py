@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from eval_toys import ToyAdapter, write_toy_suite
+
 from setok_eval import ReplayAdapter, read_results, resolve_rank, run_eval
 from setok_eval.cache import PredictionCache
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as sps
+
 from setok_eval.registry import TaskValidationError, load_task, load_tasks, parse_task
 from setok_eval.stats import bootstrap_ci, mcnemar_exact, paired_compare, states_ci
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from setok_tokenizer.config import EncoderConfig
 from setok_tokenizer.encoders import VisionEncoder
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from setok_tokenizer.merger import ClusterMerger
 from setok_tokenizer.position import sincos_2d
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from setok_tokenizer import (
     ClusteringConfig,
     EncoderConfig,

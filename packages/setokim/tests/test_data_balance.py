@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from setokim.data.annotate import SYNONYMS, count_question, relative_counts, ten_answers
 from setokim.data.card import build_card
 from setokim.data.generate import ShapesWorld

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from setokim.data.check import check_shards
 from setokim.data.converters import (
     convert_coco,

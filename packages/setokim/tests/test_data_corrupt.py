@@ -7,6 +7,7 @@ import shutil
 import tarfile
 
 import pytest
+
 from setokim.data.check import check_shards
 from setokim.data.decode import DataError
 from setokim.data.generate import generate_dataset

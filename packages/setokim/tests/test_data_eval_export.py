@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from setok_eval import run_eval
 from setok_eval.documents import load_documents, load_image, load_label_map
 from setok_eval.metrics.image import ProjectionExtractor

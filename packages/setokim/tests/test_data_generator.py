@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from setokim.data.annotate import describe, vqa
 from setokim.data.card import blind_baseline
 from setokim.data.edits import sample_edit

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 from setokim.data.rle import decode_mask

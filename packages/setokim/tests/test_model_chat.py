@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from setokim.model.chat import Message, render
 from setokim.model.config import ChatTemplateConfig, vicuna_chat_template
 from setokim.model.packing import IGNORE_INDEX, Image, SpecialIds, collate_sequences, pack

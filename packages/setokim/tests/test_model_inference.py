@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
+
 from setokim.model.build import build_tiny_setokim
 from setokim.model.chat import Message
 from setokim.model.config import SeTokIMConfig

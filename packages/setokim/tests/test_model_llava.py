@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
 from setokim.model.llava_adapter import SeTokLlava, SeTokLlavaConfig
 from setokim.model.text_tokenizer import build_text_tokenizer
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 
 def _tiny_llava(tok) -> LlavaForConditionalGeneration:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from setokim.model.losses import embedding_regression_loss, next_token_loss
 from setokim.model.packing import IGNORE_INDEX, Packed
-from torch import nn
 
 
 def test_next_token_loss_shifts_and_ignores():

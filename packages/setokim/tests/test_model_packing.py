@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from setokim.model.packing import (
     IGNORE_INDEX,
     Image,

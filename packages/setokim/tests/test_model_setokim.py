@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+
 from setokim.model.config import LoRAConfig, SeTokIMConfig
 from setokim.model.lora import apply_lora, lora_state_dict
 from setokim.model.losses import setokim_loss, stage_loss

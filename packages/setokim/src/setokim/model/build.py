@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from setokim.model.config import SeTokIMConfig
 from torch import nn
+
+from setokim.model.config import SeTokIMConfig
 
 
 def tiny_decoders(

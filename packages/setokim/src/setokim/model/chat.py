@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
+
 from setokim.model.config import ChatTemplateConfig
 from setokim.model.packing import Image, Sample, Text
-from torch import Tensor
 
 ROLES = ("system", "user", "assistant")
 

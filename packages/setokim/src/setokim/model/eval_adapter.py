@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from setokim.model.inference import GenerationConfig
 from torch import Tensor
+
+from setokim.model.inference import GenerationConfig
 
 
 def generation_config(settings: Mapping[str, Any], base: GenerationConfig) -> GenerationConfig:

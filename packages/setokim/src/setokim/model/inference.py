@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+
 from setokim.model.chat import Message, render
 from setokim.model.packing import Sample, Text
 from setokim.model.samples import GROUND_PROMPT, SEGMENT_PROMPT
-from torch import Tensor
 
 BOX_RE = re.compile(
     r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]"

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
 from setokim.model.losses import next_token_loss
 from setokim.model.packing import (
     Image,
@@ -26,8 +29,6 @@ from setokim.model.packing import (
     collate_sequences,
     pack,
 )
-from torch import Tensor, nn
-from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -8,8 +8,9 @@ keep one dtype per parameter group (cast adapters to the base dtype with `adapte
 
 from __future__ import annotations
 
-from setokim.model.config import LoRAConfig
 from torch import nn
+
+from setokim.model.config import LoRAConfig
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:

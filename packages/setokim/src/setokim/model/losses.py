@@ -8,8 +8,9 @@ and in which parameters train (LoRA), so one function serves both.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from setokim.model.packing import IGNORE_INDEX, Packed
 from torch import Tensor, nn
+
+from setokim.model.packing import IGNORE_INDEX, Packed
 
 
 def next_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:

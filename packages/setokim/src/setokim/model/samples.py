@@ -11,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from setokim.model.chat import Message, render
 from setokim.model.config import ChatTemplateConfig
 from setokim.model.packing import Image, Sample, Text
-from torch import Tensor
 
 CAPTION_PROMPT = "Describe the image."
 GROUND_PROMPT = "Where is {}? Answer with a box."

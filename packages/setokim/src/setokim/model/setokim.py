@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
 from setokim.model.config import (
     ChatTemplateConfig,
     LLMConfig,
@@ -32,15 +42,6 @@ from setokim.model.packing import (
     pack,
 )
 from setokim.model.text_tokenizer import add_special_tokens, build_text_tokenizer, token_id
-from torch import Tensor, nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
