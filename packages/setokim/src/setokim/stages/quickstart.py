@@ -13,21 +13,23 @@ dataset is generated there first (rank 0, atomically: temp dir then rename).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from setok_decoders.losses import mask_consistency_kl, resize_masks
-from setok_tokenizer import SeTok, SeTokConfig
-from setok_tokenizer.setok import config_from_dict
-from setokim.data.config import DataConfig
+from setok_tokenizer import SeTok
+from setokim.stages.common import (
+    check_keys,
+    data_config,
+    describe_config,
+    endless_batches,
+    prepare_data,
+    tokenizer_config,
+    trainable_parameters,
+)
 
 _DEFAULT_TOKENIZER: dict[str, Any] = {
     "encoder": {"family": "vit", "preset": "tiny", "image_size": 64, "freeze": False},
@@ -78,74 +80,13 @@ class QuickstartModel(nn.Module):
         return out.masks[:, :k], out.cluster_valid[:, :k], (h, w)
 
 
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _tokenizer_config(spec: Mapping[str, Any] | SeTokConfig) -> SeTokConfig:
-    """A full SeTokConfig is used as is; a partial mapping overrides the quickstart default."""
-    if isinstance(spec, SeTokConfig):
-        return spec
-    return config_from_dict(_deep_merge(_DEFAULT_TOKENIZER, spec))
-
-
-def _data_config(spec: Mapping[str, Any] | DataConfig) -> DataConfig:
-    if isinstance(spec, DataConfig):
-        return spec
-    spec = {**_DEFAULT_DATA, **spec}
-    known = {f.name for f in fields(DataConfig)}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ValueError(f"quickstart stage: unknown data key(s) {unknown}; known: {sorted(known)}")
-    return DataConfig(**dict(spec))
-
-
-def ensure_dataset(
-    shard_dir: str | os.PathLike[str], *, train: int, image_size: int, seed: int
-) -> Path:
-    """Generate a Shapes World dataset into `shard_dir` unless it has a manifest already.
-
-    Written to a sibling temp dir and renamed, so concurrent jobs or a kill never leave a
-    half-written dataset behind (the loser of a race discards its copy).
-    """
-    from setokim.data import generate_dataset
-
-    target = Path(shard_dir)
-    if (target / "manifest.json").is_file():
-        return target
-    if target.exists() and any(target.iterdir()):
-        raise FileNotFoundError(
-            f"data.shard_dir: {target} exists but has no manifest.json; not overwriting it"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        generate_dataset(tmp, train=train, val=8, test=8, image_size=image_size, seed=seed)
-        if target.exists():
-            target.rmdir()  # empty (checked above)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "manifest.json").is_file():
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 class QuickstartStage:
     """Stage protocol implementation (see setokim.train.stage.Stage)."""
 
     def __init__(self, cfg: QuickstartConfig) -> None:
         self.cfg = cfg
-        self.tokenizer_cfg = _tokenizer_config(cfg.tokenizer)
-        self.data_cfg = _data_config(cfg.data)
+        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
+        self.data_cfg = data_config(cfg.data, _DEFAULT_DATA, "quickstart stage")
         if self.tokenizer_cfg.encoder.freeze:
             raise ValueError(
                 "quickstart stage: tokenizer.encoder.freeze must be false — the mask-consistency "
@@ -182,62 +123,19 @@ class QuickstartStage:
         return best
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
-    def _prepare_data(self, rank: int) -> None:
-        shard_dir = Path(self.data_cfg.shard_dir)
-        if rank == 0 and not (shard_dir / "manifest.json").is_file():
-            if not self.cfg.generate_if_missing:
-                raise FileNotFoundError(
-                    f"data.shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
-                )
-            ensure_dataset(
-                shard_dir,
-                train=self.cfg.generate_train,
-                image_size=self.cfg.generate_image_size,
-                seed=self.cfg.generate_seed,
-            )
-        if dist.is_initialized():
-            dist.barrier()
+        return trainable_parameters(model)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int
     ) -> Iterator[dict[str, Tensor]]:
-        """Endless epochs of full micro-batches; the last partial batch of an epoch is dropped.
-
-        Position p (micro-batches done on this rank) -> epoch p // per_epoch, and the loader
-        skips (p % per_epoch) * micro_batch_size samples of that epoch.
-        """
-        from setokim.data import make_loader
-
-        self._prepare_data(rank)
-        d = self.data_cfg
-
-        def loader(epoch: int, start_sample: int) -> Any:
-            return make_loader(
-                d.shard_dir, d.split, d.task, micro_batch_size, rank=rank,
-                world_size=world_size, num_workers=d.num_workers, seed=d.seed, epoch=epoch,
-                start_sample=start_sample, on_error=d.on_error, image_size=d.image_size,
-                shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, expand=d.expand, even=True,
-            )  # fmt: skip
-
-        per_epoch = loader(0, 0).num_samples // micro_batch_size
-        if per_epoch == 0:
-            raise ValueError(
-                f"data: split {d.split!r} of {d.shard_dir} has fewer samples per rank than "
-                f"micro_batch_size={micro_batch_size}"
-            )
-        epoch, within = divmod(start_step, per_epoch)
-        while True:
-            it = iter(loader(d.epoch + epoch, within * micro_batch_size))
-            for _ in range(per_epoch - within):
-                batch = next(it)
-                yield {
-                    "pixels": batch["pixels"],
-                    "object_masks": batch["object_masks"],
-                    "object_valid": batch["object_valid"],
-                }
-            epoch, within = epoch + 1, 0
+        """`common.endless_batches` (resumable endless epochs), after the data is ready."""
+        prepare_data(self.data_cfg, rank, self.cfg)
+        for batch in endless_batches(self.data_cfg, rank, world_size, start_step, micro_batch_size):
+            yield {
+                "pixels": batch["pixels"],
+                "object_masks": batch["object_masks"],
+                "object_valid": batch["object_valid"],
+            }
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         masks, valid, grid = model(batch["pixels"])
@@ -257,20 +155,12 @@ class QuickstartStage:
         return loss, metrics
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": "quickstart",
-            "tokenizer": asdict(self.tokenizer_cfg),
-            "data": asdict(self.data_cfg),
-            **{k: v for k, v in asdict(self.cfg).items() if k not in ("tokenizer", "data")},
-        }
+        return describe_config(
+            "quickstart", self.cfg, tokenizer=self.tokenizer_cfg, data=self.data_cfg
+        )
 
 
 def build(cfg: Mapping[str, Any]) -> QuickstartStage:
     """Registry entry: unknown keys are an error naming them."""
-    known = {f.name for f in fields(QuickstartConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(
-            f"quickstart stage: unknown config key(s) {unknown}; known: {sorted(known)}"
-        )
+    check_keys(QuickstartConfig, cfg, "quickstart stage")
     return QuickstartStage(QuickstartConfig(**dict(cfg)))

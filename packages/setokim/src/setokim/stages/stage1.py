@@ -22,12 +22,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,9 +40,16 @@ from setok_decoders import (
 )
 from setok_decoders.config import config_from_dict as decoder_config_from_dict
 from setok_tokenizer import SeTok, SeTokConfig
-from setok_tokenizer.setok import config_from_dict as setok_config_from_dict
-from setokim.data.config import DataConfig
-from setokim.stages.quickstart import ensure_dataset
+from setokim.stages.common import (
+    check_keys,
+    data_config,
+    endless_batches,
+    is_main,
+    prepare_data,
+    set_cpu_threads,
+    tokenizer_config,
+    trainable_parameters,
+)
 
 SUBPHASES = (1, 2)
 _DEFAULT_TOKENIZER: dict[str, Any] = {
@@ -109,16 +114,6 @@ class Stage1Config:
         unknown = sorted(set(self.decoder) - {"diffusion", "mask"})
         if unknown:
             raise ValueError(f"stage1: unknown decoder key(s) {unknown}; known: diffusion, mask")
-
-
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class Stage1Model(nn.Module):
@@ -210,34 +205,18 @@ def trainable_patterns(model: Stage1Model, subphase: int, train_encoder: bool) -
     return patterns
 
 
-def _is_main() -> bool:
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 class Stage1Stage:
     """Stage protocol implementation (see setokim.train.stage.Stage)."""
 
     def __init__(self, cfg: Stage1Config) -> None:
         self.cfg = cfg
-        spec = cfg.tokenizer
-        self.tokenizer_cfg = (
-            spec
-            if isinstance(spec, SeTokConfig)
-            else setok_config_from_dict(_deep_merge(_DEFAULT_TOKENIZER, spec))
-        )
+        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
         if self.tokenizer_cfg.clustering.mechanism in ("resampler", "patch") and cfg.subphase == 2:
             raise ValueError(
                 f"stage1: tokenizer.clustering.mechanism {self.tokenizer_cfg.clustering.mechanism!r}"
                 " has no cluster masks for sub-phase 2"
             )
-        data = {**_DEFAULT_DATA, **cfg.data}
-        known = {f.name for f in fields(DataConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"stage1: unknown data key(s) {unknown}; known: {sorted(known)}")
-        self.data_cfg = DataConfig(**data)
+        self.data_cfg = data_config(cfg.data, _DEFAULT_DATA, "stage1")
         if cfg.init_from is not None and not (Path(cfg.init_from) / "trainer_state.json").is_file():
             raise ValueError(
                 f"stage1: init_from {cfg.init_from!r} is not a checkpoint step directory "
@@ -248,8 +227,7 @@ class Stage1Stage:
     def build_model(self) -> Stage1Model:
         """All parts built; sub-phase decides what trains; `init_from` weights loaded."""
         cfg = self.cfg
-        if cfg.cpu_threads is not None and not torch.cuda.is_available():
-            torch.set_num_threads(cfg.cpu_threads)
+        set_cpu_threads(cfg.cpu_threads)
         # SeTok's encoder.freeze is overridden: the sub-phase decides what trains.
         model = Stage1Model(*build_parts(self.tokenizer_cfg, cfg.decoder))
         if cfg.init_from:
@@ -257,7 +235,7 @@ class Stage1Stage:
 
             load_model_state(Path(cfg.init_from), model)
         self.apply_subphase(model)
-        if _is_main():
+        if is_main():
             print(f"Stage I sub-phase {cfg.subphase}: trainable parameters")
             print(trainable_table(model, depth=2))
         return model
@@ -285,25 +263,9 @@ class Stage1Stage:
         return units
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
+        return trainable_parameters(model)
 
     # ---- data -------------------------------------------------------------------------------
-    def _prepare_data(self, rank: int) -> None:
-        shard_dir = Path(self.data_cfg.shard_dir)
-        if rank == 0 and not (shard_dir / "manifest.json").is_file():
-            if not self.cfg.generate_if_missing:
-                raise FileNotFoundError(
-                    f"data.shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
-                )
-            ensure_dataset(
-                shard_dir,
-                train=self.cfg.generate_train,
-                image_size=self.cfg.generate_image_size,
-                seed=self.cfg.generate_seed,
-            )
-        if dist.is_initialized():
-            dist.barrier()
-
     def subphase_at(self, position: int) -> int:
         """The sub-phase of micro-batch `position` of this run."""
         if self.cfg.subphase == 2 and position < self.cfg.subphase1_batches:
@@ -313,40 +275,16 @@ class Stage1Stage:
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int
     ) -> Iterator[dict[str, Any]]:
-        """Endless epochs of full micro-batches, each tagged with its sub-phase."""
-        from setokim.data import make_loader
-
-        self._prepare_data(rank)
-        d = self.data_cfg
-
-        def loader(epoch: int, start_sample: int) -> Any:
-            return make_loader(
-                d.shard_dir, d.split, d.task, micro_batch_size, rank=rank,
-                world_size=world_size, num_workers=d.num_workers, seed=d.seed, epoch=epoch,
-                start_sample=start_sample, on_error=d.on_error, image_size=d.image_size,
-                shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, expand=d.expand, even=True,
-            )  # fmt: skip
-
-        per_epoch = loader(0, 0).num_samples // micro_batch_size
-        if per_epoch == 0:
-            raise ValueError(
-                f"data: split {d.split!r} of {d.shard_dir} has fewer samples per rank than "
-                f"micro_batch_size={micro_batch_size}"
-            )
-        position = start_step
-        epoch, within = divmod(start_step, per_epoch)
-        while True:
-            it = iter(loader(d.epoch + epoch, within * micro_batch_size))
-            for _ in range(per_epoch - within):
-                batch = next(it)
-                yield {
-                    "pixels": batch["pixels"],
-                    "object_masks": batch.get("object_masks"),
-                    "object_valid": batch.get("object_valid"),
-                    "subphase": self.subphase_at(position),
-                }
-                position += 1
-            epoch, within = epoch + 1, 0
+        """`common.endless_batches` (resumable endless epochs), each tagged with its sub-phase."""
+        prepare_data(self.data_cfg, rank, self.cfg)
+        stream = endless_batches(self.data_cfg, rank, world_size, start_step, micro_batch_size)
+        for position, batch in enumerate(stream, start=start_step):
+            yield {
+                "pixels": batch["pixels"],
+                "object_masks": batch.get("object_masks"),
+                "object_valid": batch.get("object_valid"),
+                "subphase": self.subphase_at(position),
+            }
 
     # ---- objective --------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
@@ -383,10 +321,7 @@ class Stage1Stage:
 
 def build(cfg: Mapping[str, Any]) -> Stage1Stage:
     """Registry entry: unknown keys are an error naming them."""
-    known = {f.name for f in fields(Stage1Config)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"stage1 stage: unknown config key(s) {unknown}; known: {sorted(known)}")
+    check_keys(Stage1Config, cfg, "stage1 stage")
     return Stage1Stage(Stage1Config(**dict(cfg)))
 
 

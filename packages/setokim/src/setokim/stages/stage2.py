@@ -20,17 +20,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from setokim.data.config import DataConfig
 from setokim.model.config import SeTokIMConfig
 from setokim.model.packing import SequenceLayout, SpecialIds, collate_sequences
+from setokim.stages.common import (
+    check_keys,
+    data_config,
+    deep_merge,
+    describe_config,
+    endless_batches,
+    is_main,
+    prepare_data,
+    set_cpu_threads,
+    tokenizer_config,
+    trainable_parameters,
+)
 
 MODES = ("pretrain", "instruct")
 _DEFAULT_TOKENIZER: dict[str, Any] = {
@@ -47,17 +58,6 @@ BatchHook = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 # ---- config helpers (shared with Stage III) ----------------------------------------------------
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`, recursing into nested mappings."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def mllm_config(spec: Mapping[str, Any] | SeTokIMConfig, where: str) -> SeTokIMConfig:
     """A partial SeTokIMConfig mapping (the experiment's `mllm` group) over the defaults."""
     from setokim.model.setokim import config_from_dict
@@ -69,23 +69,6 @@ def mllm_config(spec: Mapping[str, Any] | SeTokIMConfig, where: str) -> SeTokIMC
         return config_from_dict(merged)
     except TypeError as err:
         raise ValueError(f"{where}: model: {err}") from None
-
-
-def data_config(spec: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> DataConfig:
-    """A partial DataConfig mapping over the stage's defaults; unknown keys are an error."""
-    merged = {**defaults, **spec}
-    known = {f.name for f in fields(DataConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown data key(s) {unknown}; known: {sorted(known)}")
-    return DataConfig(**merged)
-
-
-def check_keys(cls: type, cfg: Mapping[str, Any], where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown config key(s) {unknown}; known: {sorted(known)}")
 
 
 @dataclass(frozen=True)
@@ -136,24 +119,13 @@ def text_tokenizer_for(cfg: SeTokIMConfig, path: str | os.PathLike[str] | None =
     return tok
 
 
-def set_cpu_threads(threads: int | None) -> None:
-    if threads is not None and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-
-
-def is_main() -> bool:
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # ---- data (shared with Stage III) --------------------------------------------------------------
 class MLLMBatches:
     """Endless, resumable micro-batches of `SequenceLayout`s from one task view (or "mix").
 
-    Position p (micro-batches done on this rank) -> epoch p // per_epoch and the loader skips
-    (p % per_epoch) * micro_batch_size samples of it, as in the quickstart stage. `hook` may
-    rewrite a task-view batch before it becomes samples (Stage III's prompt formats).
+    The resumable stream is `common.endless_batches` (shared with the quickstart and Stage
+    I). `hook` may rewrite a task-view batch before it becomes samples (Stage III's prompt
+    formats).
     """
 
     def __init__(
@@ -187,48 +159,8 @@ class MLLMBatches:
     def __call__(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int
     ) -> Iterator[SequenceLayout]:
-        from setokim.data import make_loader
-
-        d = self.data
-
-        def loader(epoch: int, start_sample: int) -> Any:
-            return make_loader(
-                d.shard_dir, d.split, d.task, micro_batch_size, rank=rank,
-                world_size=world_size, num_workers=d.num_workers, seed=d.seed, epoch=epoch,
-                start_sample=start_sample, on_error=d.on_error, image_size=d.image_size,
-                shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, expand=d.expand, even=True,
-                mix_weights=d.mix_weights or None,
-            )  # fmt: skip
-
-        per_epoch = loader(0, 0).num_samples // micro_batch_size
-        if per_epoch == 0:
-            raise ValueError(
-                f"data: split {d.split!r} of {d.shard_dir} has fewer samples per rank than "
-                f"micro_batch_size={micro_batch_size}"
-            )
-        epoch, within = divmod(start_step, per_epoch)
-        while True:
-            it = iter(loader(d.epoch + epoch, within * micro_batch_size))
-            for _ in range(per_epoch - within):
-                yield self.layout(next(it))
-            epoch, within = epoch + 1, 0
-
-
-def prepare_data(
-    data: DataConfig, rank: int, *, generate: bool, train: int, image_size: int, seed: int
-) -> None:
-    """Generate Shapes World into data.shard_dir on rank 0 when it has no manifest."""
-    from setokim.stages.quickstart import ensure_dataset
-
-    shard_dir = Path(data.shard_dir)
-    if rank == 0 and not (shard_dir / "manifest.json").is_file():
-        if not generate:
-            raise FileNotFoundError(
-                f"data.shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
-            )
-        ensure_dataset(shard_dir, train=train, image_size=image_size, seed=seed)
-    if dist.is_initialized():
-        dist.barrier()
+        for batch in endless_batches(self.data, rank, world_size, start_step, micro_batch_size):
+            yield self.layout(batch)
 
 
 def llm_layers(model: nn.Module) -> list[nn.Module]:
@@ -246,6 +178,60 @@ def export_model(
     load_model_state(Path(checkpoint), model)
     model.config = replace(model.config, **stage.export_fields())
     return model.save_pretrained(out_dir)
+
+
+class MLLMStage:
+    """What Stage II and III share: FSDP units, data, loss, export and describe.
+
+    Subclasses set `name`, `mode`, `cfg`, `model_cfg`, `data_cfg` and provide
+    `text_tokenizer`, `export_fields` and `build_model`.
+    """
+
+    name: str
+    mode: str
+    cfg: Any
+    model_cfg: SeTokIMConfig
+    data_cfg: DataConfig
+
+    def text_tokenizer(self) -> Any:
+        raise NotImplementedError
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        return llm_layers(model)
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return trainable_parameters(model)
+
+    def batch_hook(self) -> BatchHook | None:
+        return None
+
+    def batches(
+        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
+    ) -> Iterator[SequenceLayout]:
+        prepare_data(self.data_cfg, rank, self.cfg)
+        source = MLLMBatches(
+            self.data_cfg,
+            self.mode,
+            self.model_cfg,
+            self.text_tokenizer(),
+            hook=self.batch_hook(),
+            max_text_tokens=self.cfg.max_text_tokens,
+        )
+        return source(rank, world_size, start_step, micro_batch_size)
+
+    def loss(self, model: nn.Module, batch: SequenceLayout) -> tuple[Tensor, dict[str, float]]:
+        from setokim.model.losses import stage_loss
+
+        loss, metrics = stage_loss(model, batch)
+        metrics.pop("loss", None)  # the loop logs the loss itself
+        return loss, metrics
+
+    def export(self, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+        """Trainer checkpoint step dir -> `SeTokIM.save_pretrained(out_dir)`."""
+        return export_model(self, checkpoint, out_dir)
+
+    def describe(self) -> dict[str, Any]:
+        return describe_config(self.name, self.cfg, model=self.model_cfg, data=self.data_cfg)
 
 
 # ---- Stage II ----------------------------------------------------------------------------------
@@ -274,7 +260,7 @@ class Stage2Config:
     generate_seed: int = 0
 
 
-class Stage2Stage:
+class Stage2Stage(MLLMStage):
     """Stage protocol implementation (see setokim.train.stage.Stage)."""
 
     name = "stage2"
@@ -282,14 +268,12 @@ class Stage2Stage:
     data_defaults = _STAGE2_DATA
 
     def __init__(self, cfg: Stage2Config) -> None:
-        from setok_tokenizer.setok import config_from_dict as setok_config
-
         self.cfg = cfg
         self.model_cfg = mllm_config(cfg.model, self.name)
         self.model_cfg.lora = replace(self.model_cfg.lora, enabled=False)
         self.source = resolve_tokenizer_source(cfg.init_tokenizer) if cfg.init_tokenizer else None
         if self.source is None:
-            self.model_cfg.tokenizer = setok_config(deep_merge(_DEFAULT_TOKENIZER, cfg.tokenizer))
+            self.model_cfg.tokenizer = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
         self.data_cfg = data_config(cfg.data, self.data_defaults, self.name)
         self._tokenizer: Any = None
 
@@ -330,52 +314,6 @@ class Stage2Stage:
             print(f"{self.name}: {trainable_summary(model)}")
         return model
 
-    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
-        return llm_layers(model)
-
-    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
-    def batch_hook(self) -> BatchHook | None:
-        return None
-
-    def batches(
-        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
-    ) -> Iterator[SequenceLayout]:
-        c = self.cfg
-        prepare_data(
-            self.data_cfg, rank, generate=c.generate_if_missing, train=c.generate_train,
-            image_size=c.generate_image_size, seed=c.generate_seed,
-        )  # fmt: skip
-        source = MLLMBatches(
-            self.data_cfg,
-            self.mode,
-            self.model_cfg,
-            self.text_tokenizer(),
-            hook=self.batch_hook(),
-            max_text_tokens=c.max_text_tokens,
-        )
-        return source(rank, world_size, start_step, micro_batch_size)
-
-    def loss(self, model: nn.Module, batch: SequenceLayout) -> tuple[Tensor, dict[str, float]]:
-        from setokim.model.losses import stage_loss
-
-        loss, metrics = stage_loss(model, batch)
-        metrics.pop("loss", None)  # the loop logs the loss itself
-        return loss, metrics
-
-    def export(self, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-        """Trainer checkpoint step dir -> `SeTokIM.save_pretrained(out_dir)`."""
-        return export_model(self, checkpoint, out_dir)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "model": asdict(self.model_cfg),
-            "data": asdict(self.data_cfg),
-            **{k: v for k, v in asdict(self.cfg).items() if k not in ("model", "data")},
-        }
-
 
 def build(cfg: Mapping[str, Any]) -> Stage2Stage:
     """Registry entry: unknown keys are an error naming them."""
@@ -385,16 +323,14 @@ def build(cfg: Mapping[str, Any]) -> Stage2Stage:
 
 __all__ = [
     "MLLMBatches",
+    "MLLMStage",
     "Stage2Config",
     "Stage2Stage",
     "TokenizerSource",
     "build",
-    "data_config",
-    "deep_merge",
     "export_model",
     "llm_layers",
     "mllm_config",
-    "prepare_data",
     "resolve_tokenizer_source",
     "text_tokenizer_for",
 ]

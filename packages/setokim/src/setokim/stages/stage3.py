@@ -14,29 +14,27 @@ before loading their weights.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from setokim.model.config import LoRAConfig
-from setokim.model.packing import SequenceLayout
+from setokim.stages.common import (
+    check_keys,
+    data_config,
+    is_main,
+    set_cpu_threads,
+    tokenizer_config,
+)
 from setokim.stages.stage2 import (
     _DEFAULT_TOKENIZER,
     BatchHook,
-    MLLMBatches,
-    check_keys,
-    data_config,
-    export_model,
-    is_main,
-    llm_layers,
+    MLLMStage,
     mllm_config,
-    prepare_data,
     resolve_tokenizer_source,
-    set_cpu_threads,
     text_tokenizer_for,
 )
 
@@ -84,24 +82,20 @@ class Stage3Config:
 
 def lora_config(spec: Mapping[str, Any], base: LoRAConfig) -> LoRAConfig:
     """A partial LoRAConfig mapping over `base`; always enabled (this is the LoRA stage)."""
-    known = {f.name for f in fields(LoRAConfig)}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ValueError(f"stage3: unknown lora key(s) {unknown}; known: {sorted(known)}")
+    check_keys(LoRAConfig, spec, "stage3", "lora")
     merged = {**asdict(base), **dict(spec), "enabled": True}
     merged["target_modules"] = list(merged["target_modules"])
     merged["train_heads"] = list(merged["train_heads"])
     return LoRAConfig(**merged)
 
 
-class Stage3Stage:
+class Stage3Stage(MLLMStage):
     """Stage protocol implementation (see setokim.train.stage.Stage)."""
 
     name = "stage3"
     mode = "instruct"
 
     def __init__(self, cfg: Stage3Config) -> None:
-        from setok_tokenizer.setok import config_from_dict as setok_config
         from setokim.model.setokim import config_from_dict
 
         self.cfg = cfg
@@ -120,9 +114,7 @@ class Stage3Stage:
         else:
             base = mllm_config(cfg.model, self.name)
             if cfg.init_tokenizer is None:
-                from setokim.stages.stage2 import deep_merge
-
-                base.tokenizer = setok_config(deep_merge(_DEFAULT_TOKENIZER, cfg.tokenizer))
+                base.tokenizer = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
         lora_spec = {**dict(cfg.model.get("lora") or {}), **cfg.lora}
         self.model_cfg = replace(base, lora=lora_config(lora_spec, base.lora))
         self.data_cfg = data_config(cfg.data, _STAGE3_DATA, self.name)
@@ -176,12 +168,6 @@ class Stage3Stage:
             print(f"{self.name}: {trainable_summary(model)}")
         return model
 
-    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
-        return llm_layers(model)
-
-    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
     def batch_hook(self) -> BatchHook | None:
         suffix, prompt = self.cfg.question_suffix, self.cfg.caption_prompt
         if not suffix and prompt is None:
@@ -198,43 +184,6 @@ class Stage3Stage:
             return batch
 
         return hook
-
-    def batches(
-        self, rank: int, world_size: int, start_step: int, micro_batch_size: int
-    ) -> Iterator[SequenceLayout]:
-        c = self.cfg
-        prepare_data(
-            self.data_cfg, rank, generate=c.generate_if_missing, train=c.generate_train,
-            image_size=c.generate_image_size, seed=c.generate_seed,
-        )  # fmt: skip
-        source = MLLMBatches(
-            self.data_cfg,
-            self.mode,
-            self.model_cfg,
-            self.text_tokenizer(),
-            hook=self.batch_hook(),
-            max_text_tokens=c.max_text_tokens,
-        )
-        return source(rank, world_size, start_step, micro_batch_size)
-
-    def loss(self, model: nn.Module, batch: SequenceLayout) -> tuple[Tensor, dict[str, float]]:
-        from setokim.model.losses import stage_loss
-
-        loss, metrics = stage_loss(model, batch)
-        metrics.pop("loss", None)
-        return loss, metrics
-
-    def export(self, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-        """Trainer checkpoint step dir -> `SeTokIM.save_pretrained(out_dir)` with adapters."""
-        return export_model(self, checkpoint, out_dir)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "model": asdict(self.model_cfg),
-            "data": asdict(self.data_cfg),
-            **{k: v for k, v in asdict(self.cfg).items() if k not in ("model", "data")},
-        }
 
 
 def build(cfg: Mapping[str, Any]) -> Stage3Stage:

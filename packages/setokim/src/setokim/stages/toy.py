@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from setokim.stages.common import check_keys
 
 _CHUNK = 256  # samples per generator seed
 
@@ -131,8 +133,5 @@ class ToyStage:
 
 def build(cfg: Mapping[str, Any]) -> ToyStage:
     """Registry entry: unknown keys are an error naming them."""
-    known = {f.name for f in fields(ToyConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"toy stage: unknown config key(s) {unknown}; known: {sorted(known)}")
+    check_keys(ToyConfig, cfg, "toy stage")
     return ToyStage(ToyConfig(**dict(cfg)))

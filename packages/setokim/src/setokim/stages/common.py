@@ -1,0 +1,207 @@
+"""What every training stage shares, written once.
+
+Config handling (partial mappings merged over a stage's defaults, unknown keys named in the
+error), Shapes World generation on rank 0 when `data.shard_dir` has no dataset, and the
+resumable endless-epoch micro-batch stream over `setokim.data.make_loader`. Imports stay
+light (the toy stage uses this module and must not pull in the tokenizer stack).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from setokim.data.config import DataConfig
+
+if TYPE_CHECKING:
+    from setok_tokenizer import SeTokConfig
+
+
+# ---- config ------------------------------------------------------------------------------------
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, recursing into nested mappings."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def check_keys(cls: type, cfg: Mapping[str, Any], where: str, what: str = "config") -> None:
+    """Raise naming the keys of `cfg` that are not fields of dataclass `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {what} key(s) {unknown}; known: {sorted(known)}")
+
+
+def data_config(
+    spec: Mapping[str, Any] | DataConfig, defaults: Mapping[str, Any], where: str
+) -> DataConfig:
+    """A full DataConfig as is; a partial mapping over the stage's defaults (keys checked)."""
+    if isinstance(spec, DataConfig):
+        return spec
+    merged = {**defaults, **spec}
+    check_keys(DataConfig, merged, where, "data")
+    return DataConfig(**merged)
+
+
+def tokenizer_config(
+    spec: Mapping[str, Any] | SeTokConfig, defaults: Mapping[str, Any]
+) -> SeTokConfig:
+    """A full SeTokConfig as is; a partial mapping overrides the stage's default, key by key."""
+    from setok_tokenizer import SeTokConfig
+    from setok_tokenizer.setok import config_from_dict
+
+    if isinstance(spec, SeTokConfig):
+        return spec
+    return config_from_dict(deep_merge(defaults, spec))
+
+
+def describe_config(name: str, cfg: Any, **resolved: Any) -> dict[str, Any]:
+    """trainer.json's stage entry: the resolved sub-configs, then the stage's other fields."""
+    rest = {k: v for k, v in asdict(cfg).items() if k not in resolved}
+    return {"name": name, **{k: asdict(v) for k, v in resolved.items()}, **rest}
+
+
+# ---- runtime -----------------------------------------------------------------------------------
+def is_main() -> bool:
+    """Rank 0 (from the process group, or RANK before one exists)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """torch.set_num_threads on CPU-only hosts; None leaves torch's default."""
+    if threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad (what the optimizer gets)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---- data --------------------------------------------------------------------------------------
+class GenerateSpec(Protocol):
+    """The `generate_*` fields of a stage config: the dataset written when none exists."""
+
+    generate_if_missing: bool
+    generate_train: int
+    generate_image_size: int
+    generate_seed: int
+
+
+def ensure_dataset(
+    shard_dir: str | os.PathLike[str], *, train: int, image_size: int, seed: int
+) -> Path:
+    """Generate a Shapes World dataset into `shard_dir` unless it has a manifest already.
+
+    Written to a sibling temp dir and renamed, so concurrent jobs or a kill never leave a
+    half-written dataset behind (the loser of a race discards its copy).
+    """
+    from setokim.data import generate_dataset
+
+    target = Path(shard_dir)
+    if (target / "manifest.json").is_file():
+        return target
+    if target.exists() and any(target.iterdir()):
+        raise FileNotFoundError(
+            f"data.shard_dir: {target} exists but has no manifest.json; not overwriting it"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        generate_dataset(tmp, train=train, val=8, test=8, image_size=image_size, seed=seed)
+        if target.exists():
+            target.rmdir()  # empty (checked above)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "manifest.json").is_file():
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def prepare_data(data: DataConfig, rank: int, gen: GenerateSpec) -> None:
+    """Rank 0 generates Shapes World into data.shard_dir when it has no manifest; all wait."""
+    shard_dir = Path(data.shard_dir)
+    if rank == 0 and not (shard_dir / "manifest.json").is_file():
+        if not gen.generate_if_missing:
+            raise FileNotFoundError(
+                f"data.shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
+            )
+        ensure_dataset(
+            shard_dir,
+            train=gen.generate_train,
+            image_size=gen.generate_image_size,
+            seed=gen.generate_seed,
+        )
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def endless_batches(
+    data: DataConfig, rank: int, world_size: int, start_step: int, micro_batch_size: int
+) -> Iterator[dict[str, Any]]:
+    """Endless epochs of full micro-batches; the last partial batch of an epoch is dropped.
+
+    Position p (micro-batches done on this rank) -> epoch p // per_epoch, and the loader
+    skips (p % per_epoch) * micro_batch_size samples of that epoch, so the stream resumed
+    at `start_step` equals the tail of the uninterrupted one. data.batch_size is ignored.
+    """
+    from setokim.data import make_loader
+
+    d = data
+
+    def loader(epoch: int, start_sample: int) -> Any:
+        return make_loader(
+            d.shard_dir, d.split, d.task, micro_batch_size, rank=rank,
+            world_size=world_size, num_workers=d.num_workers, seed=d.seed, epoch=epoch,
+            start_sample=start_sample, on_error=d.on_error, image_size=d.image_size,
+            shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, expand=d.expand, even=True,
+            mix_weights=d.mix_weights or None,
+        )  # fmt: skip
+
+    per_epoch = loader(0, 0).num_samples // micro_batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"data: split {d.split!r} of {d.shard_dir} has fewer samples per rank than "
+            f"micro_batch_size={micro_batch_size}"
+        )
+    epoch, within = divmod(start_step, per_epoch)
+    while True:
+        it = iter(loader(d.epoch + epoch, within * micro_batch_size))
+        for _ in range(per_epoch - within):
+            yield next(it)
+        epoch, within = epoch + 1, 0
+
+
+__all__ = [
+    "GenerateSpec",
+    "check_keys",
+    "data_config",
+    "deep_merge",
+    "describe_config",
+    "endless_batches",
+    "ensure_dataset",
+    "is_main",
+    "prepare_data",
+    "set_cpu_threads",
+    "tokenizer_config",
+    "trainable_parameters",
+]
