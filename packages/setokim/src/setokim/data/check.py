@@ -1,0 +1,77 @@
+"""Verify shards against the manifest and decode every sample (tools/check_shards.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from setokim.data.decode import DataError, decode_sample
+from setokim.data.schema import TASKS
+from setokim.data.shards import read_manifest, sha256_file
+from setokim.data.views import items_for
+
+
+@dataclass
+class Problem:
+    shard: str
+    key: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}" + (f" [{self.key}]" if self.key else "") + f": {self.reason}"
+
+
+def _samples(path: Path) -> Iterator[dict]:
+    for raw in group_by_keys(tar_file_expander(url_opener([{"url": str(path)}]))):
+        raw["__url__"] = path.name
+        yield raw
+
+
+def check_shard(path: Path, expected_sha: str, expected_count: int) -> Iterator[Problem]:
+    """Problems of one shard: missing, hash mismatch, unreadable, wrong count, bad samples."""
+    if not path.is_file():
+        yield Problem(path.name, None, "missing")
+        return
+    digest = sha256_file(path)
+    if digest != expected_sha:
+        yield Problem(
+            path.name, None, f"sha256 {digest[:12]}... != manifest {expected_sha[:12]}..."
+        )
+    n, last = 0, None
+    try:
+        for raw in _samples(path):
+            n, last = n + 1, raw["__key__"]
+            try:
+                d = decode_sample(raw, None)
+                for task in TASKS:
+                    items_for(d, task, seed=0, epoch=0, expand=True)
+            except DataError as err:
+                yield Problem(path.name, err.key, err.reason)
+            except Exception as exc:  # noqa: BLE001 - report every bad annotation
+                yield Problem(path.name, last, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - tar-level damage
+        yield Problem(path.name, last, f"unreadable after {n} samples: {type(exc).__name__}: {exc}")
+        return
+    if n != expected_count:
+        yield Problem(path.name, last, f"holds {n} samples, manifest says {expected_count}")
+
+
+def check_shards(
+    shard_dir: str | Path, splits: list[str] | None = None, progress: bool = False
+) -> list[Problem]:
+    """Every problem found in `shard_dir` (empty list: all shards verify and decode)."""
+    manifest = read_manifest(shard_dir)
+    jobs = [
+        (Path(shard_dir) / s["name"], s["sha256"], int(s["num_samples"]))
+        for split, body in manifest["splits"].items()
+        if splits is None or split in splits
+        for s in body["shards"]
+    ]
+    if progress:
+        from tqdm import tqdm
+
+        jobs = tqdm(jobs, desc="check shards", unit="shard")
+    return [p for job in jobs for p in check_shard(*job)]

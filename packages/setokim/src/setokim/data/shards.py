@@ -1,0 +1,163 @@
+"""Deterministic webdataset tar shards and their manifest.
+
+Tar members carry fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644) and are
+written in call order, so the same samples always give byte-identical shards. Each shard is
+written atomically when it is complete; `manifest.json` records counts and sha256 per shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from setokim.utils.io import atomic_write_bytes, atomic_write_json
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "setok-shards-1"
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    num_samples: int
+    sha256: str
+    bytes: int
+    first_key: str
+    last_key: str
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+class ShardWriter:
+    """Write samples ``{key}.{ext}`` into ``{split}-NNNNNN.tar`` of `samples_per_shard` each."""
+
+    def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 1000) -> None:
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[ShardInfo] = []
+        self._buf: io.BytesIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._keys: list[str] = []
+        self._seen: set[str] = set()
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        """Add one sample; `files` maps extension ("png", "json", "target.png") to bytes."""
+        if not _KEY_RE.match(key) or "." in key:
+            raise ValueError(f"key must match [A-Za-z0-9_-]+, got {key!r}")
+        if key in self._seen:
+            raise ValueError(f"duplicate sample key {key!r}")
+        if not files:
+            raise ValueError(f"sample {key!r} has no files")
+        self._seen.add(key)
+        if self._tar is None:
+            self._buf = io.BytesIO()
+            self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        for ext in sorted(files):
+            self._tar.addfile(*_member(f"{key}.{ext}", files[ext]))
+        self._keys.append(key)
+        if len(self._keys) >= self.samples_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._tar is None or self._buf is None:
+            return
+        self._tar.close()
+        data = self._buf.getvalue()
+        name = shard_name(self.split, len(self.shards))
+        atomic_write_bytes(self.out_dir / name, data)
+        self.shards.append(
+            ShardInfo(
+                name,
+                len(self._keys),
+                hashlib.sha256(data).hexdigest(),
+                len(data),
+                self._keys[0],
+                self._keys[-1],
+            )
+        )
+        self._tar, self._buf, self._keys = None, None, []
+
+    def close(self) -> list[ShardInfo]:
+        """Flush the last partial shard and return every shard written."""
+        self._flush()
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+
+
+def write_manifest(
+    out_dir: str | Path, splits: dict[str, list[ShardInfo]], info: dict[str, Any]
+) -> dict[str, Any]:
+    """Write manifest.json; `version` is a hash of the shard hashes (the data version)."""
+    body = {
+        split: {
+            "num_samples": sum(s.num_samples for s in shards),
+            "shards": [asdict(s) for s in shards],
+        }
+        for split, shards in splits.items()
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    manifest = {"format": MANIFEST_FORMAT, "version": digest, "splits": body, "info": info}
+    atomic_write_json(Path(out_dir) / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """Load and sanity-check manifest.json; raises FileNotFoundError/ValueError clearly."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"shard_dir {str(shard_dir)!r} has no {MANIFEST_NAME}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(
+            f"{path}: format must be {MANIFEST_FORMAT!r}, got {manifest.get('format')!r}"
+        )
+    return manifest
+
+
+def dataset_version(shard_dir: str | Path) -> str:
+    """The data version recorded in the manifest (changes whenever any shard changes)."""
+    return str(read_manifest(shard_dir)["version"])
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_key(text: str) -> str:
+    """A shard-safe sample key from any string (file names, ids): other chars become '_'."""
+    out = re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+    if not out:
+        raise ValueError("key must not be empty")
+    return out
