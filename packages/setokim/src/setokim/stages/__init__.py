@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str | StageFactory] = {
     "stage2": "setokim.stages.stage2:build",
     "stage3": "setokim.stages.stage3:build",
     "pipeline": "setokim.stages.pipeline:build",  # not a Stage: a launcher calls .run
+    "eval": "setokim.stages.evaluate:build",  # not a Stage: a launcher calls .run
 }
 
 

@@ -1,0 +1,319 @@
+"""The registry's "eval" entry: evaluate a SeTokIM on the Shapes World eval tasks as a job.
+
+Not a `train.Stage`: the launcher's job calls `run(run_dir)` instead of `train(...)`, so an
+evaluation is planned, launched, requeued and reported like any training run. Steps:
+
+1. rank 0 generates a tiny Shapes World into `shard_dir` when it has no dataset
+   (`generate_if_missing`), then exports the `split` as eval documents into `data_root`
+   (default `run_dir/eval_data`) unless an export of the same data version is there;
+2. the model: `checkpoint` (a `SeTokIM.save_pretrained` dir) when given, else, with
+   `tiny_random: true`, a seeded random tiny SeTokIM (smoke tests);
+3. `setok_eval.run_eval` into `run_dir/eval` (results.json there). Every prediction is cached
+   as it is made, so a relaunch after a kill or preemption only predicts what is missing.
+
+SIGTERM / SIGUSR1 during the eval stop it (the cache keeps what was done) and `run` returns
+with `preempted=True`, as the trainer does. setok_eval is imported only inside `run`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from setokim.stages.common import check_keys
+from setokim.train.result import TrainResult
+
+EVAL_SUBDIR = "eval"
+DATA_SUBDIR = "eval_data"
+# Every Shapes World task but shapes_t2i, whose FID needs an Inception model from a local file
+# (add it to `tasks` with `extractors: {inception: PATH}`).
+SHAPES_TASKS: tuple[str, ...] = (
+    "shapes_caption",
+    "shapes_vqa",
+    "shapes_pope",
+    "shapes_rec",
+    "shapes_reasonseg",
+    "shapes_edit",
+    "shapes_tokens",
+)
+
+
+@dataclass
+class EvalStageConfig:
+    """`stage.params` of the eval stage (unknown keys are rejected by `build`).
+
+    checkpoint wins over tiny_random (so one override turns the smoke exp into a real eval).
+    limit: documents per task (the first N by id); export_limit: images of `split` exported.
+    generation: per-task overrides of the task's generation settings, e.g.
+    {shapes_edit: {num_inference_steps: 10}} (they enter the prediction cache key).
+    extractors: feature models by metric need (inception, clip, dino) -> local .pt/.npz path.
+    tasks_dir: the suite's task YAMLs; None finds `eval_suite/tasks` from the working
+    directory or the repository this package lives in.
+    """
+
+    checkpoint: str | None = None
+    tiny_random: bool = False
+    seed: int = 0
+    tasks: list[str] = field(default_factory=lambda: list(SHAPES_TASKS))
+    limit: int | None = None
+    shard_dir: str = "data/shapes_world"
+    split: str = "test"
+    export_limit: int | None = None
+    data_root: str | None = None
+    tasks_dir: str | None = None
+    batch_size: int = 8
+    n_resamples: int = 1000
+    generation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extractors: dict[str, str] = field(default_factory=dict)
+    generate_if_missing: bool = True
+    generate_train: int = 64
+    generate_image_size: int = 64
+    generate_seed: int = 0
+    wait_timeout_s: float = 3600.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None and not self.tiny_random:
+            raise ValueError(
+                "eval: checkpoint (a SeTokIM export dir) is null and tiny_random false"
+            )
+        if not self.tasks:
+            raise ValueError("eval: tasks is empty")
+        bad = [t for t in self.tasks if not str(t).startswith("shapes_")]
+        if bad:
+            raise ValueError(f"eval: tasks must be Shapes World tasks (shapes_*), got {bad}")
+        for name in ("limit", "export_limit"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"eval: {name} must be >= 1 or null, got {value}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval: batch_size must be >= 1, got {self.batch_size}")
+        # Settings for tasks not selected are ignored (an exp's defaults survive a tasks override).
+        unknown = sorted(n for n in self.generation if not str(n).startswith("shapes_"))
+        if unknown:
+            raise ValueError(f"eval: generation names non-Shapes World task(s) {unknown}")
+
+
+@dataclass
+class EvalResult(TrainResult):
+    """A TrainResult (what the launcher reads) plus where the eval wrote its results.
+
+    step: documents scored over all tasks; last_loss: NaN (an eval has no loss).
+    """
+
+    results_path: Path | None = None
+    primary: dict[str, float] = field(default_factory=dict)  # task -> primary metric value
+
+
+class _Interrupted(Exception):
+    """Raised from the signal handler to leave run_eval; the cache keeps finished work."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """While evaluating, SIGTERM / SIGUSR1 raise `_Interrupted` (main thread only)."""
+
+    def __init__(self) -> None:
+        self._previous: dict[signal.Signals, Any] = {}
+
+    @staticmethod
+    def _handle(signum: int, frame: FrameType | None) -> None:
+        del frame
+        raise _Interrupted(signum)
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def find_tasks_dir(tasks_dir: str | os.PathLike[str] | None) -> Path:
+    """The suite's task directory: as given, else `eval_suite/tasks` above cwd or this file."""
+    if tasks_dir is not None:
+        path = Path(tasks_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"tasks_dir: {path} is not a directory")
+        return path
+    for base in (Path.cwd(), *Path(__file__).resolve().parents):
+        candidate = base / "eval_suite" / "tasks"
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("tasks_dir: no eval_suite/tasks found; set stage.params.tasks_dir")
+
+
+def _export_version(data_root: Path) -> str | None:
+    from setokim.data.eval_export import EVAL_DIR, EXPORT_MANIFEST
+
+    path = data_root / EVAL_DIR / EXPORT_MANIFEST
+    if not path.is_file():
+        return None
+    return str(json.loads(path.read_text(encoding="utf-8"))["data_version"])
+
+
+def prepare_eval_data(cfg: EvalStageConfig, data_root: Path, rank: int) -> None:
+    """Rank 0 generates (if allowed) and exports the eval documents; other ranks wait."""
+    from setokim.data.eval_export import export_eval_data, export_version
+    from setokim.data.shards import dataset_version
+    from setokim.stages.common import ensure_dataset
+
+    if rank != 0:
+        start = time.monotonic()
+        while _export_version(data_root) is None:
+            if time.monotonic() - start > cfg.wait_timeout_s:
+                raise TimeoutError(f"rank {rank}: rank 0 did not export eval data to {data_root}")
+            time.sleep(1.0)
+        return
+    shard_dir = Path(cfg.shard_dir)
+    if not (shard_dir / "manifest.json").is_file():
+        if not cfg.generate_if_missing:
+            raise FileNotFoundError(
+                f"shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
+            )
+        ensure_dataset(
+            shard_dir,
+            train=cfg.generate_train,
+            image_size=cfg.generate_image_size,
+            seed=cfg.generate_seed,
+        )
+    wanted = export_version(dataset_version(shard_dir), cfg.split, cfg.export_limit)
+    found = _export_version(data_root)
+    if found == wanted:
+        return
+    if found is not None:
+        # Cached predictions are keyed by document id, not data version: never mix exports.
+        raise ValueError(
+            f"data_root: {data_root} holds an export of {found!r}, this run wants {wanted!r}; "
+            "use a new run dir or data_root"
+        )
+    export_eval_data(shard_dir, cfg.split, data_root, limit=cfg.export_limit)
+
+
+def build_adapter(cfg: EvalStageConfig) -> Any:
+    """The SeTokIM adapter: an exported checkpoint, or a seeded random tiny model."""
+    from setokim.model.eval_adapter import SeTokIMAdapter
+
+    if cfg.checkpoint is not None:
+        path = Path(cfg.checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint: {path} is not a SeTokIM export directory")
+        return SeTokIMAdapter.from_pretrained(path, batch_size=cfg.batch_size)
+    import torch
+
+    from setokim.model.build import build_tiny_setokim
+    from setokim.model.config import SeTokIMConfig
+
+    torch.manual_seed(cfg.seed)
+    model = build_tiny_setokim(SeTokIMConfig(seed=cfg.seed))
+    return SeTokIMAdapter(model, batch_size=cfg.batch_size)
+
+
+@dataclass
+class EvalStage:
+    """Evaluate one model on Shapes World in `run_dir/eval` (see module doc)."""
+
+    cfg: EvalStageConfig
+
+    def run(self, run_dir: str | os.PathLike[str], wandb: Any = None) -> EvalResult:
+        del wandb  # metrics go to results.json; the leaderboard reads them from there
+        from setok_eval.runner import resolve_rank, run_eval
+        from setokim.data.eval_export import shapes_tasks
+
+        cfg = self.cfg
+        root = Path(run_dir)
+        rank, world_size = resolve_rank()
+        data_root = Path(cfg.data_root) if cfg.data_root else root / DATA_SUBDIR
+        prepare_eval_data(cfg, data_root, rank)
+        tasks = shapes_tasks(find_tasks_dir(cfg.tasks_dir), data_root, cfg.tasks)
+        tasks = [
+            replace(t, generation={**t.generation, **cfg.generation[t.name]})
+            if t.name in cfg.generation
+            else t
+            for t in tasks
+        ]
+        from setok_eval.metrics.image import load_feature_extractor
+
+        extractors = {k: load_feature_extractor(p, kind=k) for k, p in cfg.extractors.items()}
+        adapter = build_adapter(cfg)
+        start = time.perf_counter()
+        try:
+            with _StopOnSignal():
+                results = run_eval(
+                    adapter, tasks, root / EVAL_SUBDIR, rank=rank, world_size=world_size,
+                    data_root=data_root, batch_size=cfg.batch_size, limit=cfg.limit,
+                    extractors=extractors,
+                    n_resamples=cfg.n_resamples, seed=cfg.seed,
+                    wait_timeout_s=cfg.wait_timeout_s, progress=cfg.progress,
+                )  # fmt: skip
+        except _Interrupted as stop:
+            print(f"eval: stopped by signal {stop.signum}; a relaunch resumes from the cache")
+            return _result(0, time.perf_counter() - start, world_size, preempted=True,
+                           signum=stop.signum)  # fmt: skip
+        seconds = time.perf_counter() - start
+        if results is None:  # ranks > 0: rank 0 scores and writes results.json
+            return _result(0, seconds, world_size)
+        entries = results["tasks"]
+        primary = {
+            name: float(e["metrics"][e["primary"]]["value"])
+            for name, e in entries.items()
+            if e["metrics"].get(e["primary"], {}).get("value") is not None
+        }
+        n = sum(int(e["n"]) for e in entries.values())
+        out = _result(n, seconds, world_size)
+        out.results_path = root / EVAL_SUBDIR / "results.json"
+        out.primary = primary
+        for name, value in primary.items():
+            print(f"eval: {name} {entries[name]['primary']} = {value:.4g} (n={entries[name]['n']})")
+        return out
+
+
+def _result(
+    n: int,
+    seconds: float,
+    world_size: int,
+    *,
+    preempted: bool = False,
+    signum: int | None = None,
+) -> EvalResult:
+    return EvalResult(
+        step=n, last_loss=math.nan, skipped_steps=0, checkpoint=None, preempted=preempted,
+        resumed_from=0, loop_seconds=seconds, samples_per_s=n / seconds if seconds > 0 else 0.0,
+        world_size=world_size, signal=signum,
+    )  # fmt: skip
+
+
+def build(cfg: Mapping[str, Any]) -> EvalStage:
+    """Registry entry: checks the params (cheap: nothing is loaded until `run`)."""
+    check_keys(EvalStageConfig, cfg, "eval", "params")
+    values = dict(cfg)
+    if "tasks" in values:
+        tasks = values["tasks"]
+        if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+            raise ValueError(f"eval: tasks must be a list of task names, got {tasks!r}")
+        values["tasks"] = [str(t) for t in tasks]
+    gen = values.get("generation") or {}
+    if not isinstance(gen, Mapping) or not all(isinstance(v, Mapping) for v in gen.values()):
+        raise ValueError("eval: generation must map task names to settings mappings")
+    values["generation"] = {str(k): dict(v) for k, v in gen.items()}
+    ext = values.get("extractors") or {}
+    if not isinstance(ext, Mapping):
+        raise ValueError(f"eval: extractors must map names to local paths, got {ext!r}")
+    values["extractors"] = {str(k): str(v) for k, v in ext.items()}
+    return EvalStage(EvalStageConfig(**values))
