@@ -16,17 +16,13 @@ import pytest
 import torch
 
 from setokim.stages import build_stage
-from setokim.train import TrainerConfig, latest_checkpoint, load_model_state, train
+from setokim.train import latest_checkpoint, load_model_state
 
 pytestmark = pytest.mark.slow
 
 TOY = {"hidden": 32, "depth": 2, "dropout": 0.1}
 SETTINGS = {"max_steps": 30, "micro_batch_size": 8, "grad_accum": 2, "lr": 3e-3,
             "warmup_steps": 3, "ckpt_every": 3, "keep_last": 2, "log_every": 1}  # fmt: skip
-
-
-def _cfg() -> TrainerConfig:
-    return TrainerConfig(**SETTINGS, progress=False)
 
 
 def _spawn(run_dir: Path) -> subprocess.Popen:
@@ -58,10 +54,20 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_model_state(latest_checkpoint(run_dir), model).state_dict()
 
 
+def _run_to_end(run_dir: Path) -> dict:
+    """Train (or resume) in a fresh process, as the killed run did: the same thread
+    settings and import state, so bit-identity is not at the mercy of whatever earlier
+    tests in this pytest process changed (torch.set_num_threads, say)."""
+    proc = _spawn(run_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     run_dir = tmp_path_factory.mktemp("straight")
-    train(build_stage("toy", TOY), _cfg(), run_dir)
+    _run_to_end(run_dir)
     return _weights(run_dir)
 
 
@@ -82,8 +88,8 @@ def test_sigkill_at_random_step_then_resume(tmp_path: Path, reference: dict) -> 
     assert proc.returncode == -signal.SIGKILL
     saved = _latest_step(tmp_path)
     assert kill_after <= saved < SETTINGS["max_steps"]
-    resumed = train(build_stage("toy", TOY), _cfg(), tmp_path)
-    assert resumed.resumed_from == saved and resumed.step == SETTINGS["max_steps"]
+    resumed = _run_to_end(tmp_path)
+    assert resumed["resumed_from"] == saved and resumed["step"] == SETTINGS["max_steps"]
     _assert_bit_identical(_weights(tmp_path), reference, f"killed after step {saved}")
 
 
@@ -96,6 +102,6 @@ def test_sigterm_saves_exits_cleanly_then_resume(tmp_path: Path, reference: dict
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["preempted"] and summary["signal"] == signal.SIGTERM
     assert summary["step"] == _latest_step(tmp_path) >= 3
-    resumed = train(build_stage("toy", TOY), _cfg(), tmp_path)
-    assert resumed.resumed_from == summary["step"]
+    resumed = _run_to_end(tmp_path)
+    assert resumed["resumed_from"] == summary["step"]
     _assert_bit_identical(_weights(tmp_path), reference, f"stopped at step {summary['step']}")
