@@ -122,6 +122,24 @@ def test_kl_grad_reaches_cluster_masks_only_and_falls():
     assert loss.item() < 0.2 * first
 
 
+def test_kl_gradient_flows_through_hard_straight_through_masks():
+    """Hard masks are exactly 0/1 in the forward pass; the KL must still reach the soft
+    masks behind them (straight-through), or hard assignment could never be trained."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 16, requires_grad=True)
+    soft = logits.softmax(1)
+    hard = torch.nn.functional.one_hot(soft.argmax(1), 3).permute(0, 2, 1).float()
+    masks = hard + soft - soft.detach()
+    objects = torch.zeros(1, 2, 16)
+    objects[0, 0, :6] = 1
+    objects[0, 1, 6:10] = 1
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    loss = mask_consistency_kl(masks, valid, objects, torch.ones(1, 2, dtype=torch.bool))
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 1e-3
+
+
 def test_kl_ignores_invalid_clusters_objects_and_positions():
     objects, logits = _random_case(5)
     cvalid = torch.tensor([[True, True, True, False], [True, True, False, False]])

@@ -84,7 +84,10 @@ def mask_consistency_kl(
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     cvalid = cluster_valid.bool()
-    m = cluster_masks.float().clamp(min=0) * cvalid[..., None]
+    raw = cluster_masks.float()
+    # Clamp in the forward pass only: hard (straight-through) masks sit exactly at 0, where
+    # clamp's own gradient would cut the KL off from the tokenizer.
+    m = (raw + (raw.clamp(min=0) - raw).detach()) * cvalid[..., None]
     mass = m.sum(1)  # (B, N)
     pos = position_valid.bool() & (mass > 0)
     p = m / mass.clamp_min(_TINY)[:, None] * pos[:, None]

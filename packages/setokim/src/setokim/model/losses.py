@@ -7,6 +7,7 @@ and in which parameters train (LoRA), so one function serves both.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +25,30 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
         return logits.sum() * 0.0, 0
     loss = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)
     return loss, count
+
+
+@torch.no_grad()
+def region_embeddings(
+    tokens: Tensor, token_mask: Tensor, cluster_masks: Tensor, region_masks: Tensor
+) -> Tensor:
+    """The frozen SeTok token whose cluster best overlaps each target mask: (R,d).
+
+    tokens (R,K,d), token_mask (R,K), cluster_masks (R,K,h,w) (soft or hard) of the input
+    images; region_masks (R,H,W) in {0,1}. The Stage I mask decoder was trained with SeTok
+    tokens as queries, so the best-IoU token is a query it turns into that object's mask.
+    """
+    if region_masks.dim() != 3 or region_masks.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"region_masks must be ({tokens.shape[0]},H,W), got {tuple(region_masks.shape)}"
+        )
+    h, w = cluster_masks.shape[-2:]
+    target = F.interpolate(region_masks[:, None].float(), size=(h, w), mode="area")[:, 0]
+    clusters = cluster_masks.float().clamp(0, 1)
+    inter = (clusters * target[:, None]).sum((-2, -1))
+    union = clusters.sum((-2, -1)) + target.sum((-2, -1))[:, None] - inter
+    iou = (inter / union.clamp_min(1e-6)).masked_fill(~token_mask.bool(), -1.0)
+    best = iou.argmax(1)
+    return tokens[torch.arange(tokens.shape[0], device=tokens.device), best].detach()
 
 
 def regression_targets(
@@ -73,6 +98,7 @@ def setokim_loss(
         "regression_loss": float(reg.detach()),
         "text_targets": float(n_text),
         "visual_targets": float(n_vis),
+        "region_targets": float(getattr(out.visual, "num_regions", 0)),
     }
     return total, metrics
 
@@ -89,6 +115,7 @@ def stage_loss(model: nn.Module, layout: object) -> tuple[Tensor, dict[str, floa
 __all__ = [
     "embedding_regression_loss",
     "next_token_loss",
+    "region_embeddings",
     "regression_targets",
     "setokim_loss",
     "stage_loss",

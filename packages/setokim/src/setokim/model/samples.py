@@ -21,6 +21,12 @@ CAPTION_PROMPT = "Describe the image."
 GROUND_PROMPT = "Where is {}? Answer with a box."
 SEGMENT_PROMPT = "Segment {}."
 MODES = ("pretrain", "instruct")
+# A sample whose key ends with this is a segmentation sample: its last image is the target
+# mask (broadcast to 3 channels) standing in the output slot, and its first image is the
+# input. The model replaces that slot by ONE region embedding of the frozen SeTok (see
+# `setokim.model.losses.region_embeddings`): the query `Generator.segment` feeds the mask
+# decoder is what the regression head predicts from `[Img]`'s hidden state.
+REGION_KEY_SUFFIX = "#region"
 
 
 def format_box(box: Sequence[float]) -> str:
@@ -64,16 +70,58 @@ def conversation_messages(turns: Sequence[Mapping[str, str]], image: Tensor) -> 
     return messages
 
 
+def segment_sample(
+    image: Tensor, mask: Tensor, expression: str, mode: str, template: ChatTemplateConfig, key: str
+) -> Sample:
+    """Image + "Segment {expression}." → one output slot whose target is the mask's region.
+
+    Instruct mode renders the same chat `Generator.segment` prompts with, so the text before the
+    output `[Img]` is identical at training and inference time.
+    """
+    if mask.shape != image.shape[-2:]:
+        raise ValueError(
+            f"mask must match the image's (H,W)={tuple(image.shape[-2:])}, got {tuple(mask.shape)}"
+        )
+    if not bool(mask.bool().any()):
+        raise ValueError(f"mask of sample {key!r} is empty")
+    region = mask.to(image.dtype)[None].expand_as(image)
+    prompt = SEGMENT_PROMPT.format(expression)
+    key = key + REGION_KEY_SUFFIX
+    if mode == "pretrain":
+        segments = [Image(0), Text(" " + prompt + " "), Image(1, output=True)]
+        return Sample(segments, torch.stack([image, region]), key)
+    msgs = [Message("user", [image, prompt]), Message("assistant", [region])]
+    return render(msgs, template, key=key)
+
+
+def _target_mask(batch: Mapping[str, Any], b: int) -> Tensor | None:
+    """Item b's target mask, or None when the batch has none or it is empty (nothing to learn)."""
+    if "target_masks" not in batch:
+        return None
+    mask = torch.as_tensor(batch["target_masks"][b])
+    if mask.shape != batch["pixels"].shape[-2:]:
+        raise ValueError(
+            f"batch['target_masks'][{b}] has shape {tuple(mask.shape)}; "
+            f"expected the pixels' (H,W)={tuple(batch['pixels'].shape[-2:])}"
+        )
+    return mask if bool(mask.bool().any()) else None
+
+
 def batch_to_samples(
     batch: Mapping[str, Any], mode: str, template: ChatTemplateConfig
 ) -> list[Sample]:
-    """Convert one collated task-view batch into samples (one per item)."""
+    """Convert one collated task-view batch into samples (one per item).
+
+    rec / reasonseg batches with `target_masks` also yield one segmentation sample per item
+    (`segment_sample`), appended after the per-item samples.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     task = batch["task"]
     pixels: Tensor = batch["pixels"]
     keys = batch["key"]
     out: list[Sample] = []
+    seg: list[Sample] = []
     for b in range(pixels.shape[0]):
         img, key = pixels[b], keys[b]
         if task == "caption":
@@ -98,8 +146,14 @@ def batch_to_samples(
         elif task == "rec":
             box = format_box(batch["target_boxes"][b].tolist())
             out.append(_qa(img, GROUND_PROMPT.format(batch["expressions"][b]), box, template, key))
+            mask = _target_mask(batch, b)
+            if mask is not None:
+                seg.append(segment_sample(img, mask, batch["expressions"][b], mode, template, key))
         elif task == "reasonseg":
             out.append(_qa(img, batch["queries"][b], batch["answers"][b], template, key))
+            mask = _target_mask(batch, b)
+            if mask is not None:
+                seg.append(segment_sample(img, mask, batch["queries"][b], mode, template, key))
         elif task == "edit":
             target = batch["target_pixels"][b]
             instruction = batch["instructions"][b]
@@ -120,4 +174,4 @@ def batch_to_samples(
             )
         else:
             raise ValueError(f"batch['task'] {task!r} has no SeTokIM sample format")
-    return out
+    return out + seg

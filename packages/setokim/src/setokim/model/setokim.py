@@ -67,6 +67,7 @@ class VisualTokens:
     tokens: Tensor  # (I,K,d)
     token_mask: Tensor  # (I,K) bool
     raw: Any = None  # the tokenizer's full output (masks, features) when available
+    num_regions: int = 0  # segmentation slots whose single token is a region embedding
 
 
 @dataclass
@@ -251,6 +252,40 @@ class SeTokIM(nn.Module):
         out = self.vision_tokenizer(self.preprocess(pixels))
         return VisualTokens(out.tokens.detach(), out.token_mask.bool(), out)
 
+    @torch.no_grad()
+    def encode_layout(self, layout: SequenceLayout) -> VisualTokens:
+        """Frozen targets for a layout: SeTok tokens per image, except that the output slot of a
+        segmentation sample (`samples.REGION_KEY_SUFFIX`) becomes ONE token, the region
+        embedding of its mask over the sample's first image (`losses.region_embeddings`).
+        `raw` then covers the non-region images only."""
+        from setokim.model.losses import region_embeddings
+        from setokim.model.samples import REGION_KEY_SUFFIX
+
+        sample = layout.image_sample.to(self.device)
+        flags = [k.endswith(REGION_KEY_SUFFIX) for k in layout.keys]
+        if layout.num_images == 0 or not any(flags):
+            return self.encode_images(layout.pixels)
+        seg_sample = torch.tensor(flags, dtype=torch.bool, device=self.device)
+        region = layout.image_output.to(self.device) & seg_sample[sample]
+        # images are ordered by sample, so a sample's first image is found by searchsorted
+        first = torch.searchsorted(sample, sample[region])
+        if bool(region[first].any()):
+            bad = int(sample[region][region[first]][0])
+            raise ValueError(f"segmentation sample {bad}: its first image must be the input image")
+        pixels = layout.pixels.to(self.device)
+        enc = self.encode_images(pixels[~region])
+        row = torch.cumsum((~region).long(), 0) - 1  # image index -> row of `enc`
+        src = row[first]
+        queries = region_embeddings(
+            enc.tokens[src], enc.token_mask[src], enc.raw.masks[src], pixels[region][:, 0] > 0.5
+        )
+        I, K = layout.num_images, enc.tokens.shape[1]  # noqa: E741
+        tokens = enc.tokens.new_zeros(I, K, enc.tokens.shape[-1])
+        token_mask = torch.zeros(I, K, dtype=torch.bool, device=self.device)
+        tokens[~region], token_mask[~region] = enc.tokens, enc.token_mask
+        tokens[region, 0], token_mask[region, 0] = queries, True
+        return VisualTokens(tokens, token_mask, enc.raw, num_regions=int(region.sum()))
+
     def preprocess(self, pixels: Tensor) -> Tensor:
         """[0,1] pixels (B,3,H,W) → what the vision tokenizer's forward expects."""
         pixels = pixels.to(self.device)
@@ -263,7 +298,7 @@ class SeTokIM(nn.Module):
         """Pack text embeddings and projected visual tokens into the LLM's input batch."""
         layout = layout.to(self.device)
         if visual is None:
-            visual = self.encode_images(layout.pixels)
+            visual = self.encode_layout(layout)
         text = self.llm.get_input_embeddings()(layout.text_ids)
         vis = self.projector(visual.tokens.to(self.projector[0].weight.dtype))
         packed = pack(layout, text, vis, visual.token_mask, pad_id=self.ids.pad)
