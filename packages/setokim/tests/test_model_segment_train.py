@@ -137,8 +137,11 @@ def test_training_reduces_region_loss_and_keeps_target_frozen(base):
         with torch.no_grad():
             out = model(layout)
             v = out.visual
-            return float(embedding_regression_loss(out.hidden, model.regression_head, out.packed,
-                                                   v.tokens, v.token_mask)[0])
+            return float(
+                embedding_regression_loss(
+                    out.hidden, model.regression_head, out.packed, v.tokens, v.token_mask
+                )[0]
+            )
 
     start = region_loss()
     for _ in range(8):
