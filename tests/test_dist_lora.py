@@ -28,7 +28,16 @@ pytestmark = pytest.mark.dist
 
 RANKS = 2
 ACCUM = 2
-TRAINER = {"max_steps": 3, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "seed": 5}
+# eps well above the gradients keeps AdamW from turning bf16 rounding noise in tiny
+# gradients into whole lr-sized steps, so the two runs stay comparable.
+TRAINER = {
+    "max_steps": 3,
+    "micro_batch_size": 2,
+    "lr": 3e-3,
+    "warmup_steps": 1,
+    "seed": 5,
+    "eps": 1e-3,
+}
 
 
 class Fp32AdapterStage3(Stage3Stage):
@@ -141,8 +150,11 @@ def test_stage3_fsdp2_mixed_dtypes_match_one_process(data_dir: str, tmp_path: Pa
         assert value.dtype == before[key].dtype, key
         if not torch.equal(value, before[key]):
             changed.add(key)
-        tol = 1e-4 if value.dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(value, single[key], rtol=tol, atol=tol, msg=key)
+        if value.dtype == torch.float32:  # fp32 adapters: within 2% of the step's update
+            atol = 0.02 * float((single[key] - before[key]).abs().max()) + 1e-8
+            torch.testing.assert_close(value, single[key], rtol=0.0, atol=atol, msg=key)
+        else:  # bf16 weights and bf16 gradient accumulation: a couple of bf16 ulps
+            torch.testing.assert_close(value, single[key], rtol=2e-2, atol=2e-3, msg=key)
     frozen_changed = {k for k in changed if "lora_" not in k and not k.startswith("projector.")}
     assert not frozen_changed, sorted(frozen_changed)
     assert any("lora_B" in k for k in changed) and any(k.startswith("projector.") for k in changed)
