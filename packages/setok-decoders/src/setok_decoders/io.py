@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from setok_tokenizer.atomic import atomic_write_json, atomic_write_with
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write JSON (sorted keys) atomically."""
-    target = Path(path)
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    _atomic(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return target
 
 
 def save_module(
@@ -55,7 +35,9 @@ def save_module(
         for name, tensor in module.state_dict().items()
         if not name.startswith(exclude_prefixes)
     }
-    _atomic(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"kind": kind}))
+    atomic_write_with(
+        out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"kind": kind})
+    )
     atomic_write_json(out / CONFIG_NAME, {"kind": kind, "config": config})
     return out
 

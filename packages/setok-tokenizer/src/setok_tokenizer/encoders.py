@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from setok_tokenizer.atomic import write_dir_atomically
 from setok_tokenizer.config import EncoderConfig
 
 _SETOK_ENCODER_JSON = "setok_encoder.json"
@@ -91,34 +90,6 @@ _NORMALISATION = {
     "convnext": _IMAGENET,
 }
 _INTERPOLATING = {"vit", "siglip", "clip"}  # fixed position tables: interpolate off-size
-
-
-def write_dir_atomically(target: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
-    """Fill a temp directory next to `target`, then rename it into place.
-
-    A killed save never leaves a half-written checkpoint under the final name; an existing
-    checkpoint directory is replaced only after the new one is complete.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"save directory {target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    old = target.parent / f".{target.name}.old-{tag}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def _classes(family: str) -> tuple[type, type]:

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from setok_tokenizer.atomic import write_dir_atomically
 from setok_tokenizer.clustering import ClusterOutput, DensityPeakScores
 from setok_tokenizer.config import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
-from setok_tokenizer.encoders import VisionEncoder, write_dir_atomically
+from setok_tokenizer.encoders import VisionEncoder
 from setok_tokenizer.mechanisms import Resampler, cluster_features
 from setok_tokenizer.merger import ClusterMerger
 
