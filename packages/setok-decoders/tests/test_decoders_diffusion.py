@@ -8,7 +8,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from setok_decoders.config import DiffusionDecoderConfig, MapperConfig, NoiseScheduleConfig
+from setok_decoders.config import (
+    DiffusionDecoderConfig,
+    MapperConfig,
+    NoiseScheduleConfig,
+    tiny_unet_kwargs,
+)
 from setok_decoders.diffusion import SAMPLERS, DiffusionDecoder
 from setok_decoders.trainable import set_trainable, trainable_parameter_names, trainable_table
 
@@ -22,18 +27,7 @@ def _one_thread():
 
 
 def _config(**kw) -> DiffusionDecoderConfig:
-    unet = {
-        "sample_size": 16,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": [16, 32],
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "cross_attention_dim": 32,
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "attention_head_dim": 8,
-    }
+    unet = tiny_unet_kwargs(sample_size=16, block_out_channels=[16, 32], cross_attention_dim=32)
     mapper = MapperConfig(
         token_dim=24, num_queries=4, hidden_size=32, num_heads=4, intermediate_size=64
     )

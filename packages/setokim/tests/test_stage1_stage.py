@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from setok_decoders.config import tiny_unet_kwargs
 from setokim.stages.stage1 import (
     build,
     export_parts,
@@ -21,18 +22,13 @@ from setokim.train.rng import seed_all
 TINY_DECODER: dict[str, Any] = {
     "diffusion": {
         "image_size": 16,
-        "unet": {
-            "sample_size": 16,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": [16, 32],
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-            "cross_attention_dim": 32,
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-            "attention_head_dim": 8,
-        },
+        "unet": tiny_unet_kwargs(
+            sample_size=16,
+            block_out_channels=[16, 32],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            cross_attention_dim=32,
+        ),
         "mapper": {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                    "intermediate_size": 64},
         "cond_dropout": 0.0,

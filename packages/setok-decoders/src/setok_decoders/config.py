@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def tiny_unet_kwargs() -> dict[str, Any]:
-    """A pixel-space U-Net that runs a forward on the CPU in milliseconds."""
+def tiny_unet_kwargs(**overrides: Any) -> dict[str, Any]:
+    """A pixel-space U-Net that runs a forward on the CPU in milliseconds (keys overridable)."""
     return {
         "sample_size": 32,
         "in_channels": 3,
@@ -27,6 +27,7 @@ def tiny_unet_kwargs() -> dict[str, Any]:
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "attention_head_dim": 8,
+        **overrides,
     }
 
 
