@@ -14,7 +14,12 @@ loop references run once.
   sum((x - x_i)²), per token rho/delta, per step Algorithm 1;
 - loop_gemm: the same loops with one matmul distance matrix per image;
 - merger: ClusterMerger (2 blocks, 2 heads) batched forward vs its per-cluster forward_loop,
-  on the hard clusters above, without gradients.
+  on the hard clusters above, without gradients. Both gather only each cluster's tokens, so
+  they do the same dense-layer arithmetic; the roofline rows say how far apart they can be:
+  merger_dense_floor = the merger's linear-layer FLOPs at this machine's measured matmul
+  rate (one (tokens x D) @ (D x 4D) linear, best of the rounds), and
+  merger_loop_vs_dense_floor = the loop's time over that floor, the largest
+  merger_vs_loop any exact batched merger could reach here.
 
 Memory: each variant runs in a fresh subprocess. After its input is built (and a tiny warm-up
 has loaded the kernels) the process resets its peak-RSS counter (`5` into
@@ -22,6 +27,10 @@ has loaded the kernels) the process resets its peak-RSS counter (`5` into
 the peak extra memory, reported over the size of one fp32 (B, N, N) matrix. Where the reset
 is not permitted the rusage high-water mark delta is used instead (printed as the method).
 The floor variant is measured the same way as a calibration (about 1.0 expected).
+
+`--device cuda` runs the timed variants on the GPU (synchronising around each call) and
+measures memory as torch.cuda's peak allocation over the input's; the loop references stay
+the same code, so the ratios there say what batching buys on that device.
 
 The last line printed is one JSON object with the ratios and absolute figures.
 """
@@ -95,10 +104,44 @@ def loop(x: torch.Tensor, shape: Shape, gemm: bool = False):
     return reference_semantic_clustering(x, scores.score, shape.clusters, gemm=gemm)
 
 
+def merger_dense_flops(tokens: int, dim: int, hidden: int, blocks: int) -> int:
+    """Multiply-add FLOPs of the merger's linear layers: qkv, out, two MLP layers per block."""
+    return 2 * tokens * blocks * (3 * dim * dim + dim * dim + 2 * dim * hidden)
+
+
+def matmul_rate(tokens: int, dim: int, hidden: int, rounds: int, device: str) -> float:
+    """FLOP/s of one (tokens x dim) @ (dim x hidden) linear, best of `rounds`."""
+    a = torch.randn(tokens, dim, device=device)
+    w = torch.randn(hidden, dim, device=device)
+    F.linear(a, w)
+    best = min(timed(lambda: F.linear(a, w)) for _ in range(max(rounds, 2)))
+    return 2 * tokens * dim * hidden / best
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object]) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
+
+
+def cuda_memory(variant: str, x: torch.Tensor, shape: Shape) -> dict:
+    """Peak CUDA allocation of one call of `variant` above what was allocated before it."""
+    fn = {"floor": floor, "clustering": clustering}[variant]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn(x, shape)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return {"extra_bytes": peak - base, "method": "torch.cuda peak"}
 
 
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -164,6 +207,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds of the fast variants")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--skip-loop", action="store_true", help="skip the slow references")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timed variants)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,12 +224,15 @@ def main() -> None:
     from setok_tokenizer.merger import ClusterMerger
 
     torch.manual_seed(0)
-    x = make_features(shape)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
+    x = make_features(shape).to(args.device)
     b, n, d = x.shape
     d2_bytes = b * n * n * 4
     print(f"B={b} N={n} D={d} K={shape.clusters} knn_k={shape.knn_k} fp32 CPU")
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if args.device != "cpu" else "")
     )
 
     with torch.no_grad():
@@ -199,11 +246,15 @@ def main() -> None:
         )
         hard = clustering(x, shape, "hard")
         grid = x.reshape(b, shape.grid, shape.grid, d)
-        merger = ClusterMerger(d, num_blocks=2, num_heads=2).eval()
+        merger = ClusterMerger(d, num_blocks=2, num_heads=2).to(args.device).eval()
         merge = interleaved(
             {"merger": lambda: merger(grid, hard.masks, hard.cluster_valid)},
             max(1, args.rounds - 1),
         )
+        entries = int((hard.masks > 0).sum())
+        hidden = merger.blocks[0].mlp[0].out_features
+        rate = matmul_rate(entries, d, hidden, args.rounds, args.device)
+        dense_floor = merger_dense_flops(entries, d, hidden, len(merger.blocks)) / rate
         slow: dict[str, float] = {}
         if not args.skip_loop:
             tasks = {
@@ -220,7 +271,10 @@ def main() -> None:
 
     best = {k: min(v) for k, v in (fast | merge).items()}
     median = {k: statistics.median(v) for k, v in (fast | merge).items()}
-    mem = {v: measure_memory(v, shape, args.threads) for v in ("floor", "clustering")}
+    if args.device == "cpu":
+        mem = {v: measure_memory(v, shape, args.threads) for v in ("floor", "clustering")}
+    else:
+        mem = {v: cuda_memory(v, x, shape) for v in ("floor", "clustering")}
 
     rows = [(name, best[name], median[name], best[name] / best["floor"]) for name in best]
     rows += [(name, t, t, t / best["floor"]) for name, t in slow.items()]
@@ -230,7 +284,15 @@ def main() -> None:
     print(f"\npeak extra memory over one fp32 BxNxN ({d2_bytes / 2**20:.1f} MiB):")
     for v, m in mem.items():
         print(f"  {v:<12}{m['extra_bytes'] / d2_bytes:>6.2f}  ({m['method']})")
+    print(
+        f"merger dense floor: {entries} entries, {rate / 1e9:.1f} GFLOP/s matmul -> "
+        f"{dense_floor:.2f} s; batched merger at {dense_floor / best['merger']:.0%} of it"
+    )
     if slow:
+        print(
+            f"largest merger_vs_loop an exact batched merger could reach here: "
+            f"{slow['merger_loop'] / dense_floor:.2f}"
+        )
         print(f"reference (gemm) seeds equal ours: {agree}; max mask difference {mask_diff:.2e}")
 
     result = {
@@ -248,8 +310,13 @@ def main() -> None:
         "loop_gemm_s": slow.get("loop_gemm"),
         "merger_s": best["merger"],
         "merger_loop_s": slow.get("merger_loop"),
+        "merger_dense_floor_s": dense_floor,
+        "merger_vs_dense_floor": best["merger"] / dense_floor,
+        "merger_loop_vs_dense_floor": slow["merger_loop"] / dense_floor if slow else None,
+        "matmul_gflops": rate / 1e9,
         "shape": {"B": b, "N": n, "D": d, "K": shape.clusters, "knn_k": shape.knn_k},
         "threads": torch.get_num_threads(),
+        "device": args.device,
         "memory_method": mem["clustering"]["method"],
     }
     print(json.dumps(result))

@@ -6,7 +6,10 @@ Measured: VQA accuracy vs the blind (question-only) baseline of the dataset card
 CIDEr-D, REC Acc@0.5, ReasonSeg gIoU, editing L1, visual tokens per image of SeTok vs the
 `patch` mechanism (same trained encoder and merger, clustering.mechanism=patch), and the
 LLM's prefill FLOPs per VQA sample for both (setok_eval.metrics.flops; also for a
-Vicuna-7B-sized LLM with the same token counts). Prints a table and a final JSON line.
+Vicuna-7B-sized LLM with the same token counts). Also the segmentation ceiling that Stage I
+sets: gIoU when the mask decoder gets the true region embedding (the frozen SeTok token
+that best overlaps the target mask, the Stage III regression target) instead of the LLM's
+regressed one. Prints a table and a final JSON line.
 
     uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim
     uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim --eval-limit 16
@@ -136,6 +139,50 @@ def token_budget(model: Any, docs: list[dict[str, Any]], data_root: Path) -> dic
     }
 
 
+def oracle_segmentation(model: Any, data_root: Path, limit: int) -> dict[str, float]:
+    """Where segmentation is lost. `oracle_query`: gIoU of the mask decoder queried with each
+    ReasonSeg target's true region embedding (what Stage III regresses); `best_of_k`: mean
+    IoU of the best of the masks the decoder draws for all the image's SeTok tokens together
+    (as Stage I trains it) — the ceiling any query could reach with this Stage I."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from setok_eval.metrics.segmentation import giou_ciou
+    from setokim.model.inference import segment_masks
+    from setokim.model.losses import region_embeddings
+
+    eval_dir = data_root / "data" / "eval"
+    docs = [
+        json.loads(line) for line in (eval_dir / "shapes_reasonseg.jsonl").read_text().splitlines()
+    ][:limit]
+    size = model.vision_tokenizer.cfg.encoder.image_size
+
+    def load(rel: str, mode: str) -> np.ndarray:
+        return np.array(Image.open(eval_dir / rel).convert(mode).resize((size, size)))
+
+    pixels = torch.stack(
+        [torch.from_numpy(load(d["image"], "RGB")).permute(2, 0, 1).float() / 255 for d in docs]
+    ).to(model.device)
+    gt = [load(d["mask"], "L") > 127 for d in docs]
+    with torch.no_grad():
+        enc = model.encode_images(pixels)
+        target = torch.from_numpy(np.stack(gt)).to(model.device)
+        queries = region_embeddings(enc.tokens, enc.token_mask, enc.raw.masks, target)
+        pred = segment_masks(model, pixels, queries[:, None])
+        every = model.mask_decoder(
+            enc.tokens, enc.token_mask, enc.raw.features, output_size=(size, size)
+        )  # (B, K, H, W) logits; padded slots hold a large negative logit
+    inter = ((every > 0) & target[:, None]).sum((-2, -1)).float()
+    union = ((every > 0) | target[:, None]).sum((-2, -1)).float()
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    iou = iou.masked_fill(~enc.token_mask.bool(), 0.0)
+    return {
+        "reasonseg_giou_oracle_query": giou_ciou([p.cpu().numpy() for p in pred], gt)[0],
+        "reasonseg_iou_best_of_k": float(iou.max(1).values.mean()),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/measure_setokim"))
@@ -204,6 +251,7 @@ def main() -> int:
         "caption_cider_d": score("shapes_caption", "cider_d"),
         "rec_acc_at_0.5": score("shapes_rec", "rec_accuracy"),
         "reasonseg_giou": score("shapes_reasonseg", "giou"),
+        **oracle_segmentation(adapter.model, data_root, args.eval_limit),
         "edit_l1": score("shapes_edit", "l1"),
         **budget,
     }

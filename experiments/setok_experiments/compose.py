@@ -60,11 +60,12 @@ def validate(cfg: DictConfig) -> ExperimentConfig:
             f"stage.name: unknown stage {obj.stage.name!r}; available: {available_stages()}"
         )
     # Stage constructors only check their config (models are built later, in the job), so
-    # building one here rejects bad stage params before anything is queued.
+    # building one here rejects bad stage params (and init paths that do not exist) before
+    # anything is queued.
     params = OmegaConf.to_container(cfg.stage.params, resolve=True)
     try:
         build_stage(obj.stage.name, params)  # type: ignore[arg-type]
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
         raise ConfigError(f"stage.params ({obj.stage.name}): {err}") from None
     return obj
 

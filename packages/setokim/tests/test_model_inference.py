@@ -12,7 +12,8 @@ from setokim.model.build import build_tiny_setokim
 from setokim.model.chat import Message
 from setokim.model.config import SeTokIMConfig
 from setokim.model.eval_adapter import SeTokIMAdapter, generation_config
-from setokim.model.inference import GenerationConfig, Generator, parse_box
+from setokim.model.inference import BoxConstraint, GenerationConfig, Generator, parse_box
+from setokim.model.samples import GROUND_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,30 @@ def test_ground_returns_a_box(model):
     assert boxes[0] == box and len(boxes[1]) == 4
     assert parse_box("it is at [ 3, 4,10 , 12] ok") == [3.0, 4.0, 10.0, 12.0]
     assert parse_box("no box") is None
+
+
+def test_box_text_is_read_from_the_piece_surfaces(model):
+    """WordPiece decoding spaces digit pieces apart ("[ 5 2, 9, ..."), which no box regex
+    reads: `ground` must rebuild the text from the constrained pieces instead."""
+    tok = model.text_tokenizer
+    ids = tok("[52,9,62,20]", add_special_tokens=False)["input_ids"]
+    gen = Generator(model)
+    constraint = BoxConstraint(tok, gen.end_ids)
+    assert parse_box(constraint.surface(ids)) == [52.0, 9.0, 62.0, 20.0]
+    samples = [gen.prompt_sample([_img(s)], GROUND_PROMPT.format("the star")) for s in (0, 1)]
+    texts = gen.generate_text(
+        samples,
+        GenerationConfig(max_new_tokens=24),
+        constraint=constraint,
+        decode=constraint.surface,
+    )
+    assert all(parse_box(t) is not None for t in texts), texts  # never the fallback box
+
+
+def test_ground_box_lies_inside_the_image(model):
+    for seed in range(3):
+        x0, y0, x1, y1 = model.ground(_img(seed), "the red circle")
+        assert 0 <= x0 <= x1 <= 64 and 0 <= y0 <= y1 <= 64
 
 
 def test_segment_returns_image_sized_bool_mask(model):

@@ -199,3 +199,74 @@ def test_collate_errors_name_the_sample(tok, ids):
     bad = Sample([Image(0)], torch.rand(1, 1, 8, 8))
     with pytest.raises(ValueError, match=r"samples\[0\]\.images"):
         collate_sequences([bad], tok, ids)
+
+
+def _segmentation(key: str = "seg") -> Sample:
+    """Input image, prompt, then the region mask in the output slot (`region_images`)."""
+    return Sample([Image(0), Text(" segment it "), Image(1, output=True)], _images(2), key, (1,))
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 0, 1], [1, 3, 0, 2]])
+def test_region_flag_marks_exactly_the_region_images(tok, ids, order):
+    samples = _samples() + [_segmentation()]
+    samples = [samples[i] for i in order]
+    layout = collate_sequences(samples, tok, ids)
+    expected = []  # per layout image, in sample order then appearance order
+    for s in samples:
+        for seg in s.segments:
+            if isinstance(seg, Image):
+                expected.append(seg.index in s.region_images)
+    assert layout.image_is_region.tolist() == expected
+    assert sum(expected) == 1
+    region = int(layout.image_is_region.nonzero()[0, 0])
+    assert int(layout.image_sample[region]) == order.index(3)
+    assert bool(layout.image_output[region])
+    # the flag survives a device move, and hand-built layouts default to "no regions"
+    assert torch.equal(layout.to("cpu").image_is_region, layout.image_is_region)
+    plain = collate_sequences(_samples(), tok, ids)
+    assert plain.image_is_region.tolist() == [False] * plain.num_images
+
+
+def test_region_images_errors_name_the_sample(tok, ids):
+    ok = Sample([Text("a")])
+    cases = [
+        (Sample([Image(0), Image(1, output=True)], _images(2), region_images=(2,)), "holds 2"),
+        (Sample([Image(0), Image(1)], _images(2), region_images=(1,)), "used as an input"),
+        (Sample([Image(1, output=True), Image(0)], _images(2), region_images=(1,)), "comes first"),
+        (Sample([Image(0)], _images(2), region_images=(1,)), "not placed"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=rf"samples\[1\].*{message}"):
+            collate_sequences([ok, bad], tok, ids)
+
+
+def test_long_samples_are_cut_at_max_text_tokens_dropping_cut_images(tok, ids, caplog):
+    long_text = " ".join(["red circle"] * 20)
+    samples = [
+        Sample([Text("short"), Image(0), Text("ok", train=True)], _images(1), key="short"),
+        Sample(
+            [Text("look"), Image(0), Text(long_text, train=True), Image(1), Text("end")],
+            _images(2),
+            key="long",
+        ),
+    ]
+    full = collate_sequences(samples, tok, ids)
+    closing = int(full.image_after[2])  # index of the long sample's second [/Img]
+    cap = closing  # keeps that image's [Img] (at cap - 1) but not its [/Img]
+    with caplog.at_level("WARNING", logger="setokim.packing"):
+        cut = collate_sequences(samples, tok, ids, max_text_tokens=cap)
+    assert "'long'" in caplog.text and f"cut to {cap - 1}" in caplog.text
+    assert int(cut.text_len[0]) == int(full.text_len[0])  # under the cap: unchanged
+    assert torch.equal(cut.text_ids[0], full.text_ids[0][: cut.text_ids.shape[1]])
+    # the long sample keeps its first image and the text before the dropped image's [Img]
+    assert int(cut.text_len[1]) == cap - 1
+    assert cut.num_images == 2 and cut.image_sample.tolist() == [0, 1]
+    assert cut.pixels is not None and torch.equal(cut.pixels[1], samples[1].images[0])
+    assert int((cut.text_ids[1] == ids.img_start).sum()) == 1
+    kept = full.text_ids[1, : cap - 1]
+    assert torch.equal(cut.text_ids[1, : cap - 1], kept)
+    # a cap inside the first image's span drops every image (both samples are cut here)
+    tiny = collate_sequences(samples, tok, ids, max_text_tokens=3)
+    assert tiny.num_images == 0 and tiny.pixels is None
+    assert max(tiny.text_len.tolist()) <= 3
+    assert not bool((tiny.text_ids == ids.img_start).any())  # no [Img] left dangling

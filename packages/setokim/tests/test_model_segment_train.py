@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from setokim.model.config import SeTokIMConfig
 from setokim.model.losses import embedding_regression_loss, region_embeddings, stage_loss
+from setokim.model.packing import Image, Sample, Text
 from setokim.model.samples import REGION_KEY_SUFFIX, batch_to_samples
 from setokim.model.setokim import SeTokIM
 
@@ -65,12 +66,14 @@ def test_rec_batch_yields_region_target_from_the_mask(base, mode):
     assert len(samples) == 4  # two box answers, then two segmentation samples
     seg = samples[2:]
     assert [s.key for s in seg] == ["k0" + REGION_KEY_SUFFIX, "k1" + REGION_KEY_SUFFIX]
+    assert [s.region_images for s in samples] == [(), (), (1,), (1,)]
     assert torch.equal(seg[1].images[1, 0] > 0.5, batch["target_masks"][1])
     layout = base.collate(samples)
     visual = base.encode_layout(layout)
     assert visual.num_regions == 2
     region = layout.image_output
     assert region.tolist() == [False, False, False, True, False, True]
+    assert layout.image_is_region.tolist() == region.tolist()
     assert visual.token_mask[region].sum(1).tolist() == [1, 1]  # one query token per slot
     for b, i in enumerate(region.nonzero()[:, 0].tolist()):
         _, tokens = _cluster_regions(base, pixels[b])
@@ -155,3 +158,28 @@ def test_training_reduces_region_loss_and_keeps_target_frozen(base):
     for k, v in model.vision_tokenizer.state_dict().items():
         assert torch.equal(v, before_tok[k]), k
     torch.testing.assert_close(model.encode_layout(layout).tokens, target.tokens)
+
+
+def test_key_suffix_alone_does_not_make_a_segmentation_sample(base):
+    """An edit-like sample whose key ends in the suffix keeps full SeTok tokens in its output
+    slot; the same sample with `region_images` set gets one region token instead."""
+    pixels = _pixels(2, seed=5)
+    pixels[1] = (pixels[1] > 0.5).float()  # a valid mask too, so only the flag differs
+    segments = [Image(0), Text(" make it so "), Image(1, output=True)]
+    plain = Sample(segments, pixels, "edit7" + REGION_KEY_SUFFIX)
+    layout = base.collate([plain])
+    assert layout.image_is_region.tolist() == [False, False]
+    visual = base.encode_layout(layout)
+    direct = base.encode_images(pixels)
+    assert visual.num_regions == 0
+    torch.testing.assert_close(visual.tokens, direct.tokens)
+    assert torch.equal(visual.token_mask, direct.token_mask)
+    assert int(visual.token_mask[1].sum()) > 1
+    _, metrics = stage_loss(base, layout)
+    assert metrics["region_targets"] == 0.0
+    assert metrics["visual_targets"] == float(direct.token_mask[1].sum())
+
+    flagged = base.collate([Sample(segments, pixels, "edit7", region_images=(1,))])
+    assert flagged.image_is_region.tolist() == [False, True]
+    region = base.encode_layout(flagged)
+    assert region.num_regions == 1 and region.token_mask[1].sum() == 1

@@ -44,7 +44,7 @@ def test_pipeline_chains_exports_and_skips_finished_steps(tmp_path: Path) -> Non
     third = run_pipeline(steps, tmp_path / "run")
     assert [r.skipped for r in third.steps] == [True, False]
     assert third.last is not None and third.last.resumed_from == 2
-    assert (s3 / "export" / "model.safetensors").is_file()
+    assert (s3 / "export" / "adapter_model.safetensors").is_file()  # adapters over stage2
 
 
 def test_pipeline_config_errors_name_the_step(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ FILE_FIELDS = ("image", "target", "mask", "masks")
 def load_documents(
     task: TaskSpec, data_root: str | os.PathLike[str] | None = None
 ) -> tuple[list[dict[str, Any]], str]:
-    """Documents of a task (sorted by id) and the data version (explicit, else a file hash)."""
+    """Documents of a task (sorted by id) and the data version: explicit in the task, else
+    the `data_version` the documents carry, else a hash of the file."""
     path = task.resolve_data(data_root)
     if not path.is_file():
         raise FileNotFoundError(f"task {task.name!r}: data file not found: {path}")
@@ -52,8 +53,21 @@ def load_documents(
                     doc[key] = str((path.parent / doc[key]).resolve())
             docs.append(doc)
     docs.sort(key=lambda d: d["id"])
-    version = task.data_version or f"sha256:{file_hash(path)}"
-    return docs, version
+    return docs, task.data_version or documents_version(docs) or f"sha256:{file_hash(path)}"
+
+
+def documents_version(docs: list[dict[str, Any]]) -> str | None:
+    """The dataset version the documents themselves carry (`data_version`, as our exporters
+    write it) when all agree; None when absent. Documents of two versions in one file are an
+    error: the file mixes releases."""
+    versions = {str(d["data_version"]) for d in docs if "data_version" in d}
+    if not versions:
+        return None
+    if len(versions) > 1 or any("data_version" not in d for d in docs):
+        raise ValueError(
+            f"documents carry more than one data_version (or some lack it): {sorted(versions)}"
+        )
+    return versions.pop()
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:

@@ -33,6 +33,8 @@ _LAZY = {
     "read_manifest": "setokim.data.shards",
     "dataset_version": "setokim.data.shards",
     "check_shards": "setokim.data.check",
+    "merge_datasets": "setokim.data.merge",
+    "MergeSource": "setokim.data.merge",
 }
 
 

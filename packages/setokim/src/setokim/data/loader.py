@@ -7,23 +7,38 @@ Order of an epoch (the same on every rank, so ranks agree without talking):
    p % world_size == rank ("sample" mode); either way no sample goes to two ranks;
 3. a seeded shuffle buffer per rank on the raw (undecoded) samples;
 4. with `even`, every rank keeps the same count (the smallest rank's, from the manifest);
+then, for one task (task != "mix"):
 5. the first `start_sample` samples are skipped undecoded (resume);
-6. the rest is cut into chunks of `batch_size`; DataLoader worker w decodes chunks
-   c % num_workers == w, and torch's DataLoader returns them round-robin, so the batch
-   order does not depend on num_workers.
+6. the rest is cut into chunks of `batch_size`; a sample without the task adds no item, so
+   such a chunk gives a short batch (or none); with `expand` a chunk gives as many batches
+   as its items need. DataLoader worker w decodes chunks c % num_workers == w, and torch's
+   DataLoader returns them round-robin, so the batch order does not depend on num_workers.
+For a task mix (task="mix"; see `plan_mix`, which reads only the annotations):
+5. every sample draws one task among the mix tasks it has (weights restricted to those and
+   renormalised; the draw is seeded by (seed, epoch, key), so every rank, worker and resume
+   agrees); a sample with none of them is skipped, counted and logged at the end of the epoch;
+6. the drawn items wait (undecoded) in one buffer per task; when a buffer holds
+   `batch_size` items they become the next batch, so every batch is full and of one task.
+   With `expand` every item of the sample goes to the drawn task; items that overflow the
+   open batch start the task's next batch (the sample is then decoded by both). Items left
+   in the buffers at the end of the epoch are dropped. With `even`, every rank keeps the
+   smallest rank's batch count;
+7. the first `start_batch` batches are skipped (their samples are read, never decoded);
+   worker w decodes batches start_batch + w, + 2w, ... (every num_workers-th), again
+   returned round-robin.
 
 Errors: a shard that cannot be read, holds fewer samples than the manifest says, or a sample
 that cannot be decoded raises DataError naming the shard and key (on_error="raise"), or is
-logged and counted (on_error="skip").
+logged and counted (on_error="skip"); a skipped sample leaves its batch one item short.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -32,6 +47,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 from setokim.data.collate import collate
 from setokim.data.config import DataConfig
 from setokim.data.decode import DataError, decode_sample
+from setokim.data.mix_plan import IndexEntry, MixPlan, index_shard, plan_mix
 from setokim.data.schema import TASKS
 from setokim.data.shards import read_manifest
 from setokim.data.views import items_for
@@ -39,6 +55,8 @@ from setokim.data.views import items_for
 log = logging.getLogger("setokim.data")
 
 DEFAULT_MIX = {t: 1.0 for t in TASKS if t != "chat"}
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,6 +113,9 @@ def plan_rank(
     return RankPlan(mine, mode, count)
 
 
+_WARNED_ABSENT: set[tuple[str, str, str]] = set()
+
+
 class ShardDataset(IterableDataset):
     """Yields collated batches of one rank; see the module docstring for the order."""
 
@@ -110,29 +131,76 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
         self.cfg = cfg
         self.rank, self.world_size, self.split_mode = rank, world_size, split_mode
-        self.start_sample = 0
+        self.start_sample = 0  # resume position of a single task (samples)
+        self.start_batch = 0  # resume position of a mix (batches)
         self.skipped = 0
-        weights = cfg.mix_weights or DEFAULT_MIX
+        weights = dict(cfg.mix_weights or DEFAULT_MIX)
         for t, w in weights.items():
             if t not in TASKS or w < 0:
                 raise ValueError(f"mix_weights: {t!r}={w} (tasks {TASKS}, weights >= 0)")
-        total = sum(weights.values())
-        if cfg.task == "mix" and total <= 0:
+        if cfg.task == "mix" and sum(weights.values()) <= 0:
             raise ValueError("mix_weights must have a positive weight")
-        self.mix_tasks = list(weights)
-        self.mix_p = np.asarray([weights[t] / total for t in self.mix_tasks]) if total > 0 else None
-        self.plan = self._plan()
+        self.mix_weights = weights
+        self.mix: MixPlan | None = None
+        self.rank_items: list[dict[str, int]] = []  # items drawn per task, every rank (mix)
+        self.plan = self._plan(rank)
+        if cfg.task == "mix":
+            self._plan_mix()
 
-    def _plan(self) -> RankPlan:
+    def _plan(self, rank: int) -> RankPlan:
         c = self.cfg
         return plan_rank(
-            c.shard_dir, c.split, self.rank, self.world_size,
+            c.shard_dir, c.split, rank, self.world_size,
             seed=c.seed, epoch=c.epoch, shuffle=c.shuffle, even=c.even, split_mode=self.split_mode,
         )  # fmt: skip
 
+    def _plan_mix(self) -> None:
+        """Plan this epoch of the mix for every rank (needed for `even` and the counts)."""
+        c = self.cfg
+        plans = [self._plan(r) for r in range(self.world_size)]
+        index = {p: index_shard(p) for rp in plans for p, _ in rp.shards}
+        self._warn_absent(index)
+        mixes = [
+            plan_mix(
+                self._rank_order([index[p] for p, _ in rp.shards], rp, r),
+                self.mix_weights,
+                c.batch_size,
+                seed=c.seed,
+                epoch=c.epoch,
+                expand=c.expand,
+            )  # fmt: skip
+            for r, rp in enumerate(plans)
+        ]
+        mine = mixes[self.rank]
+        if c.even:
+            n = min(len(m.batches) for m in mixes)
+            mine.batches, mine.done_at = mine.batches[:n], mine.done_at[:n]
+        self.mix, self.rank_items = mine, [m.items for m in mixes]
+        for e in mine.bad:
+            self._fail(DataError(e.shard, e.key, e.error))
+
+    def _warn_absent(self, index: dict[Path, list[IndexEntry]]) -> None:
+        """Warn once per process for each weighted mix task that no sample of the split has."""
+        have = [
+            any(e.items and e.items[i] for es in index.values() for e in es)
+            for i in range(len(TASKS))
+        ]
+        for t, w in self.mix_weights.items():
+            tag = (str(self.cfg.shard_dir), self.cfg.split, t)
+            if w > 0 and not have[TASKS.index(t)] and tag not in _WARNED_ABSENT:
+                _WARNED_ABSENT.add(tag)
+                log.warning(
+                    "mix task %r (weight %g) is in no sample of split %r of %s: never drawn",
+                    t, w, self.cfg.split, self.cfg.shard_dir,
+                )  # fmt: skip
+
     def set_epoch(self, epoch: int) -> None:
+        if epoch == self.cfg.epoch:
+            return  # the plans are pure functions of the epoch: nothing to redo
         self.cfg.epoch = epoch
-        self.plan = self._plan()
+        self.plan = self._plan(self.rank)
+        if self.cfg.task == "mix":
+            self._plan_mix()
 
     def _fail(self, err: DataError) -> None:
         if self.cfg.on_error == "raise":
@@ -163,58 +231,65 @@ class ShardDataset(IterableDataset):
                 )
             )
 
-    def raw_stream(self) -> Iterator[dict[str, Any]]:
-        """Steps 1-4: this rank's undecoded samples in epoch order (exactly plan.count)."""
-        c, plan = self.cfg, self.plan
-        stream: Iterator[dict[str, Any]] = (
-            raw for path, n in plan.shards for raw in self._read_shard(path, n)
-        )
+    def _rank_order(self, shards: Sequence[Iterable[T]], plan: RankPlan, rank: int) -> Iterator[T]:
+        """Steps 2-4 over per-shard sequences (raw samples, or their index entries)."""
+        c = self.cfg
+        stream: Iterator[T] = (x for s in shards for x in s)
         if plan.mode == "sample":
-            stream = (raw for p, raw in enumerate(stream) if p % self.world_size == self.rank)
+            stream = (x for p, x in enumerate(stream) if p % self.world_size == rank)
         if c.shuffle and c.shuffle_buffer > 1:
-            stream = _buffer_shuffle(
-                stream, c.shuffle_buffer, np.random.default_rng([c.seed, c.epoch, self.rank, 7])
-            )
-        for p, raw in enumerate(stream):
+            rng = np.random.default_rng([c.seed, c.epoch, rank, 7])
+            stream = _buffer_shuffle(stream, c.shuffle_buffer, rng)
+        for p, x in enumerate(stream):
             if p >= plan.count:
                 return
-            yield raw
+            yield x
+
+    def raw_stream(self) -> Iterator[dict[str, Any]]:
+        """Steps 1-4: this rank's undecoded samples in epoch order (exactly plan.count)."""
+        shards = [self._read_shard(path, n) for path, n in self.plan.shards]
+        return self._rank_order(shards, self.plan, self.rank)
+
+    @property
+    def full_batches(self) -> int:
+        """Full batches in this epoch from its start (a mix: exact; one task: count // bsz)."""
+        if self.mix is not None:
+            return len(self.mix.batches)
+        return self.plan.count // self.cfg.batch_size
 
     def __len__(self) -> int:
-        """Batches this rank yields from start_sample (exact when every sample has the task)."""
+        """Batches this rank yields from the resume position (one task: exact when every
+        sample has the task and expand is off)."""
+        if self.mix is not None:
+            return max(0, len(self.mix.batches) - self.start_batch)
         left = max(0, self.plan.count - self.start_sample)
         return -(-left // self.cfg.batch_size)
 
-    def _chunk_task(self, chunk: int) -> str:
-        if self.cfg.task != "mix":
-            return self.cfg.task
-        rng = np.random.default_rng([self.cfg.seed, self.cfg.epoch, self.rank, chunk, 11])
-        return self.mix_tasks[int(rng.choice(len(self.mix_tasks), p=self.mix_p))]
-
-    def _batches(self, chunk: int, raws: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _items(
+        self, raw: dict[str, Any], task: str, start: int, stop: int | None
+    ) -> list[dict[str, Any]]:
+        """Items [start, stop) of one raw sample for `task`; [] (counted) if it cannot decode."""
         c = self.cfg
-        task = self._chunk_task(chunk)
-        items: list[dict[str, Any]] = []
-        for raw in raws:
-            try:
-                d = decode_sample(raw, c.image_size)
-                items.extend(items_for(d, task, seed=c.seed, epoch=c.epoch, expand=c.expand))
-            except DataError as err:
-                self._fail(err)
-            except Exception as exc:  # noqa: BLE001 - bad annotations name shard and key
-                self._fail(
-                    DataError(
-                        str(raw.get("__url__")),
-                        str(raw.get("__key__")),
-                        f"{type(exc).__name__}: {exc}",
-                    )
+        try:
+            d = decode_sample(raw, c.image_size)
+            return items_for(d, task, seed=c.seed, epoch=c.epoch, expand=c.expand)[start:stop]
+        except DataError as err:
+            self._fail(err)
+        except Exception as exc:  # noqa: BLE001 - bad annotations name shard and key
+            self._fail(
+                DataError(
+                    str(raw.get("__url__")), str(raw.get("__key__")), f"{type(exc).__name__}: {exc}"
                 )
-        for i in range(0, len(items), c.batch_size):
-            yield collate(items[i : i + c.batch_size], task)
+            )
+        return []
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    def _batches(self, raws: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        task, bsz = self.cfg.task, self.cfg.batch_size
+        items = [it for raw in raws for it in self._items(raw, task, 0, None)]
+        for i in range(0, len(items), bsz):
+            yield collate(items[i : i + bsz], task)
+
+    def _iter_single(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
         bsz, chunk, buf = self.cfg.batch_size, 0, []
         for p, raw in enumerate(self.raw_stream()):
             if p < self.start_sample:
@@ -223,10 +298,52 @@ class ShardDataset(IterableDataset):
                 buf.append(raw)
             if (p - self.start_sample + 1) % bsz == 0:
                 if buf:
-                    yield from self._batches(chunk, buf)
+                    yield from self._batches(buf)
                 chunk, buf = chunk + 1, []
         if buf:
-            yield from self._batches(chunk, buf)
+            yield from self._batches(buf)
+
+    def _iter_mix(self, mix: MixPlan, wid: int, nw: int) -> Iterator[dict[str, Any]]:
+        """Step 7: read the stream, hold the raw samples of this worker's pending batches."""
+        mine = list(range(self.start_batch + wid, len(mix.batches), nw))
+        last_use = {pos: k for k in mine for pos, _, _ in mix.batches[k][1]}
+        held: dict[int, dict[str, Any]] = {}
+        nxt = 0
+        for p, raw in enumerate(self.raw_stream()):
+            if nxt == len(mine):
+                break
+            if p >= len(mix.keys) or raw["__key__"] != mix.keys[p]:
+                want = mix.keys[p] if p < len(mix.keys) else None
+                raise DataError(
+                    str(raw.get("__url__")),
+                    str(raw.get("__key__")),
+                    f"stream position {p} should be {want!r} (shards changed after indexing)",
+                )
+            if p in last_use:
+                held[p] = raw
+            while nxt < len(mine) and mix.done_at[mine[nxt]] == p:
+                k = mine[nxt]
+                task, pieces = mix.batches[k]
+                items = [it for pos, a, b in pieces for it in self._items(held[pos], task, a, b)]
+                for pos, _, _ in pieces:
+                    if last_use[pos] == k:
+                        del held[pos]
+                nxt += 1
+                if items:
+                    yield collate(items, task)
+        if wid == 0 and mix.no_task:
+            log.warning(
+                "epoch %d rank %d: %d samples have none of the mix tasks %s; skipped",
+                self.cfg.epoch, self.rank, mix.no_task,
+                sorted(t for t, w in self.mix_weights.items() if w > 0),
+            )  # fmt: skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.mix is not None:
+            return self._iter_mix(self.mix, wid, nw)
+        return self._iter_single(wid, nw)
 
 
 def _buffer_shuffle(stream: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -252,17 +369,36 @@ class ShardLoader:
 
     @property
     def num_samples(self) -> int:
-        """Samples this rank reads in the epoch (before start_sample)."""
+        """Samples this rank reads in the epoch (before the resume position)."""
         return self.dataset.plan.count
+
+    @property
+    def full_batches(self) -> int:
+        """Full batches this rank yields in the epoch (what `endless_batches` takes per epoch).
+
+        A mix: exact, from the annotation-only plan. One task: num_samples // batch_size
+        (exact when every sample has the task and expand is off).
+        """
+        return self.dataset.full_batches
+
+    @property
+    def rank_items(self) -> list[dict[str, int]]:
+        """A mix: items drawn per task on every rank this epoch (leftovers included)."""
+        return self.dataset.rank_items
+
+    @property
+    def no_task(self) -> int:
+        """A mix: samples of this rank's epoch that have none of the mix tasks (skipped)."""
+        return self.dataset.mix.no_task if self.dataset.mix is not None else 0
 
     @property
     def skipped(self) -> int:
         """Samples/shards skipped with on_error='skip' (this process; workers log theirs)."""
         return self.dataset.skipped
 
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_sample: int = 0, start_batch: int = 0) -> None:
         self.dataset.set_epoch(epoch)
-        self.dataset.start_sample = start_sample
+        _set_start(self.dataset, start_sample, start_batch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -274,6 +410,22 @@ class ShardLoader:
             self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False
         )
         return iter(loader)
+
+
+def _set_start(ds: ShardDataset, start_sample: int, start_batch: int) -> None:
+    """A mix resumes by batches; one task by samples (start_batch counts batch_size each)."""
+    if start_sample < 0:
+        raise ValueError(f"start_sample must be >= 0, got {start_sample}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    if start_sample and start_batch:
+        raise ValueError("give start_sample or start_batch, not both")
+    if ds.mix is not None:
+        if start_sample:
+            raise ValueError("start_sample: a task mix resumes by batches; give start_batch")
+        ds.start_sample, ds.start_batch = 0, start_batch
+    else:
+        ds.start_sample, ds.start_batch = start_sample or start_batch * ds.cfg.batch_size, 0
 
 
 def make_loader(
@@ -288,6 +440,7 @@ def make_loader(
     seed: int = 0,
     epoch: int = 0,
     start_sample: int = 0,
+    start_batch: int = 0,
     on_error: str = "raise",
     image_size: int | None = None,
     shuffle: bool = True,
@@ -299,8 +452,9 @@ def make_loader(
 ) -> ShardLoader:
     """Batches of one task view ("caption", "vqa", ..., or "mix") for `rank` of `world_size`.
 
-    `start_sample` = samples this rank already consumed in `epoch` (e.g. micro-batches
-    done x batch_size); the resumed stream equals the tail of the uninterrupted one.
+    Resume inside `epoch` with `start_batch` = batches this rank already consumed (any
+    task), or, for one task, `start_sample` = samples already consumed; the resumed stream
+    equals the tail of the uninterrupted one.
     """
     if start_sample < 0:
         raise ValueError(f"start_sample must be >= 0, got {start_sample}")
@@ -311,18 +465,23 @@ def make_loader(
         even=even, mix_weights=dict(mix_weights or {}),
     )  # fmt: skip
     ds = ShardDataset(cfg, rank=rank, world_size=world_size, split_mode=split_mode)
-    ds.start_sample = start_sample
+    _set_start(ds, start_sample, start_batch)
     return ShardLoader(ds, num_workers=num_workers)
 
 
 def loader_from_config(
-    cfg: DataConfig, *, rank: int = 0, world_size: int = 1, start_sample: int = 0
+    cfg: DataConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    start_sample: int = 0,
+    start_batch: int = 0,
 ) -> ShardLoader:
     """make_loader from a DataConfig (Hydra)."""
     return make_loader(
         cfg.shard_dir, cfg.split, cfg.task, cfg.batch_size, rank=rank, world_size=world_size,
         num_workers=cfg.num_workers, seed=cfg.seed, epoch=cfg.epoch, start_sample=start_sample,
-        on_error=cfg.on_error, image_size=cfg.image_size, shuffle=cfg.shuffle,
-        shuffle_buffer=cfg.shuffle_buffer, expand=cfg.expand, even=cfg.even,
+        start_batch=start_batch, on_error=cfg.on_error, image_size=cfg.image_size,
+        shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, expand=cfg.expand, even=cfg.even,
         mix_weights=cfg.mix_weights or None,
     )  # fmt: skip

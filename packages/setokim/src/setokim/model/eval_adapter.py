@@ -83,17 +83,17 @@ class SeTokIMAdapter:
         return cls(SeTokIM.from_pretrained(directory), checkpoint=directory, **kwargs)
 
     def fingerprint(self) -> str:
-        """Hash of the config, the decoding defaults and the weights (file hash when saved)."""
+        """Hash of the config, the decoding defaults and the weights (an export's file hashes,
+        with an adapter export's base, when loaded from one)."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(json.dumps(asdict(self.model.config), sort_keys=True, default=str).encode())
             h.update(json.dumps(asdict(self.base), sort_keys=True).encode())
             h.update(str(self.image_size).encode())
-            weights = None if self.checkpoint is None else self.checkpoint / "model.safetensors"
-            if weights is not None and weights.is_file():
-                with open(weights, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        h.update(block)
+            if self.checkpoint is not None and any(self.checkpoint.rglob("*.safetensors")):
+                from setokim.model.export import export_digest
+
+                h.update(export_digest(self.checkpoint).encode())  # adapters: + the base's
             else:
                 for name, tensor in sorted(self.model.state_dict().items()):
                     h.update(name.encode())

@@ -9,7 +9,7 @@ the same KV cache, until the LM head prefers `[/Img]` or `max_visual_tokens` is 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +92,15 @@ class BoxConstraint:
             if surface and all(c in "0123456789,[]" for c in surface):
                 self.pieces[idx] = surface
 
+    def surface(self, ids: Sequence[int] | Tensor) -> str:
+        """The box text of generated ids: their surfaces joined. `tokenizer.decode` is no use
+        here: WordPiece decoding puts spaces between digit pieces ("[ 5 2, 9, ...")."""
+        values = ids.tolist() if isinstance(ids, Tensor) else ids
+        return "".join(self.pieces.get(int(i), "") for i in values)
+
     def __call__(self, batch_id: int, input_ids: Tensor) -> list[int]:
         # every generated id came from `pieces` (or an end id), so join surfaces directly
-        text = "".join(self.pieces.get(int(i), "") for i in input_ids.tolist())
+        text = self.surface(input_ids)
         if _BOX_FULL.fullmatch(text):
             return self.end_ids
         allowed = [i for i, p in self.pieces.items() if _is_box_prefix(text + p)]
@@ -155,9 +161,16 @@ class Generator:
     # ------------------------------------------------------------ text
     @torch.no_grad()
     def generate_text(
-        self, samples: Sequence[Sample], gen: GenerationConfig, *, constraint=None
+        self,
+        samples: Sequence[Sample],
+        gen: GenerationConfig,
+        *,
+        constraint=None,
+        decode: Callable[[Tensor], str] | None = None,
     ) -> list[str]:
-        """Continue each sample with text (batched, left-padded, KV-cached HF generate)."""
+        """Continue each sample with text (batched, left-padded, KV-cached HF generate).
+
+        decode: generated ids of one sample -> text (default: the tokenizer's decode)."""
         model = self.model
         layout = model.collate(samples, padding_side="left")
         packed, _ = model.embed(layout)
@@ -178,7 +191,9 @@ class Generator:
             attention_mask=packed.attention_mask,
             **kwargs,
         )
-        return [model.text_tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        if decode is None:
+            return [model.text_tokenizer.decode(r, skip_special_tokens=True).strip() for r in out]
+        return [decode(row) for row in out]
 
     # ------------------------------------------------------------ visual embeddings
     @torch.no_grad()
@@ -267,13 +282,17 @@ class Generator:
         ]
         gen = gen or GenerationConfig(max_new_tokens=24)
         constraint = BoxConstraint(self.model.text_tokenizer, self.end_ids)
-        texts = self.generate_text(samples, gen, constraint=constraint)
+        texts = self.generate_text(samples, gen, constraint=constraint, decode=constraint.surface)
         boxes = []
         for text, imgs in zip(texts, per, strict=True):
+            h, w = imgs[0].shape[-2:] if imgs else (0, 0)
             box = parse_box(text)
             if box is None:  # only when max_new_tokens cut the box short
-                h, w = imgs[0].shape[-2:] if imgs else (0, 0)
                 box = [0.0, 0.0, float(w), float(h)]
+            elif imgs:  # ordered corners inside the image (digits alone can say 4222)
+                x0, x1 = sorted(min(max(v, 0.0), float(w)) for v in (box[0], box[2]))
+                y0, y1 = sorted(min(max(v, 0.0), float(h)) for v in (box[1], box[3]))
+                box = [x0, y0, x1, y1]
             boxes.append(box)
         return boxes if batched else boxes[0]
 

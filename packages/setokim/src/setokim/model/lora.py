@@ -8,7 +8,8 @@ keep one dtype per parameter group (cast adapters to the base dtype with `adapte
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from setokim.model.config import LoRAConfig
 
@@ -46,6 +47,66 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict:
     """Only the adapter weights (what a Stage III checkpoint must add to Stage II)."""
     return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def adapter_weights(model: nn.Module) -> dict[str, Tensor]:
+    """peft's adapter state dict of `model.llm` (peft key names, no embedding layers)."""
+    from peft import get_peft_model_state_dict
+
+    if not getattr(model.llm, "peft_config", None):
+        raise ValueError("the model has no LoRA adapters (apply_lora was not called)")
+    state = get_peft_model_state_dict(model.llm, save_embedding_layers=False)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def load_adapter_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """Inverse of `adapter_weights`; every injected adapter must be covered, nothing extra."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model.llm, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{where}: adapter weights do not fit the LoRA config: missing={missing[:5]} "
+            f"unexpected={list(result.unexpected_keys)[:5]}"
+        )
+
+
+def head_weights(model: nn.Module, heads: list[str]) -> dict[str, Tensor]:
+    """Full weights of the SeTokIM modules named in `lora.train_heads`, keyed as in the model."""
+    out: dict[str, Tensor] = {}
+    for head in heads:
+        module = getattr(model, head, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"lora.train_heads names {head!r}, which is not a SeTokIM module")
+        for k, v in module.state_dict().items():
+            out[f"{head}.{k}"] = v.detach().contiguous().cpu()
+    return out
+
+
+@torch.no_grad()
+def merged_weights(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """`state` (a SeTokIM state dict with LoRA injected) with every adapter folded into its
+    base weight and the keys of a model without LoRA: `x.base_layer.weight` -> `x.weight`."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if active:
+                deltas[name] = sum(module.get_delta_weight(a) for a in active)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if "lora_" in key:
+            continue
+        if ".base_layer." in key:
+            owner, _, leaf = key.rpartition(".base_layer.")
+            if leaf == "weight" and owner in deltas:
+                value = (value + deltas[owner].to(value.device, value.dtype)).detach()
+            key = f"{owner}.{leaf}"
+        out[key] = value
+    return out
 
 
 def adapter_dtype(model: nn.Module) -> None:

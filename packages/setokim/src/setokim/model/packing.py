@@ -17,12 +17,15 @@ the loss shifts. Visual and pad positions are always -100.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("setokim.packing")
 
 IGNORE_INDEX = -100
 
@@ -49,11 +52,18 @@ class Image:
 
 @dataclass
 class Sample:
-    """One interleaved sequence: segments in order, images as (n,3,H,W) in [0,1]."""
+    """One interleaved sequence: segments in order, images as (n,3,H,W) in [0,1].
+
+    region_images: indices into `images` that are region masks (segmentation targets), not
+    pictures. Each must be an output image placed after an input image of the sample: the
+    model replaces its slot by ONE token, the frozen SeTok region embedding of the mask over
+    the sample's first image (`SeTokIM.encode_layout`).
+    """
 
     segments: list[Text | Image]
     images: Tensor | None = None
     key: str = ""
+    region_images: tuple[int, ...] = ()
 
 
 @dataclass
@@ -64,6 +74,8 @@ class SequenceLayout:
     image_sample (I,), image_after (I,): sample of each image and how many of that sample's
     text tokens come before it; images are ordered by sample, then by appearance.
     image_output (I,): images the model generates. pixels (I,3,H,W) or None when I == 0.
+    image_is_region (I,) bool: the image is a region mask (`Sample.region_images`); None
+    (when built by hand) means no region images.
     """
 
     text_ids: Tensor
@@ -75,6 +87,16 @@ class SequenceLayout:
     pixels: Tensor | None
     padding_side: str = "right"
     keys: list[str] = field(default_factory=list)
+    image_is_region: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_is_region is None:
+            self.image_is_region = torch.zeros_like(self.image_sample, dtype=torch.bool)
+        elif self.image_is_region.shape != self.image_sample.shape:
+            raise ValueError(
+                f"image_is_region must have shape {tuple(self.image_sample.shape)} (one flag per "
+                f"image), got {tuple(self.image_is_region.shape)}"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -97,6 +119,7 @@ class SequenceLayout:
             pixels=move(self.pixels),
             padding_side=self.padding_side,
             keys=list(self.keys),
+            image_is_region=move(self.image_is_region),
         )
 
 
@@ -146,6 +169,9 @@ def collate_sequences(
     """Tokenise `samples` into a `SequenceLayout` (loops over samples on CPU; that is fine here).
 
     wrap_images=False leaves out the `[Img]`/`[/Img]` markers (LLaVA-format models).
+    max_text_tokens: a longer sample is cut to that many tokens (as LLaVA cuts at
+    model_max_length) rather than stopping a long run; an image whose span would be cut is
+    dropped whole, with the text from its `[Img]` on. Each cut is logged with the key.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -156,9 +182,11 @@ def collate_sequences(
     img_sample: list[int] = []
     img_after: list[int] = []
     img_output: list[bool] = []
+    img_region: list[bool] = []
     pixels: list[Tensor] = []
     image_shape: tuple[int, ...] | None = None
     for b, sample in enumerate(samples):
+        first_image_index = len(img_sample)
         tok_ids: list[int] = [ids.bos] if add_bos and ids.bos is not None else []
         train: list[bool] = [False] * len(tok_ids)
         n_images = 0 if sample.images is None else int(sample.images.shape[0])
@@ -166,6 +194,9 @@ def collate_sequences(
             raise ValueError(
                 f"samples[{b}].images must be (n,3,H,W), got {tuple(sample.images.shape)}"
             )
+        regions = _region_indices(sample, b, n_images)
+        placed: set[int] = set()
+        first_image = True
         for seg in sample.segments:
             if isinstance(seg, Text):
                 piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
@@ -176,6 +207,19 @@ def collate_sequences(
                     raise ValueError(
                         f"samples[{b}] refers to image {seg.index} but has {n_images} images"
                     )
+                if seg.index in regions:
+                    if not seg.output:
+                        raise ValueError(
+                            f"samples[{b}].region_images names image {seg.index}, which is used "
+                            "as an input; a region mask must be an output image"
+                        )
+                    if first_image:
+                        raise ValueError(
+                            f"samples[{b}]: region image {seg.index} comes first; the input "
+                            "image its mask refers to must come before it"
+                        )
+                placed.add(seg.index)
+                first_image = False
                 img = sample.images[seg.index]
                 if image_shape is None:
                     image_shape = tuple(img.shape)
@@ -190,16 +234,31 @@ def collate_sequences(
                 img_sample.append(b)
                 img_after.append(len(tok_ids))
                 img_output.append(seg.output)
+                img_region.append(seg.index in regions)
                 pixels.append(img)
                 if wrap_images:
                     tok_ids.append(ids.img_end)
                     train.append(seg.output)
             else:
                 raise TypeError(f"samples[{b}] has a segment of type {type(seg).__name__}")
+        unplaced = sorted(regions - placed)
+        if unplaced:
+            raise ValueError(f"samples[{b}].region_images {unplaced} are not placed in segments")
         if max_text_tokens is not None and len(tok_ids) > max_text_tokens:
-            raise ValueError(
-                f"samples[{b}] has {len(tok_ids)} text tokens > max_text_tokens={max_text_tokens}"
-            )
+            cut = max_text_tokens
+            for j in range(first_image_index, len(img_sample)):  # this sample's, in order
+                opens = img_after[j] - 1 if wrap_images else img_after[j]
+                closes = img_after[j] + 1 if wrap_images else img_after[j]
+                if closes > cut:  # its span would be cut: drop it and every later image
+                    cut = min(cut, opens)
+                    for kept in (img_sample, img_after, img_output, img_region, pixels):
+                        del kept[j:]
+                    break
+            log.warning(
+                "samples[%d] (key %r): %d text tokens cut to %d (max_text_tokens=%d)",
+                b, sample.key, len(tok_ids), cut, max_text_tokens,
+            )  # fmt: skip
+            tok_ids, train = tok_ids[:cut], train[:cut]
         all_ids.append(tok_ids)
         all_train.append(train)
     length = max(1, max(len(t) for t in all_ids))
@@ -218,7 +277,20 @@ def collate_sequences(
         pixels=torch.stack(pixels).float() if pixels else None,
         padding_side=padding_side,
         keys=[s.key for s in samples],
+        image_is_region=torch.tensor(img_region, dtype=torch.bool),
     )
+
+
+def _region_indices(sample: Sample, b: int, n_images: int) -> set[int]:
+    """`sample.region_images` as a set, checked against the sample's image count."""
+    out: set[int] = set()
+    for r in sample.region_images:
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < n_images:
+            raise ValueError(
+                f"samples[{b}].region_images holds {r!r}; expected image indices in [0, {n_images})"
+            )
+        out.add(r)
+    return out
 
 
 def pack(

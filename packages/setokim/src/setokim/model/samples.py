@@ -8,6 +8,7 @@ an instruction; Stage III ("instruct") renders a chat and trains answers only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,11 +22,8 @@ CAPTION_PROMPT = "Describe the image."
 GROUND_PROMPT = "Where is {}? Answer with a box."
 SEGMENT_PROMPT = "Segment {}."
 MODES = ("pretrain", "instruct")
-# A sample whose key ends with this is a segmentation sample: its last image is the target
-# mask (broadcast to 3 channels) standing in the output slot, and its first image is the
-# input. The model replaces that slot by ONE region embedding of the frozen SeTok (see
-# `setokim.model.losses.region_embeddings`): the query `Generator.segment` feeds the mask
-# decoder is what the regression head predicts from `[Img]`'s hidden state.
+# Appended to the key of a segmentation sample so it differs from the item's other sample.
+# Only a name: the model finds region targets through `Sample.region_images`, never by key.
 REGION_KEY_SUFFIX = "#region"
 
 
@@ -75,8 +73,11 @@ def segment_sample(
 ) -> Sample:
     """Image + "Segment {expression}." → one output slot whose target is the mask's region.
 
-    Instruct mode renders the same chat `Generator.segment` prompts with, so the text before the
-    output `[Img]` is identical at training and inference time.
+    The mask (broadcast to 3 channels) is image 1, marked in `region_images`; the model replaces
+    its slot by ONE region embedding of the frozen SeTok (`losses.region_embeddings`): the query
+    `Generator.segment` feeds the mask decoder is what the regression head predicts from
+    `[Img]`'s hidden state. Instruct mode renders the same chat `Generator.segment` prompts
+    with, so the text before the output `[Img]` is identical at training and inference time.
     """
     if mask.shape != image.shape[-2:]:
         raise ValueError(
@@ -89,9 +90,9 @@ def segment_sample(
     key = key + REGION_KEY_SUFFIX
     if mode == "pretrain":
         segments = [Image(0), Text(" " + prompt + " "), Image(1, output=True)]
-        return Sample(segments, torch.stack([image, region]), key)
+        return Sample(segments, torch.stack([image, region]), key, region_images=(1,))
     msgs = [Message("user", [image, prompt]), Message("assistant", [region])]
-    return render(msgs, template, key=key)
+    return replace(render(msgs, template, key=key), region_images=(1,))
 
 
 def _target_mask(batch: Mapping[str, Any], b: int) -> Tensor | None:

@@ -7,12 +7,9 @@ image; it writes text through its LM head and visual tokens through the regressi
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +167,8 @@ class SeTokIM(nn.Module):
         )
         if cfg.llm.freeze:
             self.llm.requires_grad_(False)
+        # The full export this model was loaded from: the base of a Stage III adapter export.
+        self.base_export: Path | None = None
 
     # ----------------------------------------------------------------- construction
     @staticmethod
@@ -254,19 +253,20 @@ class SeTokIM(nn.Module):
 
     @torch.no_grad()
     def encode_layout(self, layout: SequenceLayout) -> VisualTokens:
-        """Frozen targets for a layout: SeTok tokens per image, except that the output slot of a
-        segmentation sample (`samples.REGION_KEY_SUFFIX`) becomes ONE token, the region
-        embedding of its mask over the sample's first image (`losses.region_embeddings`).
+        """Frozen targets for a layout: SeTok tokens per image, except that each region image
+        (`layout.image_is_region`, from `Sample.region_images`) becomes ONE token, the region
+        embedding of its mask over its sample's first image (`losses.region_embeddings`).
         `raw` then covers the non-region images only."""
         from setokim.model.losses import region_embeddings
-        from setokim.model.samples import REGION_KEY_SUFFIX
 
-        sample = layout.image_sample.to(self.device)
-        flags = [k.endswith(REGION_KEY_SUFFIX) for k in layout.keys]
-        if layout.num_images == 0 or not any(flags):
+        if layout.num_images == 0 or not bool(layout.image_is_region.any()):
             return self.encode_images(layout.pixels)
-        seg_sample = torch.tensor(flags, dtype=torch.bool, device=self.device)
-        region = layout.image_output.to(self.device) & seg_sample[sample]
+        sample = layout.image_sample.to(self.device)
+        region = layout.image_is_region.to(self.device)
+        not_output = region & ~layout.image_output.to(self.device)
+        if bool(not_output.any()):
+            bad = int(sample[not_output][0])
+            raise ValueError(f"sample {bad}: a region image must be an output image")
         # images are ordered by sample, so a sample's first image is found by searchsorted
         first = torch.searchsorted(sample, sample[region])
         if bool(region[first].any()):
@@ -359,68 +359,61 @@ class SeTokIM(nn.Module):
         skip = ("vision_tokenizer.", "image_decoder.", "mask_decoder.")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Config JSON + safetensors + text tokenizer (+ SeTok); written to a temp dir, then renamed."""
-        from safetensors.torch import save_file
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        full: bool | None = None,
+        base: str | os.PathLike[str] | None = None,
+    ) -> Path:
+        """Write an export (`setokim.model.export` describes both layouts), atomically.
 
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            state = {
-                k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()
-            }
-            save_file(state, str(tmp / "model.safetensors"))
-            cfg = asdict(self.config)
-            cfg["llm_config"] = self.llm.config.to_dict()
-            (tmp / "setokim_config.json").write_text(
-                json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        Without LoRA: a full export. With LoRA (Stage III):
+        - full=None: an adapter export over `base` (default: the full export this model was
+          loaded from, `self.base_export`); with no base known, a full export that keeps the
+          adapters unmerged (a random tiny model, say).
+        - full=True: a self-contained export with LoRA merged into the LLM weights.
+        - full=False: an adapter export, or an error when there is no base.
+        `base` is stored as given; a relative path is read relative to `directory`.
+        """
+        from setokim.model import export
+
+        if full and base is not None:
+            raise ValueError("base= is for adapter exports; full=True writes a self-contained one")
+        lora = self.config.lora.enabled
+        base = base if base is not None else self.base_export
+        if full or (full is None and (not lora or base is None)):
+            return export.save_full(self, directory, merge=bool(full))
+        if not lora:
+            raise ValueError("save_pretrained(full=False) writes LoRA adapters; lora is disabled")
+        if base is None:
+            raise ValueError(
+                "save_pretrained(full=False) needs base=<the full export the LoRA model was "
+                "initialised from>; this model was not loaded from one"
             )
-            self.text_tokenizer.save_pretrained(str(tmp / "text_tokenizer"))
-            if hasattr(self.vision_tokenizer, "save_pretrained"):
-                self.vision_tokenizer.save_pretrained(str(tmp / "setok"))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        return export.save_adapter(self, directory, base)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str], **parts: Any) -> SeTokIM:
-        """Inverse of `save_pretrained` (LLM rebuilt from its saved config, no download)."""
-        from safetensors.torch import load_file
-        from transformers import AutoConfig
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        base: str | os.PathLike[str] | None = None,
+        **parts: Any,
+    ) -> SeTokIM:
+        """Inverse of `save_pretrained` (LLM rebuilt from its saved config, no download).
+
+        An adapter export loads its base export first (`base` overrides the recorded path,
+        e.g. after moving it); `parts` replace parts as in `from_config`.
+        """
+        from setokim.model import export
 
         path = Path(directory)
-        raw = json.loads((path / "setokim_config.json").read_text())
-        llm_config = raw.pop("llm_config")
-        cfg = config_from_dict(raw)
-        text_tokenizer = parts.pop("text_tokenizer", None) or AutoTokenizer.from_pretrained(
-            str(path / "text_tokenizer")
-        )
-        vision = parts.pop("vision_tokenizer", None)
-        if vision is None and (path / "setok").is_dir():
-            from setok_tokenizer import SeTok
-
-            vision = SeTok.from_pretrained(str(path / "setok"))
-        model_type = llm_config.pop("model_type")
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_config))
-        llm = llm.to(_DTYPES[cfg.llm.dtype])
-        model = cls.from_config(
-            cfg, llm=llm, vision_tokenizer=vision, text_tokenizer=text_tokenizer, **parts
-        )
-        missing, unexpected = model.load_state_dict(
-            load_file(str(path / "model.safetensors")), strict=False
-        )
-        frozen = ("vision_tokenizer.", "image_decoder.", "mask_decoder.")
-        missing = [k for k in missing if not k.startswith(frozen)]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"checkpoint mismatch: missing={missing[:5]} unexpected={unexpected[:5]}"
-            )
-        return model
+        if export.is_adapter_export(path):
+            return export.load_adapter(cls, path, parts, base=base)
+        if base is not None:
+            raise ValueError(f"base= applies to adapter exports; {str(path)!r} is a full export")
+        return export.load_full(cls, path, parts)
 
 
 def config_from_dict(raw: dict[str, Any]) -> SeTokIMConfig:

@@ -8,6 +8,8 @@ light (the toy stage uses this module and must not pull in the tokenizer stack).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +26,9 @@ from setokim.data.config import DataConfig
 
 if TYPE_CHECKING:
     from setok_tokenizer import SeTokConfig
+    from setokim.train.config import EpochSize
+
+log = logging.getLogger("setokim.stages")
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -160,35 +165,78 @@ def endless_batches(
 ) -> Iterator[dict[str, Any]]:
     """Endless epochs of full micro-batches; the last partial batch of an epoch is dropped.
 
-    Position p (micro-batches done on this rank) -> epoch p // per_epoch, and the loader
-    skips (p % per_epoch) * micro_batch_size samples of that epoch, so the stream resumed
-    at `start_step` equals the tail of the uninterrupted one. data.batch_size is ignored.
+    Position p (micro-batches done on this rank) -> (epoch, batches done in it) from each
+    epoch's exact `full_batches` (one task: samples // micro_batch_size, the same every
+    epoch; a task mix: from its annotation-only plan, which differs from epoch to epoch, so
+    resuming walks the plans of the epochs before: one pass over the annotations per epoch,
+    no image read). The loader then skips that many batches, so the stream resumed at
+    `start_step` equals the tail of the uninterrupted one. data.batch_size is ignored.
+    Should a loader end before its count (one task over samples that lack it, or samples
+    skipped with on_error="skip"), the stream logs it and rolls over to the next epoch
+    instead of ending; resume is then exact only up to that epoch.
     """
     from setokim.data import make_loader
 
     d = data
-
-    def loader(epoch: int, start_sample: int) -> Any:
-        return make_loader(
-            d.shard_dir, d.split, d.task, micro_batch_size, rank=rank,
-            world_size=world_size, num_workers=d.num_workers, seed=d.seed, epoch=epoch,
-            start_sample=start_sample, on_error=d.on_error, image_size=d.image_size,
-            shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, expand=d.expand, even=True,
-            mix_weights=d.mix_weights or None,
-        )  # fmt: skip
-
-    per_epoch = loader(0, 0).num_samples // micro_batch_size
-    if per_epoch == 0:
+    loader = make_loader(
+        d.shard_dir, d.split, d.task, micro_batch_size, rank=rank, world_size=world_size,
+        num_workers=d.num_workers, seed=d.seed, epoch=d.epoch, on_error=d.on_error,
+        image_size=d.image_size, shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer,
+        expand=d.expand, even=True, mix_weights=d.mix_weights or None,
+    )  # fmt: skip
+    if loader.full_batches == 0:
         raise ValueError(
-            f"data: split {d.split!r} of {d.shard_dir} has fewer samples per rank than "
-            f"micro_batch_size={micro_batch_size}"
+            f"data: split {d.split!r} of {d.shard_dir} gives no full micro-batch of "
+            f"{micro_batch_size} per rank in epoch {d.epoch} ({loader.num_samples} samples "
+            f"per rank{', task mix' if d.task == 'mix' else ''})"
         )
-    epoch, within = divmod(start_step, per_epoch)
+    epoch, within = d.epoch, start_step
+    if d.task != "mix":  # the same count every epoch
+        epoch, within = epoch + within // loader.full_batches, within % loader.full_batches
+    else:
+        while within >= loader.full_batches:
+            within -= loader.full_batches
+            epoch += 1
+            loader.set_epoch(epoch)
+            if loader.full_batches == 0:
+                raise ValueError(f"data: epoch {epoch} of the task mix gives no full micro-batch")
     while True:
-        it = iter(loader(d.epoch + epoch, within * micro_batch_size))
-        for _ in range(per_epoch - within):
-            yield next(it)
+        loader.set_epoch(epoch, start_batch=within)
+        want, got = loader.full_batches - within, 0
+        for batch in itertools.islice(iter(loader), want):
+            got += 1
+            yield batch
+        if got < want:
+            log.warning(
+                "data: epoch %d on rank %d gave %d of %d micro-batches; next epoch",
+                epoch, rank, got + within, loader.full_batches,
+            )  # fmt: skip
         epoch, within = epoch + 1, 0
+
+
+def epoch_samples(data: DataConfig, rank: int, world_size: int, gen: GenerateSpec) -> EpochSize:
+    """One epoch of `endless_batches` over `data`, all ranks together (TrainerConfig.epochs).
+
+    The data is generated first when missing (as `batches` would). One task: every rank
+    reads the same count (the loader's `even` split), so this is rank 0's count times
+    world_size. A task mix: the items its plan draws over all ranks in the first epoch
+    (samples without any mix task excluded); the `EpochSize` also carries each rank's items
+    per task, so `resolve_schedule` gets the exact micro-batch count (per-task batches).
+    """
+    from setokim.data import make_loader
+    from setokim.train.config import EpochSize
+
+    prepare_data(data, rank, gen)
+    loader = make_loader(
+        data.shard_dir, data.split, data.task, 1, rank=0, world_size=world_size,
+        seed=data.seed, epoch=data.epoch, shuffle=data.shuffle,
+        shuffle_buffer=data.shuffle_buffer, expand=data.expand, even=True,
+        mix_weights=data.mix_weights or None,
+    )  # fmt: skip
+    if data.task != "mix":
+        return EpochSize(loader.num_samples * world_size)
+    per_rank = loader.rank_items
+    return EpochSize(sum(sum(r.values()) for r in per_rank), per_rank)
 
 
 __all__ = [
@@ -199,6 +247,7 @@ __all__ = [
     "describe_config",
     "endless_batches",
     "ensure_dataset",
+    "epoch_samples",
     "is_main",
     "prepare_data",
     "set_cpu_threads",

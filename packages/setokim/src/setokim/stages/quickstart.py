@@ -26,6 +26,7 @@ from setokim.stages.common import (
     data_config,
     describe_config,
     endless_batches,
+    epoch_samples,
     prepare_data,
     tokenizer_config,
     trainable_parameters,
@@ -124,6 +125,10 @@ class QuickstartStage:
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return trainable_parameters(model)
+
+    def epoch_samples(self, rank: int, world_size: int) -> int:
+        """One epoch of `batches` in samples (TrainerConfig.epochs)."""
+        return epoch_samples(self.data_cfg, rank, world_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int

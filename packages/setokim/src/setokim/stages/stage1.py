@@ -44,6 +44,7 @@ from setokim.stages.common import (
     check_keys,
     data_config,
     endless_batches,
+    epoch_samples,
     is_main,
     prepare_data,
     set_cpu_threads,
@@ -271,6 +272,10 @@ class Stage1Stage:
         if self.cfg.subphase == 2 and position < self.cfg.subphase1_batches:
             return 1
         return self.cfg.subphase
+
+    def epoch_samples(self, rank: int, world_size: int) -> int:
+        """One epoch of `batches` in samples (TrainerConfig.epochs)."""
+        return epoch_samples(self.data_cfg, rank, world_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int

@@ -36,6 +36,7 @@ from setokim.stages.common import (
     deep_merge,
     describe_config,
     endless_batches,
+    epoch_samples,
     is_main,
     prepare_data,
     set_cpu_threads,
@@ -204,6 +205,10 @@ class MLLMStage:
 
     def batch_hook(self) -> BatchHook | None:
         return None
+
+    def epoch_samples(self, rank: int, world_size: int) -> int:
+        """One epoch of `batches` in samples (TrainerConfig.epochs)."""
+        return epoch_samples(self.data_cfg, rank, world_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int

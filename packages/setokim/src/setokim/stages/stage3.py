@@ -7,9 +7,13 @@ adapters are injected into the LLM's projections and only they (plus `lora.train
 train. Data: a per-batch mix of vqa, pope, rec, reasonseg, chat and edit.
 
 Initialisation: `init_from` is a Stage II `SeTokIM.save_pretrained` dir (its text tokenizer,
-SeTok and decoder paths come with it); None builds a seeded random tiny model (tests). The
-export records `lora.enabled=True`, so `SeTokIM.from_pretrained` re-injects the adapters
-before loading their weights.
+SeTok and decoder paths come with it); None builds a seeded random tiny model (tests).
+
+Export (`export`): an adapter export (`setokim.model.export`): the LoRA adapters, the
+`lora.train_heads` weights, the config and the text tokenizer, pointing at `init_from`
+(absolute path, weights sha256 recorded); `SeTokIM.from_pretrained` loads that base and
+re-injects the adapters. `python -m setokim.model.export merge` makes a self-contained copy.
+With `init_from` None there is no base, so the export is full (adapters unmerged).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from setokim.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from setokim.train.config import TrainerConfig, WandbConfig
+from setokim.train.config import TrainerConfig, WandbConfig, resolve_schedule
 from setokim.train.distributed import (
     DistEnv,
     detect_env,
@@ -111,6 +111,30 @@ def _any_rank(local: bool, world: int, device: torch.device) -> bool:
     return bool(flag.item() > 0)
 
 
+def resolve_stage_schedule(
+    stage: Stage, cfg: TrainerConfig, rank: int, world_size: int
+) -> tuple[TrainerConfig, dict[str, Any] | None]:
+    """`resolve_schedule` with the stage's epoch size; (cfg, what was derived or None).
+
+    The epoch size comes from the stage's optional `epoch_samples(rank, world_size)` and
+    is only asked for when `cfg.epochs` is set (it may have to generate the data first).
+    """
+    if cfg.epochs is None and cfg.warmup_ratio is None:
+        return cfg, None
+    counter = getattr(stage, "epoch_samples", None)
+    samples = counter(rank, world_size) if cfg.epochs is not None and callable(counter) else None
+    out = resolve_schedule(cfg, samples, world_size)
+    info = {
+        "epochs": cfg.epochs,
+        "epoch_samples": samples,
+        "global_batch": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "warmup_ratio": cfg.warmup_ratio,
+        "max_steps": out.max_steps,
+        "warmup_steps": out.warmup_steps,
+    }
+    return out, info
+
+
 def train(
     stage: Stage,
     cfg: TrainerConfig,
@@ -168,6 +192,9 @@ def _train(
 ) -> TrainResult:
     world = env.world_size
     low_dtype = _resolve_precision(cfg, device)
+    cfg, schedule = resolve_stage_schedule(stage, cfg, env.rank, world)
+    if schedule is not None and env.is_main:
+        print("schedule: " + ", ".join(f"{k}={v}" for k, v in schedule.items()), flush=True)
 
     # Same seed everywhere: identical initial weights on every rank without a broadcast.
     seed_all(cfg.seed)
@@ -225,6 +252,7 @@ def _train(
         "fsdp": use_fsdp,
         "precision": str(low_dtype or torch.float32),
         "resumed_from": resumed_from,
+        "schedule": schedule,
     }
     if env.is_main:
         atomic_write_json(run_dir / "trainer.json", meta)

@@ -17,8 +17,9 @@ class Stage(Protocol):
     """What the loop needs from an objective.
 
     Optional extras, looked up with getattr: `trainable(model) -> list[nn.Parameter]`
-    (defaults to every parameter with requires_grad) and `describe() -> dict` (logged
-    into the run's metadata).
+    (defaults to every parameter with requires_grad), `describe() -> dict` (logged
+    into the run's metadata) and `epoch_samples(rank, world_size) -> int` (samples in one
+    pass over the stage's data, all ranks together; needed for `TrainerConfig.epochs`).
     """
 
     def build_model(self) -> nn.Module:

@@ -1,0 +1,49 @@
+"""tools/export_run.py: a launcher run dir of Stage I -> the parts Stage II initialises from."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "tools"))
+
+from export_run import export_run  # noqa: E402
+
+from setok_experiments.cli import main  # noqa: E402
+
+STAGE1 = [
+    "+exp=stage1_shapes",
+    "trainer.max_steps=2",
+    "trainer.ckpt_every=1",
+    "trainer.log_every=1",
+    "trainer.micro_batch_size=2",
+    "trainer.warmup_steps=0",
+    "stage.params.subphase1_batches=1",
+    "stage.params.generate_train=8",
+]
+
+
+@pytest.mark.slow
+def test_stage1_run_exports_loadable_parts_and_bad_dirs_are_named(tmp_path: Path) -> None:
+    from setokim.stages.stage1 import load_parts
+
+    assert main([*STAGE1, f"run_root={tmp_path / 'runs'}"]) == 0
+    (run_dir,) = [p.parent for p in (tmp_path / "runs" / "stage1_shapes").glob("*/config.yaml")]
+    out = export_run(run_dir, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) >= ["diffusion", "mask_decoder", "tokenizer"]
+    model = load_parts(out)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    # an earlier step exports too, and the CLI names what is wrong with a bad run dir
+    first = run_dir / "checkpoints" / "step_00000001"
+    assert export_run(run_dir, tmp_path / "export1", first).is_dir()
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_run.py"), str(tmp_path), "--out", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "no config.yaml" in bad.stderr
