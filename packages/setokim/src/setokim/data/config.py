@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 class DataConfig:
     """Where the shards are and how one task view is read from them.
 
-    `mix_weights` is only used with task="mix" (task name -> weight). `start_sample` is the
-    number of samples this rank already consumed in `epoch` (resume position).
+    `mix_weights` is only used with task="mix" (task name -> weight; each sample draws among
+    the weighted tasks it has). The resume position is not part of the config: the loader
+    takes `start_sample` (one task: samples this rank already consumed in `epoch`) or
+    `start_batch` (batches already consumed; the only form a mix accepts).
     """
 
     shard_dir: str = "data/shapes_world"
