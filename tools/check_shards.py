@@ -1,5 +1,8 @@
 """Verify every shard of a dataset against its manifest and decode every sample.
 
+A shard's index sidecar (X.tar.index.json), when present, must match its tar (keys and item
+counts per task) and its manifest entry; a missing one is fine (older datasets).
+
 Exit 0 when all is well; otherwise 1, printing the shard and sample key of each problem.
 """
 

@@ -1,4 +1,9 @@
-"""Verify shards against the manifest and decode every sample (tools/check_shards.py)."""
+"""Verify shards against the manifest and decode every sample (tools/check_shards.py).
+
+A shard's index sidecar, when present, must describe it: recorded for the manifest's
+sha256/size/count, and the same keys and item counts per task as a scan of the tar. A
+missing sidecar is fine (datasets written before sidecars existed).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from pathlib import Path
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from setokim.data.decode import DataError, decode_sample
+from setokim.data.mix_plan import scan_shard
 from setokim.data.schema import TASKS
+from setokim.data.shard_index import index_name, index_stale_reason, read_shard_index
 from setokim.data.shards import read_manifest, sha256_file
 from setokim.data.views import items_for
 
@@ -30,11 +37,43 @@ def _samples(path: Path) -> Iterator[dict]:
         yield raw
 
 
-def check_shard(path: Path, expected_sha: str, expected_count: int) -> Iterator[Problem]:
-    """Problems of one shard: missing, hash mismatch, unreadable, wrong count, bad samples."""
+def check_index(path: Path, entry: dict) -> Iterator[Problem]:
+    """Problems of the sidecar of shard `path` (manifest `entry`): stale, malformed, or keys
+    and counts that differ from a scan of the tar. No sidecar: no problem."""
+    side = index_name(path.name)
+    try:
+        index = read_shard_index(path)
+    except ValueError as exc:
+        yield Problem(path.name, None, f"index sidecar {side}: {exc}")
+        return
+    if index is None:
+        return
+    why = index_stale_reason(index, entry, path.stat().st_size)
+    if why:
+        yield Problem(path.name, None, f"index sidecar {side} is stale: {why}")
+    scanned = [(e.key, e.items, e.error) for e in scan_shard(path)]
+    for i, (got, want) in enumerate(zip(index.rows, scanned, strict=False)):
+        if got != want:
+            yield Problem(
+                path.name, want[0], f"index sidecar {side} row {i}: {got[:2]} != tar {want[:2]}"
+            )
+            return  # one mismatch says the sidecar is wrong; the rest would repeat it
+    if len(index.rows) != len(scanned):
+        yield Problem(
+            path.name, None, f"index sidecar {side}: {len(index.rows)} rows, tar {len(scanned)}"
+        )
+
+
+def check_shard(
+    path: Path, expected_sha: str, expected_count: int, entry: dict | None = None
+) -> Iterator[Problem]:
+    """Problems of one shard: missing, hash mismatch, unreadable, wrong count, bad samples,
+    and (given its manifest `entry`) a sidecar index that does not describe it."""
     if not path.is_file():
         yield Problem(path.name, None, "missing")
         return
+    if entry is not None:
+        yield from check_index(path, entry)
     digest = sha256_file(path)
     if digest != expected_sha:
         yield Problem(
@@ -65,7 +104,7 @@ def check_shards(
     """Every problem found in `shard_dir` (empty list: all shards verify and decode)."""
     manifest = read_manifest(shard_dir)
     jobs = [
-        (Path(shard_dir) / s["name"], s["sha256"], int(s["num_samples"]))
+        (Path(shard_dir) / s["name"], s["sha256"], int(s["num_samples"]), s)
         for split, body in manifest["splits"].items()
         if splits is None or split in splits
         for s in body["shards"]

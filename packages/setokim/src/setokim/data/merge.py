@@ -23,7 +23,12 @@ on (converters keep the original image bytes and sizes, Shapes World stores PNGs
 `image_size` set (the cluster recipes set 224), since unresized images of different sizes
 cannot be collated. The merged info keeps `image_size` only when all sources agree.
 
-The merged dir holds only manifest.json and the shards; the dataset card (dataset_card.json,
+Shard index sidecars (`shard_index.index_name`) travel with their shards: placed the same way
+(they hold no shard name, so a renamed shard keeps a valid one) when the source's sidecar
+matches its manifest entry, left out otherwise (the loader then scans that tar); rewritten
+sources get fresh ones from the ShardWriter.
+
+The merged dir holds only manifest.json, the shards and their sidecars; the dataset card (dataset_card.json,
 README.md) stays per source, and the manifest's info lists the sources, their split,
 version and counts. The merged `version` is the manifest's usual hash of its shards' sha256s,
 i.e. of exactly the source shards taken (a source whose other splits change keeps it).
@@ -40,13 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from setokim.data.shards import (
-    ShardInfo,
-    ShardWriter,
-    read_manifest,
-    safe_key,
-    write_manifest,
-)
+from setokim.data.shard_index import index_name, index_stale_reason, read_shard_index
+from setokim.data.shards import ShardInfo, ShardWriter, read_manifest, safe_key, write_manifest
 from setokim.utils.io import write_dir_atomically
 
 LINK_MODES = ("hard", "copy", "symlink")
@@ -175,6 +175,16 @@ def _place(src: Path, dst: Path, link: str) -> None:
     shutil.copyfile(src, dst)
 
 
+def _place_index(src: Path, dst: Path, entry: dict[str, Any], link: str) -> None:
+    """Place the sidecar of source shard `src` beside `dst` if it describes that shard."""
+    try:
+        index = read_shard_index(src)
+    except (OSError, ValueError):
+        return
+    if index is not None and not index_stale_reason(index, entry, int(entry["bytes"])):
+        _place(src.with_name(index_name(src.name)), dst.with_name(index_name(dst.name)), link)
+
+
 def _rekey_samples(path: Path, prefix: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(prefixed key, files) of one tar in order; the annotation's "key" is prefixed too."""
     key, files = None, {}
@@ -223,6 +233,7 @@ def _fill(tmp: Path, planned: list[_Planned], split: str, link: str, progress: b
         for j, s in enumerate(p.shards):
             name = f"{prefix}-{j:06d}.tar"
             _place(src_dir / s["name"], tmp / name, link)
+            _place_index(src_dir / s["name"], tmp / name, s, link)
             out.append(ShardInfo(**{**s, "name": name}))
             if bar is not None:
                 bar.update(1)

@@ -2,23 +2,47 @@
 
 A mix draws one task per sample among the tasks that sample has and groups the drawn items
 into full single-task batches. Both only need each sample's item counts per task, which
-`index_shard` reads from the .json members of a shard without touching the images, so a
-rank can plan (and a resume can replay) an epoch cheaply; `setokim.data.loader` then reads
-and decodes only what the plan puts in its batches.
+`index_shard` takes from the shard's sidecar index (written with the shard, see
+`setokim.data.shards`) or, for a shard without a valid one, reads from the .json members of
+the tar without touching the images; so a rank can plan (and a resume can replay) an epoch
+cheaply, and `setokim.data.loader` then reads and decodes only what the plan puts in its
+batches. Both routes give identical entries.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
 from setokim.data.schema import TASKS
+from setokim.data.shard_index import (
+    ITEM_FIELDS,
+    annotation_counts,
+    index_stale_reason,
+    read_shard_index,
+)
+from setokim.data.shards import MANIFEST_NAME, read_manifest
+
+__all__ = [
+    "ITEM_FIELDS",
+    "IndexEntry",
+    "MixPlan",
+    "clear_index_cache",
+    "draw_task",
+    "index_shard",
+    "manifest_entry",
+    "plan_mix",
+    "scan_shard",
+]
+
+log = logging.getLogger("setokim.data")
 
 
 @dataclass(frozen=True)
@@ -32,40 +56,26 @@ class IndexEntry:
 
 
 _INDEX: dict[tuple[str, int, int], list[IndexEntry]] = {}
+_MANIFESTS: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
+_LOGGED: set[tuple[str, str]] = set()
 
 
-# the annotation list behind each task (SampleAnnotation.num_items counts the same lists;
-# read from the JSON directly: parsing every object of an annotation costs ~5x more)
-ITEM_FIELDS = {t: {"caption": "captions", "chat": "conversations"}.get(t, t) for t in TASKS}
+def clear_index_cache() -> None:
+    """Forget every shard index read in this process (benchmarks; tests that rewrite shards)."""
+    _INDEX.clear()
+    _MANIFESTS.clear()
 
 
 def _entry(shard: str, key: str, data: bytes | None) -> IndexEntry:
-    if data is None:
-        return IndexEntry(shard, key, None, "no .json annotation")
-    try:
-        ann = json.loads(data)
-        if not isinstance(ann, dict):
-            raise ValueError("annotation is not a JSON object")
-        return IndexEntry(shard, key, tuple(len(ann.get(ITEM_FIELDS[t]) or ()) for t in TASKS))
-    except (ValueError, TypeError) as exc:
-        return IndexEntry(shard, key, None, f"cannot decode: {type(exc).__name__}: {exc}")
+    items, error = annotation_counts(data)
+    return IndexEntry(shard, key, items, error)
 
 
-def index_shard(path: Path) -> list[IndexEntry]:
-    """The samples of one shard in tar order with their item counts per task.
-
-    Reads only the .json members (tarfile seeks past the images), grouped by key the way
-    webdataset groups them; cached per process by (path, size, mtime). A shard that cannot
-    be read gives the samples before the failure (the loader reports the failure itself when
-    it reads the shard).
+def scan_shard(path: Path) -> list[IndexEntry]:
+    """The index of one shard read from its tar: only the .json members (tarfile seeks past
+    the images), grouped by key the way webdataset groups them. A shard that cannot be read
+    gives the samples before the failure (the loader reports the failure when it reads it).
     """
-    try:
-        st = path.stat()
-    except OSError:
-        return []
-    cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if cache_key in _INDEX:
-        return _INDEX[cache_key]
     entries: list[IndexEntry] = []
     key: str | None = None
     data: bytes | None = None
@@ -88,8 +98,75 @@ def index_shard(path: Path) -> list[IndexEntry]:
             entries.append(_entry(path.name, key, data))
     except (OSError, tarfile.TarError, EOFError):
         pass
-    _INDEX[cache_key] = entries
     return entries
+
+
+def manifest_entry(path: Path) -> dict[str, Any] | None:
+    """The manifest entry (name, sha256, bytes, num_samples, ...) of shard `path`, from the
+    manifest.json beside it (cached per manifest size and mtime); None if there is none."""
+    mpath = path.parent / MANIFEST_NAME
+    try:
+        st = mpath.stat()
+    except OSError:
+        return None
+    ck = (str(mpath.resolve()), st.st_size, st.st_mtime_ns)
+    if ck not in _MANIFESTS:
+        try:
+            manifest = read_manifest(path.parent)
+        except (OSError, ValueError):
+            return None
+        _MANIFESTS[ck] = {
+            s["name"]: s for body in manifest["splits"].values() for s in body["shards"]
+        }
+    return _MANIFESTS[ck].get(path.name)
+
+
+def _log_once(path: Path, kind: str, msg: str, *args: object) -> None:
+    tag = (str(path.parent), kind)
+    if tag not in _LOGGED:
+        _LOGGED.add(tag)
+        log.warning(msg, *args)
+
+
+def _from_sidecar(path: Path, size: int) -> list[IndexEntry] | None:
+    """The entries of a sidecar that matches the shard's manifest entry, else None (logged
+    once per process and dir: the caller then scans the tar)."""
+    try:
+        index = read_shard_index(path)
+    except (OSError, ValueError) as exc:
+        _log_once(path, "bad", "unreadable shard index (%s); scanning the tars instead", exc)
+        return None
+    if index is None:
+        _log_once(
+            path, "missing",
+            "%s has no shard index sidecar (first: %s); planning a mix scans every tar "
+            "(write them with tools/data/index_shards.py)", path.parent, path.name,
+        )  # fmt: skip
+        return None
+    entry = manifest_entry(path)
+    why = "no manifest entry" if entry is None else index_stale_reason(index, entry, size)
+    if why:
+        _log_once(path, "stale", "stale shard index of %s (%s); scanning the tars", path, why)
+        return None
+    return [IndexEntry(path.name, k, c, err) for k, c, err in index.rows]
+
+
+def index_shard(path: Path) -> list[IndexEntry]:
+    """The samples of one shard in tar order with their item counts per task.
+
+    From the sidecar when it matches the manifest's entry for the shard (sha256, size and
+    count; the tar is not hashed), else from `scan_shard`; cached per process by
+    (path, size, mtime).
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return []
+    cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if cache_key not in _INDEX:
+        side = _from_sidecar(path, st.st_size)
+        _INDEX[cache_key] = side if side is not None else scan_shard(path)
+    return _INDEX[cache_key]
 
 
 def draw_task(

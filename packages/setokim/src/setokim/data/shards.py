@@ -1,8 +1,10 @@
-"""Deterministic webdataset tar shards and their manifest.
+"""Deterministic webdataset tar shards, their task-index sidecars and their manifest.
 
 Tar members carry fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644) and are
 written in call order, so the same samples always give byte-identical shards. Each shard is
 written atomically when it is complete; `manifest.json` records counts and sha256 per shard.
+
+Next to each shard `X.tar` the writer puts its task-index sidecar (`setokim.data.shard_index`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from setokim.data.shard_index import (
+    IndexRow,
+    annotation_counts,
+    annotation_of,
+    index_name,
+    write_shard_index,
+)
 from setokim.utils.io import atomic_write_bytes, atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
@@ -48,18 +57,25 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 class ShardWriter:
-    """Write samples ``{key}.{ext}`` into ``{split}-NNNNNN.tar`` of `samples_per_shard` each."""
+    """Write samples ``{key}.{ext}`` into ``{split}-NNNNNN.tar`` of `samples_per_shard` each.
 
-    def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 1000) -> None:
+    With `index` (default) each finished shard gets its sidecar index (`index_name`).
+    """
+
+    def __init__(
+        self, out_dir: str | Path, split: str, samples_per_shard: int = 1000, *, index: bool = True
+    ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir = Path(out_dir)
         self.split = split
         self.samples_per_shard = samples_per_shard
+        self.index = index
         self.shards: list[ShardInfo] = []
         self._buf: io.BytesIO | None = None
         self._tar: tarfile.TarFile | None = None
         self._keys: list[str] = []
+        self._rows: list[IndexRow] = []
         self._seen: set[str] = set()
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
@@ -77,6 +93,8 @@ class ShardWriter:
         for ext in sorted(files):
             self._tar.addfile(*_member(f"{key}.{ext}", files[ext]))
         self._keys.append(key)
+        if self.index:
+            self._rows.append((key, *annotation_counts(annotation_of(files))))
         if len(self._keys) >= self.samples_per_shard:
             self._flush()
 
@@ -86,18 +104,17 @@ class ShardWriter:
         self._tar.close()
         data = self._buf.getvalue()
         name = shard_name(self.split, len(self.shards))
+        sha = hashlib.sha256(data).hexdigest()
+        # an old sidecar goes first and the new one follows the shard: a crash in between
+        # leaves a shard without sidecar (scanned), never one with another shard's sidecar
+        (self.out_dir / index_name(name)).unlink(missing_ok=True)
         atomic_write_bytes(self.out_dir / name, data)
+        if self.index:
+            write_shard_index(self.out_dir / name, sha, len(data), self._rows)
         self.shards.append(
-            ShardInfo(
-                name,
-                len(self._keys),
-                hashlib.sha256(data).hexdigest(),
-                len(data),
-                self._keys[0],
-                self._keys[-1],
-            )
+            ShardInfo(name, len(self._keys), sha, len(data), self._keys[0], self._keys[-1])
         )
-        self._tar, self._buf, self._keys = None, None, []
+        self._tar, self._buf, self._keys, self._rows = None, None, [], []
 
     def close(self) -> list[ShardInfo]:
         """Flush the last partial shard and return every shard written."""
