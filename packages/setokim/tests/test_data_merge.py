@@ -8,12 +8,9 @@ import tarfile
 from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from setokim.data.check import check_shards
-from setokim.data.converters import convert_llava
 from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 from setokim.data.merge import MergeSource, merge_datasets
@@ -49,24 +46,12 @@ def loader_keys(shard_dir: Path, split: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> Path:
+def sources(tmp_path_factory, llava_shards) -> Path:
     root = tmp_path_factory.mktemp("sources")
     for seed in (0, 1):
         generate_dataset(root / f"sw{seed}", train=6, val=2, test=0, image_size=32, seed=seed,
                          samples_per_shard=4, max_objects=3)  # fmt: skip
-    images = root / "raw"
-    items = []
-    for i in range(3):
-        path = images / "coco" / f"{i:012d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(path, format="JPEG")
-        items.append({"id": str(i), "image": f"coco/{path.name}", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"},
-            {"from": "gpt", "value": f"Noise number {i}."}]})  # fmt: skip
-    (images / "chat.json").write_text(json.dumps(items))
-    convert_llava(images / "chat.json", images, root / "llava", "train", source="llava",
-                  samples_per_shard=2)  # fmt: skip
+    llava_shards(root, root / "raw")
     return root
 
 

@@ -11,13 +11,10 @@ import tarfile
 from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from setokim.data import mix_plan
 from setokim.data.check import check_shards
-from setokim.data.converters import convert_llava
 from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 from setokim.data.merge import MergeSource, merge_datasets
@@ -67,24 +64,12 @@ def fresh(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(tmp_path_factory, llava_shards) -> Path:
     root = tmp_path_factory.mktemp("index")
     for seed in (0, 1):
         generate_dataset(root / f"sw{seed}", train=12, val=2, test=0, image_size=32, seed=seed,
                          samples_per_shard=4, max_objects=3)  # fmt: skip
-    raw = root / "raw"
-    items = []
-    for i in range(3):
-        path = raw / "coco" / f"{i:012d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(path, format="JPEG")
-        items.append({"id": str(i), "image": f"coco/{path.name}", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"},
-            {"from": "gpt", "value": f"Noise number {i}."}]})  # fmt: skip
-    (raw / "chat.json").write_text(json.dumps(items))
-    convert_llava(raw / "chat.json", raw, root / "llava", "train", source="llava",
-                  samples_per_shard=2)  # fmt: skip
+    llava_shards(root, root / "raw")
     # a shard whose samples have a broken annotation and none at all (error rows)
     odd = root / "odd"
     with ShardWriter(odd, "train", samples_per_shard=8) as w:
