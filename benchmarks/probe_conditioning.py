@@ -5,8 +5,10 @@ For the first REC documents of an exported Shapes World eval set, the model read
 grounding prompt (the first document's expression, answer prefix "[") with each document's
 image. Printed: the largest change of the next-token distribution (first box digit) between
 images; the change when every visual embedding is replaced by their mean (image information
-removed); and the mean norm of the visual vs the text input embeddings. A model that uses
-the image moves its distribution by far more than a few tenths of a percent.
+removed); the mean norm of the visual vs the text input embeddings; and the caption
+cross-entropy of the first caption documents with their own images vs with the images
+shifted by one (a model that reads the image does worse with the wrong one). A model that
+uses the image moves its distribution by far more than a few tenths of a percent.
 
     uv run python benchmarks/probe_conditioning.py runs/measure_setokim/pipeline/stage3/export \
         runs/measure_setokim/eval_data
@@ -24,6 +26,35 @@ import torch
 from PIL import Image
 
 
+def load_image(path: Path) -> torch.Tensor:
+    """An RGB file as (3,H,W) float in [0,1]."""
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255.0
+
+
+def caption_loss(model, gen, eval_dir: Path, count: int) -> tuple[float, float]:
+    """Caption cross-entropy (second reference) with each document's image, then shifted."""
+    from setokim.model.losses import next_token_loss
+    from setokim.model.packing import Text
+
+    lines = (eval_dir / "shapes_caption.jsonl").read_text(encoding="utf-8").splitlines()
+    docs = [json.loads(line) for line in lines][: max(count, 2)]
+    images = [load_image(eval_dir / d["image"]) for d in docs]
+    prompt = "Provide a one-sentence caption for the provided image."
+
+    def loss(order: list[int]) -> float:
+        samples = []
+        for doc, j in zip(docs, order, strict=True):
+            sample = gen.prompt_sample([images[j]], prompt)
+            sample.segments.append(Text(doc["references"][-1], train=True))
+            samples.append(sample)
+        with torch.no_grad():
+            out = model(model.collate(samples))
+            return float(next_token_loss(out.logits, out.packed.labels)[0])
+
+    n = len(docs)
+    return loss(list(range(n))), loss([(i + 1) % n for i in range(n)])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export", type=Path, help="a SeTokIM.save_pretrained directory")
@@ -39,13 +70,7 @@ def main() -> int:
     eval_dir = args.eval_data / "data" / "eval"
     lines = (eval_dir / "shapes_rec.jsonl").read_text(encoding="utf-8").splitlines()
     docs = [json.loads(line) for line in lines][: args.images]
-    pixels = [
-        torch.from_numpy(np.array(Image.open(eval_dir / d["image"]).convert("RGB")))
-        .permute(2, 0, 1)
-        .float()
-        / 255.0
-        for d in docs
-    ]
+    pixels = [load_image(eval_dir / d["image"]) for d in docs]
     prompt = GROUND_PROMPT.format(docs[0]["expression"])
     samples = [gen.prompt_sample([x], prompt, answer_prefix="[") for x in pixels]
     with torch.no_grad():
@@ -58,6 +83,7 @@ def main() -> int:
         ablated = model.llm(inputs_embeds=mean_visual, attention_mask=mask).logits[:, -1]
         text = mask.bool().clone()
         text[vb, vp] = False
+    own, shifted = caption_loss(model, gen, eval_dir, args.images)
     between = float((probs - probs[:1]).abs().max())
     removed = float((ablated.softmax(-1) - probs).abs().max())
     visual_norm = float(embeds[vb, vp].norm(dim=-1).mean())
@@ -65,6 +91,7 @@ def main() -> int:
     print(f"largest change of the first-digit distribution between images: {between:.4%}")
     print(f"largest change when the image information is removed:          {removed:.4%}")
     print(f"input embedding norm, visual / text: {visual_norm:.2f} / {text_norm:.3f}")
+    print(f"caption cross-entropy, own images / shifted images: {own:.4f} / {shifted:.4f}")
     print(
         json.dumps(
             {
@@ -75,6 +102,8 @@ def main() -> int:
                 "max_change_image_removed": removed,
                 "visual_embed_norm": visual_norm,
                 "text_embed_norm": text_norm,
+                "caption_ce_own_images": own,
+                "caption_ce_shifted_images": shifted,
             }
         )
     )
