@@ -39,14 +39,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from setokim.data.shard_index import index_name, index_stale_reason, read_shard_index
-from setokim.data.shards import ShardInfo, ShardWriter, read_manifest, safe_key, write_manifest
+from setokim.data.shards import (
+    ShardInfo,
+    ShardWriter,
+    iter_tar_samples,
+    read_manifest,
+    safe_key,
+    write_manifest,
+)
 from setokim.utils.io import write_dir_atomically
 
 LINK_MODES = ("hard", "copy", "symlink")
@@ -113,23 +119,6 @@ def _plan(sources: Sequence[MergeSource]) -> list[_Planned]:
     return planned
 
 
-def _tar_keys(path: Path) -> Iterator[str]:
-    """Sample keys of one tar in order, grouped the way webdataset groups members.
-
-    Reads only the member headers (tarfile seeks past the data of an uncompressed tar).
-    """
-    last = None
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            base = member.name.split("/")[-1]
-            key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
-            if key != last:
-                last = key
-                yield key
-
-
 def _check_keys(planned: list[_Planned], progress: bool) -> None:
     """Every key once across all sources; each shard as long as its manifest says."""
     seen: dict[str, str] = {}
@@ -148,7 +137,7 @@ def _check_keys(planned: list[_Planned], progress: bool) -> None:
                 f"source {where}: {path.stat().st_size} bytes, manifest says {s['bytes']}"
             )
         n = 0
-        for key in _tar_keys(path):
+        for key, _ in iter_tar_samples(path, read=lambda ext: False):
             n += 1
             full = p.source.key_prefix + key
             if full in seen:
@@ -187,26 +176,11 @@ def _place_index(src: Path, dst: Path, entry: dict[str, Any], link: str) -> None
 
 def _rekey_samples(path: Path, prefix: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(prefixed key, files) of one tar in order; the annotation's "key" is prefixed too."""
-    key, files = None, {}
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            base, _, ext = member.name.partition(".")
-            if "/" in member.name or not ext:
-                raise ValueError(f"{path.name}: member {member.name!r} is not KEY.EXT")
-            if base != key:
-                if key is not None:
-                    yield prefix + key, files
-                key, files = base, {}
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-            if ext == "json":
-                ann = json.loads(data)
-                ann["key"] = prefix + str(ann.get("key", base))
-                data = json.dumps(ann, sort_keys=True, separators=(",", ":")).encode()
-            files[ext] = data
-    if key is not None:
+    for key, files in iter_tar_samples(path):
+        if "json" in files:
+            ann = json.loads(files["json"])
+            ann["key"] = prefix + str(ann.get("key", key))
+            files["json"] = json.dumps(ann, sort_keys=True, separators=(",", ":")).encode()
         yield prefix + key, files
 
 

@@ -19,16 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from webdataset.tariterators import base_plus_ext
-
 from setokim.data.schema import TASKS
 from setokim.data.shard_index import (
     ITEM_FIELDS,
     annotation_counts,
+    annotation_of,
     index_stale_reason,
     read_shard_index,
 )
-from setokim.data.shards import MANIFEST_NAME, read_manifest
+from setokim.data.shards import MANIFEST_NAME, iter_tar_samples, read_manifest
 
 __all__ = [
     "ITEM_FIELDS",
@@ -77,25 +76,9 @@ def scan_shard(path: Path) -> list[IndexEntry]:
     gives the samples before the failure (the loader reports the failure when it reads it).
     """
     entries: list[IndexEntry] = []
-    key: str | None = None
-    data: bytes | None = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                prefix, suffix = base_plus_ext(member.name)
-                if prefix is None:
-                    continue
-                if prefix != key:
-                    if key is not None:
-                        entries.append(_entry(path.name, key, data))
-                    key, data = prefix, None
-                if suffix.lower() == "json":
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else None
-        if key is not None:
-            entries.append(_entry(path.name, key, data))
+        for key, files in iter_tar_samples(path, read=lambda ext: ext.lower() == "json"):
+            entries.append(_entry(path.name, key, annotation_of(files)))
     except (OSError, tarfile.TarError, EOFError):
         pass
     return entries

@@ -14,9 +14,12 @@ import io
 import json
 import re
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from webdataset.tariterators import base_plus_ext
 
 from setokim.data.shard_index import (
     IndexRow,
@@ -178,3 +181,30 @@ def safe_key(text: str) -> str:
     if not out:
         raise ValueError("key must not be empty")
     return out
+
+
+def iter_tar_samples(
+    path: str | Path, read: Callable[[str], bool] = lambda ext: True
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of an uncompressed tar, in order, with members grouped
+    by key exactly as the webdataset loader groups them. Only members whose extension
+    `read(ext)` accepts are read; tarfile seeks past the others (keys alone cost headers).
+    """
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            prefix, ext = base_plus_ext(member.name)
+            if prefix is None:
+                continue
+            if prefix != key:
+                if key is not None:
+                    yield key, files
+                key, files = prefix, {}
+            if read(ext):
+                f = tar.extractfile(member)
+                files[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, files
