@@ -88,9 +88,9 @@ def test_recipe_schedule_at_paper_scale(
     """16 GPUs x 32: Stage II's 558K + 695K captions, Stage III's 665K + 15K samples."""
     cfg = load_experiment(exp, [_init_override(init_key, init_dirs)])
     samples = 558_000 + 695_000 if stage == "stage2" else 665_000 + 15_000
-    out = resolve_schedule(cfg.trainer, samples, world_size=16)
-    assert out.max_steps == (samples // 16) // 32
-    assert out.warmup_steps == -(-out.max_steps // 10)
+    per_rank = (samples // 16) // cfg.trainer.micro_batch_size  # full micro-batches per GPU
+    out = resolve_schedule(cfg.trainer, per_rank, world_size=16)
+    assert (out.max_steps, out.warmup_steps) == ((2447, 245) if stage == "stage2" else (1328, 133))
     assert (out.lr, out.epochs) == (cfg.trainer.lr, 1.0)
 
 

@@ -10,7 +10,7 @@ import torch
 from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 from setokim.data.rle import decode_mask
-from setokim.data.schema import BATCH_FIELDS, COMMON_FIELDS, TASKS, SampleAnnotation
+from setokim.data.schema import BATCH_FIELDS, COMMON_FIELDS, VIEWS, SampleAnnotation
 
 N_TRAIN = 24
 
@@ -80,7 +80,7 @@ def test_seed_and_epoch_shuffle_deterministically(shards):
 
 
 def test_batch_layout_and_content_for_every_task(shards):
-    for task in TASKS:
+    for task in VIEWS:
         batches = list(make_loader(shards, "train", task, 4, shuffle=False))
         assert sum(len(b["key"]) for b in batches) == N_TRAIN
         b = batches[0]
@@ -110,6 +110,34 @@ def test_batch_layout_and_content_for_every_task(shards):
         if task == "edit":
             assert b["target_pixels"].shape == b["pixels"].shape
             assert (b["target_pixels"] - b["pixels"]).abs().sum((1, 2, 3)).gt(0).all()
+
+
+def test_image_view_reads_samples_without_any_text(shards, tmp_path):
+    """Stage I reads the image view: a dataset without captions (SA-1B) is not skipped."""
+    from dataclasses import replace
+
+    from setokim.data.converters.common import Converted, write_split
+    from setokim.data.shards import iter_tar_samples
+
+    def bare():
+        for tar in sorted(shards.glob("train-*.tar")):
+            for _, sample in iter_tar_samples(tar):
+                ann = SampleAnnotation.from_json(sample["json"])
+                ann = replace(ann, captions=[], vqa=[], pope=[], rec=[], reasonseg=[], edit=[],
+                              t2i=[], conversations=[])  # fmt: skip
+                yield Converted(ann, sample["png"], "png")
+
+    write_split(tmp_path, "train", bare(), source="bare", samples_per_shard=10)
+    assert keys(make_loader(tmp_path, "train", "caption", 4, shuffle=False)) == []
+    got = list(make_loader(tmp_path, "train", "image", 4, shuffle=False))
+    ref = list(make_loader(shards, "train", "caption", 4, shuffle=False))
+    assert [b["key"] for b in got] == [b["key"] for b in ref]
+    for g, r in zip(got, ref, strict=True):
+        assert set(g) == set(COMMON_FIELDS) and g["task"] == "image"
+        assert torch.equal(g["pixels"], r["pixels"])
+        assert torch.equal(g["object_masks"], r["object_masks"])
+    with pytest.raises(ValueError, match="mix_weights"):
+        make_loader(tmp_path, "train", "mix", 4, mix_weights={"image": 1.0})
 
 
 def test_masks_and_boxes_match_the_json(shards):

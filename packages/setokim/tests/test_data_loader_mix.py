@@ -8,9 +8,7 @@ which no sample has.
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,8 +22,8 @@ from setokim.data.loader import make_loader
 from setokim.data.mix_plan import draw_task, index_shard
 from setokim.data.schema import TASKS, SampleAnnotation
 from setokim.data.shards import ShardWriter, write_manifest
-from setokim.stages.common import endless_batches, epoch_samples
-from setokim.train.config import EpochSize, TrainerConfig, resolve_schedule
+from setokim.stages.common import endless_batches, epoch_batches
+from setokim.train.config import TrainerConfig, resolve_schedule
 
 N = 64
 WEIGHTS = {"caption": 1.0, "vqa": 2.0, "chat": 1.0, "t2i": 1.0}
@@ -234,22 +232,23 @@ class _NoGen:
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_epoch_size_gives_the_exact_schedule(shards, world_size):
+def test_epoch_batches_is_what_endless_batches_yields_in_one_epoch(shards, world_size):
     data = _data(shards)
-    size = epoch_samples(data, 0, world_size, _NoGen())
-    assert isinstance(size, EpochSize) and size == 3 * N // 4 - 0  # groups 0-2, one item each
-    assert json.loads(json.dumps({"n": size}))["n"] == int(size)
-    again = pickle.loads(pickle.dumps(size))
-    assert again == size and again.rank_items == size.rank_items
     for micro in (2, 4, 8):
-        batches = _mix(shards, micro, world_size=world_size).full_batches
+        counts = [epoch_batches(data, r, world_size, micro, _NoGen()) for r in range(world_size)]
+        n = counts[0]
+        assert n > 0 and counts == [n] * world_size, "every rank must derive the same max_steps"
+        items = _mix(shards, micro, world_size=world_size).rank_items  # per-task batches
+        assert n == min(sum(k // micro for k in r.values()) for r in items)
         cfg = TrainerConfig(micro_batch_size=micro, epochs=1.0)
-        assert resolve_schedule(cfg, size, world_size).max_steps == batches
-        assert size.micro_batches(micro, world_size) == batches
-    with pytest.raises(ValueError, match="world_size"):
-        size.micro_batches(4, world_size + 1)
-    single = epoch_samples(_data(shards, task="caption"), 0, world_size, _NoGen())
-    assert single == N and single.rank_items is None
+        assert resolve_schedule(cfg, n, world_size).max_steps == n
+        for rank in range(world_size):
+            stream = _take(endless_batches(data, rank, world_size, 0, micro), n + 1)
+            loader = dict(world_size=world_size, rank=rank)
+            assert stream[:n] == _seq(_mix(shards, micro, **loader))  # epoch 0: n batches
+            assert stream[n:] == _take(iter(_mix(shards, micro, epoch=1, **loader)), 1)
+    single = epoch_batches(_data(shards, task="caption"), 0, world_size, 4, _NoGen())
+    assert single == (N // world_size) // 4
 
 
 def test_bad_resume_arguments_are_named(shards):

@@ -13,7 +13,9 @@ from setokim.data.config import DataConfig
 from setokim.data.schema import (
     BATCH_FIELDS,
     COMMON_FIELDS,
+    IMAGE_VIEW,
     TASKS,
+    VIEWS,
     EditItem,
     ObjectAnn,
     PopeItem,
@@ -47,7 +49,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BATCH_FIELDS",
     "COMMON_FIELDS",
+    "IMAGE_VIEW",
     "TASKS",
+    "VIEWS",
     "DataConfig",
     "EditItem",
     "ObjectAnn",

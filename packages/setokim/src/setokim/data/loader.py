@@ -48,7 +48,7 @@ from setokim.data.collate import collate
 from setokim.data.config import DataConfig
 from setokim.data.decode import DataError, decode_sample
 from setokim.data.mix_plan import IndexEntry, MixPlan, index_shard, plan_mix
-from setokim.data.schema import TASKS
+from setokim.data.schema import TASKS, VIEWS
 from setokim.data.shards import read_manifest
 from setokim.data.views import items_for
 
@@ -123,8 +123,8 @@ class ShardDataset(IterableDataset):
         self, cfg: DataConfig, rank: int = 0, world_size: int = 1, split_mode: str = "auto"
     ) -> None:
         super().__init__()
-        if cfg.task not in (*TASKS, "mix"):
-            raise ValueError(f"task must be one of {(*TASKS, 'mix')}, got {cfg.task!r}")
+        if cfg.task not in (*VIEWS, "mix"):
+            raise ValueError(f"task must be one of {(*VIEWS, 'mix')}, got {cfg.task!r}")
         if cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {cfg.on_error!r}")
         if cfg.batch_size < 1:

@@ -36,7 +36,15 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 TASKS: tuple[str, ...] = ("caption", "vqa", "pope", "rec", "reasonseg", "edit", "t2i", "chat")
-"""Task views. ``mix`` (a weighted mix of these, one task per batch) is also accepted."""
+"""Tasks read from the annotation's item lists. ``mix`` (a weighted mix of these, one task
+per batch) is also accepted."""
+
+IMAGE_VIEW = "image"
+"""Every sample as one item with no text: what Stage I reads (pixels and object masks), so
+datasets without captions (SA-1B) are not skipped. Not a mix task."""
+
+VIEWS: tuple[str, ...] = (IMAGE_VIEW, *TASKS)
+"""Every view the loader reads, besides ``mix``."""
 
 COMMON_FIELDS: tuple[str, ...] = (
     "task",
@@ -49,6 +57,8 @@ COMMON_FIELDS: tuple[str, ...] = (
 )
 
 BATCH_FIELDS: dict[str, tuple[str, ...]] = {
+    # the image and its objects only (the common fields)
+    "image": (),
     # one caption per item (a seeded choice among the sample's captions, or all with expand)
     "caption": ("captions",),
     # question text, canonical answer, the ten VQAv2-style answers, question type
@@ -194,6 +204,8 @@ class SampleAnnotation:
 
     def num_items(self, task: str) -> int:
         """How many items this sample offers to a task view (0: the view skips it)."""
+        if task == IMAGE_VIEW:
+            return 1
         if task == "caption":
             return len(self.captions)
         if task == "t2i":
@@ -202,4 +214,4 @@ class SampleAnnotation:
             return len(self.conversations)
         if task in ("vqa", "pope", "rec", "reasonseg", "edit"):
             return len(getattr(self, task))
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ValueError(f"task must be one of {VIEWS}, got {task!r}")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from setokim.data.decode import Decoded
-from setokim.data.schema import TASKS
+from setokim.data.schema import IMAGE_VIEW, VIEWS
 
 
 def _item(d: Decoded, key: str) -> dict[str, Any]:
@@ -41,6 +41,8 @@ def _target(d: Decoded, index: int) -> dict[str, Any]:
 def task_fields(d: Decoded, task: str, j: int) -> dict[str, Any]:
     """The task-specific fields of item j of sample `d` (see schema.BATCH_FIELDS)."""
     a = d.ann
+    if task == IMAGE_VIEW:
+        return {}
     if task == "caption":
         return {"captions": a.captions[j]}
     if task == "t2i":
@@ -69,7 +71,7 @@ def task_fields(d: Decoded, task: str, j: int) -> dict[str, Any]:
         return {"instructions": e.instruction, "edit_ops": e.op, "target_pixels": d.target_pixels}
     if task == "chat":
         return {"conversations": [dict(t) for t in a.conversations[j]]}
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    raise ValueError(f"task must be one of {VIEWS}, got {task!r}")
 
 
 def items_for(

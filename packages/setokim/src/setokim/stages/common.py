@@ -26,7 +26,6 @@ from setokim.data.config import DataConfig
 
 if TYPE_CHECKING:
     from setok_tokenizer import SeTokConfig
-    from setokim.train.config import EpochSize
 
 log = logging.getLogger("setokim.stages")
 
@@ -214,29 +213,27 @@ def endless_batches(
         epoch, within = epoch + 1, 0
 
 
-def epoch_samples(data: DataConfig, rank: int, world_size: int, gen: GenerateSpec) -> EpochSize:
-    """One epoch of `endless_batches` over `data`, all ranks together (TrainerConfig.epochs).
+def epoch_batches(
+    data: DataConfig, rank: int, world_size: int, micro_batch_size: int, gen: GenerateSpec
+) -> int:
+    """Full micro-batches each rank reads in one epoch of `endless_batches` over `data` (the
+    first, `data.epoch`; TrainerConfig.epochs). The data is generated first when missing.
 
-    The data is generated first when missing (as `batches` would). One task: every rank
-    reads the same count (the loader's `even` split), so this is rank 0's count times
-    world_size. A task mix: the items its plan draws over all ranks in the first epoch
-    (samples without any mix task excluded); the `EpochSize` also carries each rank's items
-    per task, so `resolve_schedule` gets the exact micro-batch count (per-task batches).
+    The loader's `full_batches` for this rank, which is every rank's count: with `even`
+    (as `endless_batches` asks) one task keeps the smallest rank's samples, and a task mix
+    keeps the smallest rank's batches (its annotation-only plan covers every rank; no
+    image is read), so all ranks derive the same max_steps.
     """
     from setokim.data import make_loader
-    from setokim.train.config import EpochSize
 
     prepare_data(data, rank, gen)
     loader = make_loader(
-        data.shard_dir, data.split, data.task, 1, rank=0, world_size=world_size,
-        seed=data.seed, epoch=data.epoch, shuffle=data.shuffle,
+        data.shard_dir, data.split, data.task, micro_batch_size, rank=rank,
+        world_size=world_size, seed=data.seed, epoch=data.epoch, shuffle=data.shuffle,
         shuffle_buffer=data.shuffle_buffer, expand=data.expand, even=True,
         mix_weights=data.mix_weights or None,
     )  # fmt: skip
-    if data.task != "mix":
-        return EpochSize(loader.num_samples * world_size)
-    per_rank = loader.rank_items
-    return EpochSize(sum(sum(r.values()) for r in per_rank), per_rank)
+    return loader.full_batches
 
 
 __all__ = [
@@ -247,7 +244,7 @@ __all__ = [
     "describe_config",
     "endless_batches",
     "ensure_dataset",
-    "epoch_samples",
+    "epoch_batches",
     "is_main",
     "prepare_data",
     "set_cpu_threads",

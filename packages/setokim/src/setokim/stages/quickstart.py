@@ -26,7 +26,7 @@ from setokim.stages.common import (
     data_config,
     describe_config,
     endless_batches,
-    epoch_samples,
+    epoch_batches,
     prepare_data,
     tokenizer_config,
     trainable_parameters,
@@ -126,9 +126,9 @@ class QuickstartStage:
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return trainable_parameters(model)
 
-    def epoch_samples(self, rank: int, world_size: int) -> int:
-        """One epoch of `batches` in samples (TrainerConfig.epochs)."""
-        return epoch_samples(self.data_cfg, rank, world_size, self.cfg)
+    def epoch_batches(self, rank: int, world_size: int, micro_batch_size: int) -> int:
+        """Micro-batches per rank in one epoch of `batches` (TrainerConfig.epochs)."""
+        return epoch_batches(self.data_cfg, rank, world_size, micro_batch_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int

@@ -44,7 +44,7 @@ from setokim.stages.common import (
     check_keys,
     data_config,
     endless_batches,
-    epoch_samples,
+    epoch_batches,
     is_main,
     prepare_data,
     set_cpu_threads,
@@ -58,7 +58,7 @@ _DEFAULT_TOKENIZER: dict[str, Any] = {
     "clustering": {"mechanism": "dynamic", "assignment": "hard", "max_clusters": 8},
     "merger": {"num_blocks": 1, "num_heads": 2},
 }
-_DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_stage1", "task": "caption"}
+_DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_stage1", "task": "image"}
 
 
 @dataclass
@@ -273,9 +273,9 @@ class Stage1Stage:
             return 1
         return self.cfg.subphase
 
-    def epoch_samples(self, rank: int, world_size: int) -> int:
-        """One epoch of `batches` in samples (TrainerConfig.epochs)."""
-        return epoch_samples(self.data_cfg, rank, world_size, self.cfg)
+    def epoch_batches(self, rank: int, world_size: int, micro_batch_size: int) -> int:
+        """Micro-batches per rank in one epoch of `batches` (TrainerConfig.epochs)."""
+        return epoch_batches(self.data_cfg, rank, world_size, micro_batch_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int

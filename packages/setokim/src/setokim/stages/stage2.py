@@ -36,7 +36,7 @@ from setokim.stages.common import (
     deep_merge,
     describe_config,
     endless_batches,
-    epoch_samples,
+    epoch_batches,
     is_main,
     prepare_data,
     set_cpu_threads,
@@ -206,9 +206,9 @@ class MLLMStage:
     def batch_hook(self) -> BatchHook | None:
         return None
 
-    def epoch_samples(self, rank: int, world_size: int) -> int:
-        """One epoch of `batches` in samples (TrainerConfig.epochs)."""
-        return epoch_samples(self.data_cfg, rank, world_size, self.cfg)
+    def epoch_batches(self, rank: int, world_size: int, micro_batch_size: int) -> int:
+        """Micro-batches per rank in one epoch of `batches` (TrainerConfig.epochs)."""
+        return epoch_batches(self.data_cfg, rank, world_size, micro_batch_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int

@@ -7,7 +7,6 @@ does before queueing anything) fails with the offending key's name.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 MIXED_PRECISION_CHOICES = ("auto", "bf16", "fp32")
@@ -53,7 +52,8 @@ class TrainerConfig:
     `epochs` is set, `max_steps` is derived from it and the configured value is replaced;
     when `warmup_ratio` is set, `warmup_steps` is derived from it (after max_steps) and
     replaced. The loop derives both at the start of a run (`resolve_schedule`), once the
-    stage's epoch size and the world size are known; trainer.json records the result.
+    stage's micro-batches per epoch and the world size are known; trainer.json records
+    the result.
     """
 
     max_steps: int = 100
@@ -137,78 +137,37 @@ class TrainerConfig:
             )
 
 
-class EpochSize(int):
-    """Samples in one epoch (all ranks) that also knows the exact micro-batches per rank.
-
-    An int, so it reads and serialises as the sample count (trainer.json) wherever a count
-    is expected. A task mix fills one batch per task, so a rank's epoch is
-    sum over tasks of (items drawn for the task // micro_batch_size), and with every rank
-    kept to the same count, the smallest rank's: `rank_items` (one {task: items} per rank)
-    gives that. Without it, each rank reads int // world_size samples of one item each.
-    """
-
-    rank_items: tuple[dict[str, int], ...] | None
-
-    def __new__(
-        cls, samples: int, rank_items: Sequence[Mapping[str, int]] | None = None
-    ) -> EpochSize:
-        out = super().__new__(cls, samples)
-        out.rank_items = None if rank_items is None else tuple(dict(r) for r in rank_items)
-        return out
-
-    def __getnewargs__(self) -> tuple[int, tuple[dict[str, int], ...] | None]:
-        return int(self), self.rank_items
-
-    def micro_batches(self, micro_batch_size: int, world_size: int) -> int:
-        """Full micro-batches each rank reads in the epoch."""
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
-        if self.rank_items is None:
-            return (int(self) // world_size) // micro_batch_size
-        if len(self.rank_items) != world_size:
-            raise ValueError(
-                f"world_size: the epoch was counted for {len(self.rank_items)} ranks, got {world_size}"
-            )
-        return min(sum(n // micro_batch_size for n in r.values()) for r in self.rank_items)
-
-
-def resolve_schedule(cfg: TrainerConfig, num_samples: int | None, world_size: int) -> TrainerConfig:
+def resolve_schedule(
+    cfg: TrainerConfig, epoch_batches: int | None, world_size: int
+) -> TrainerConfig:
     """`cfg` with max_steps / warmup_steps derived from epochs / warmup_ratio when set.
 
-    num_samples: samples in one epoch of the stage's data, summed over all ranks (what the
-    stage's batch stream reads in one pass; None when the stage has no finite epoch).
-    Every rank reads num_samples // world_size of them and drops a partial micro-batch at
-    the end of an epoch (`stages.common.endless_batches`), so with
-    m = (num_samples // world_size) // micro_batch_size micro-batches per rank and epoch
-    (an `EpochSize` gives m itself: `micro_batches`, exact for a task mix's first epoch):
-    max_steps = floor(epochs * m / grad_accum), i.e. about epochs * num_samples / global
-    batch (micro_batch_size * grad_accum * world_size); warmup_steps =
-    ceil(warmup_ratio * max_steps) (the Hugging Face Trainer's rounding). Fields that are
-    None leave max_steps / warmup_steps as configured. Raises naming the field.
+    epoch_batches: full micro-batches each rank reads in one epoch of the stage's data (what
+    `stages.common.endless_batches` yields per epoch, the same on every rank; None when the
+    stage has no finite epoch). max_steps = floor(epochs * epoch_batches / grad_accum), i.e.
+    about epochs * samples / global batch (micro_batch_size * grad_accum * world_size);
+    warmup_steps = ceil(warmup_ratio * max_steps) (the Hugging Face Trainer's rounding).
+    Fields that are None leave max_steps / warmup_steps as configured. Raises naming the field.
     """
     if world_size < 1:
         raise ValueError(f"world_size: must be >= 1, got {world_size}")
     max_steps, warmup_steps = cfg.max_steps, cfg.warmup_steps
     if cfg.epochs is not None:
-        if num_samples is None:
+        if epoch_batches is None:
             raise ValueError(
                 "TrainerConfig.epochs: this stage's data has no finite epoch; "
                 "set max_steps instead (epochs=null)"
             )
-        if num_samples < 0:
-            raise ValueError(f"num_samples: must be >= 0, got {num_samples}")
-        if isinstance(num_samples, EpochSize):
-            micro = num_samples.micro_batches(cfg.micro_batch_size, world_size)
-        else:
-            micro = (num_samples // world_size) // cfg.micro_batch_size
-        max_steps = math.floor(cfg.epochs * micro / cfg.grad_accum + 1e-9)
+        if epoch_batches < 0:
+            raise ValueError(f"epoch_batches: must be >= 0, got {epoch_batches}")
+        max_steps = math.floor(cfg.epochs * epoch_batches / cfg.grad_accum + 1e-9)
         batch = cfg.micro_batch_size * cfg.grad_accum * world_size
         _require(
             max_steps >= 1,
             "epochs",
-            f"{cfg.epochs:g} epoch(s) of {num_samples} samples is less than one optimizer "
-            f"step of {batch} samples (micro_batch_size {cfg.micro_batch_size} x grad_accum "
-            f"{cfg.grad_accum} x world_size {world_size})",
+            f"{cfg.epochs:g} epoch(s) of {epoch_batches} micro-batch(es) per rank is less "
+            f"than one optimizer step of {batch} samples (micro_batch_size "
+            f"{cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x world_size {world_size})",
         )
     if cfg.warmup_ratio is not None:
         warmup_steps = math.ceil(cfg.warmup_ratio * max_steps - 1e-9)

@@ -114,19 +114,23 @@ def _any_rank(local: bool, world: int, device: torch.device) -> bool:
 def resolve_stage_schedule(
     stage: Stage, cfg: TrainerConfig, rank: int, world_size: int
 ) -> tuple[TrainerConfig, dict[str, Any] | None]:
-    """`resolve_schedule` with the stage's epoch size; (cfg, what was derived or None).
+    """`resolve_schedule` with the stage's epoch length; (cfg, what was derived or None).
 
-    The epoch size comes from the stage's optional `epoch_samples(rank, world_size)` and
-    is only asked for when `cfg.epochs` is set (it may have to generate the data first).
+    The micro-batches per rank and epoch come from the stage's optional
+    `epoch_batches(rank, world_size, micro_batch_size)`, asked for only when `cfg.epochs`
+    is set (it may have to generate the data first). The record gives them in samples too.
     """
     if cfg.epochs is None and cfg.warmup_ratio is None:
         return cfg, None
-    counter = getattr(stage, "epoch_samples", None)
-    samples = counter(rank, world_size) if cfg.epochs is not None and callable(counter) else None
-    out = resolve_schedule(cfg, samples, world_size)
+    counter = getattr(stage, "epoch_batches", None)
+    batches = None
+    if cfg.epochs is not None and callable(counter):
+        batches = counter(rank, world_size, cfg.micro_batch_size)
+    out = resolve_schedule(cfg, batches, world_size)
     info = {
         "epochs": cfg.epochs,
-        "epoch_samples": samples,
+        "epoch_batches": batches,
+        "epoch_samples": None if batches is None else batches * cfg.micro_batch_size * world_size,
         "global_batch": cfg.micro_batch_size * cfg.grad_accum * world_size,
         "warmup_ratio": cfg.warmup_ratio,
         "max_steps": out.max_steps,

@@ -18,8 +18,9 @@ class Stage(Protocol):
 
     Optional extras, looked up with getattr: `trainable(model) -> list[nn.Parameter]`
     (defaults to every parameter with requires_grad), `describe() -> dict` (logged
-    into the run's metadata) and `epoch_samples(rank, world_size) -> int` (samples in one
-    pass over the stage's data, all ranks together; needed for `TrainerConfig.epochs`).
+    into the run's metadata) and `epoch_batches(rank, world_size, micro_batch_size) -> int`
+    (full micro-batches each rank reads in one pass over the stage's data, the same on
+    every rank; needed for `TrainerConfig.epochs`).
     """
 
     def build_model(self) -> nn.Module:
