@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +15,14 @@ from typing import Any
 from PIL import Image
 
 from setokim.data.schema import SampleAnnotation
-from setokim.data.shards import MANIFEST_NAME, ShardWriter, read_manifest, write_manifest
+from setokim.data.shard_index import index_name
+from setokim.data.shards import (
+    MANIFEST_NAME,
+    ShardInfo,
+    ShardWriter,
+    read_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger("setokim.data.converters")
 
@@ -61,24 +71,37 @@ def write_split(
     progress: bool = False,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `samples` as `{split}-NNNNNN.tar` and add the split to manifest.json."""
+    """Write `samples` as `{split}-NNNNNN.tar` and add the split to manifest.json.
+
+    The shards are written into a hidden staging folder inside `out_dir` and moved into
+    place only once every sample converted, so a conversion that fails half-way leaves an
+    earlier conversion of the split (shards and manifest) as it was. Shards of the earlier
+    conversion that the new one does not have are removed after the manifest is written.
+    """
     if progress:
         from tqdm import tqdm
 
         samples = tqdm(samples, desc=f"{source}/{split}", unit="img")
-    writer = ShardWriter(out_dir, split, samples_per_shard)
-    for s in samples:
-        files = {s.image_ext: s.image, "json": s.ann.to_json()}
-        if s.target is not None:
-            files[f"target.{s.target_ext}"] = s.target
-        writer.write(s.ann.key, files)
-    shards = writer.close()
     out = Path(out_dir)
-    previous = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{split}.staging-"))
+    try:
+        writer = ShardWriter(staging, split, samples_per_shard)
+        for s in samples:
+            files = {s.image_ext: s.image, "json": s.ann.to_json()}
+            if s.target is not None:
+                files[f"target.{s.target_ext}"] = s.target
+            writer.write(s.ann.key, files)
+        shards = writer.close()
+        previous = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
+        for shard in shards:
+            for name in (shard.name, index_name(shard.name)):
+                if (staging / name).exists():
+                    os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     splits = {}
     if previous is not None:
-        from setokim.data.shards import ShardInfo
-
         splits = {
             k: [ShardInfo(**s) for s in v["shards"]]
             for k, v in previous["splits"].items()
@@ -87,4 +110,11 @@ def write_split(
     splits[split] = shards
     merged = dict(previous["info"]) if previous else {}
     merged.update({"source": source, **(info or {})})
-    return write_manifest(out, splits, merged)
+    manifest = write_manifest(out, splits, merged)
+    if previous is not None and split in previous["splits"]:
+        kept = {s.name for s in shards}
+        for old in previous["splits"][split]["shards"]:
+            if old["name"] not in kept:
+                (out / old["name"]).unlink(missing_ok=True)
+                (out / index_name(old["name"])).unlink(missing_ok=True)
+    return manifest
