@@ -2,7 +2,8 @@
 
 Generator: images/s in one process (one core) at each image size. Loader: samples/s of the
 "caption" view (images + masks + boxes decoded and collated) with 0 and 2 DataLoader
-workers. Mix planning: seconds to plan one epoch of a task mix (every rank's plan, as each
+workers, and the tar member bytes the busiest of the 2 workers reads in an epoch over what
+the 0-worker loader reads (each worker reads only the samples it decodes: about 1/2). Mix planning: seconds to plan one epoch of a task mix (every rank's plan, as each
 rank does) over the first size's split, from the shards' index sidecars vs by scanning the
 tars (sidecars deleted). Prints a table, the ratios and a final JSON line. `--mix-plan`
 runs only the planning comparison (on a split of --images samples at the first size).
@@ -34,6 +35,19 @@ def bench_loader(shard_dir: Path, workers: int, batch_size: int, repeats: int) -
         n = sum(len(b["key"]) for b in loader)
         best = max(best, n / (time.perf_counter() - t0))
     return best
+
+
+def read_share(shard_dir: Path, workers: int, batch_size: int) -> float:
+    """Bytes the busiest of `workers` DataLoader workers reads in one epoch over the bytes the
+    0-worker loader reads (each worker's iteration run in this process, decoding included)."""
+
+    def bytes_read(wid: int, nw: int) -> int:
+        ds = make_loader(shard_dir, "train", "caption", batch_size).dataset
+        for _ in ds.iter_worker(wid, nw):
+            pass
+        return ds.bytes_read
+
+    return max(bytes_read(w, workers) for w in range(workers)) / bytes_read(0, 1)
 
 
 def time_mix_plan(shard_dir: Path, world_size: int, repeats: int) -> float:
@@ -106,25 +120,28 @@ def main(argv: list[str] | None = None) -> int:
             results[f"gen_img_cpu_s_{size}"] = a.images / (time.process_time() - c0)
             l0 = bench_loader(out, 0, a.batch_size, a.repeats)
             l2 = bench_loader(out, 2, a.batch_size, a.repeats)
+            share = read_share(out, 2, a.batch_size)
             results.update(
                 {
                     f"gen_img_s_{size}": gen,
                     f"load_w0_s_{size}": l0,
                     f"load_w2_s_{size}": l2,
                     f"w2_over_w0_{size}": l2 / l0,
+                    f"w2_read_over_w0_{size}": share,
                 }
             )
-            rows.append((size, gen, l0, l2, l2 / l0))
+            rows.append((size, gen, l0, l2, l2 / l0, share))
             if size == a.sizes[0]:
                 results.update(bench_mix_plan(out, Path(tmp), a.world_size, a.repeats))
     print(
         f"machine: {platform.processor() or platform.machine()}, torch threads 1, {a.images} images per size"
     )
     print(
-        f"{'size':>5} {'generator img/s':>16} {'loader w=0 /s':>14} {'loader w=2 /s':>14} {'w2/w0':>6}"
+        f"{'size':>5} {'generator img/s':>16} {'loader w=0 /s':>14} {'loader w=2 /s':>14} "
+        f"{'w2/w0':>6} {'bytes/worker w2/w0':>19}"
     )
-    for size, gen, l0, l2, ratio in rows:
-        print(f"{size:>5} {gen:>16.1f} {l0:>14.1f} {l2:>14.1f} {ratio:>6.2f}")
+    for size, gen, l0, l2, ratio, share in rows:
+        print(f"{size:>5} {gen:>16.1f} {l0:>14.1f} {l2:>14.1f} {ratio:>6.2f} {share:>19.2f}")
     cpu = ", ".join(f"{s}px {results[f'gen_img_cpu_s_{s}']:.1f}" for s in a.sizes)
     print(f"generator img per CPU-second (robust to a shared machine): {cpu}")
     print_mix_plan(results, a.images, a.world_size)

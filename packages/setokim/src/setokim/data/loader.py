@@ -11,8 +11,10 @@ then, for one task (task != "mix"):
 5. the first `start_sample` samples are skipped undecoded (resume);
 6. the rest is cut into chunks of `batch_size`; a sample without the task adds no item, so
    such a chunk gives a short batch (or none); with `expand` a chunk gives as many batches
-   as its items need. DataLoader worker w decodes chunks c % num_workers == w, and torch's
-   DataLoader returns them round-robin, so the batch order does not depend on num_workers.
+   as its items need. DataLoader worker w decodes chunks c % num_workers == w and returns
+   one list per chunk (its batches, maybe none); torch's DataLoader takes the workers'
+   lists round-robin and the loader flattens them, so the batch order does not depend on
+   num_workers.
 For a task mix (task="mix"; see `plan_mix`, which reads only the annotations):
 5. every sample draws one task among the mix tasks it has (weights restricted to those and
    renormalised; the draw is seeded by (seed, epoch, key), so every rank, worker and resume
@@ -23,9 +25,21 @@ For a task mix (task="mix"; see `plan_mix`, which reads only the annotations):
    open batch start the task's next batch (the sample is then decoded by both). Items left
    in the buffers at the end of the epoch are dropped. With `even`, every rank keeps the
    smallest rank's batch count;
-7. the first `start_batch` batches are skipped (their samples are read, never decoded);
+7. the first `start_batch` batches are skipped (their samples are passed, never read);
    worker w decodes batches start_batch + w, + 2w, ... (every num_workers-th), again
-   returned round-robin.
+   returned round-robin as one list each (empty when every item failed to decode).
+
+What a process reads: every DataLoader worker walks the rank's whole stream (steps 1-4), so
+the positions, the rank split and the shuffle buffer are the same in each, but it reads the
+bytes of only the samples it decodes; the others pass as key-only stubs (`__key__`,
+`__url__`) whose members tarfile seeks past (`setokim.data.shards.iter_tar_groups`). A worker
+learns the keys of its positions without reading a tar's images: the same steps 1-4 over the
+shards' indexes (`index_shard`: sidecars, else a scan of the .json members; cached per
+process, and indexed once in the main process before workers fork). One task with
+num_workers > 1: the keys at positions >= start_sample in its chunks; with 0 or 1 workers
+everything is read and no index is needed. A mix (its plan already holds every key): the
+samples of its batches only. A stream key that differs from the index's (shards changed after
+indexing) raises DataError.
 
 Errors: a shard that cannot be read, holds fewer samples than the manifest says, or a sample
 that cannot be decoded raises DataError naming the shard and key (on_error="raise"), or is
@@ -42,14 +56,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from setokim.data.collate import collate
 from setokim.data.config import DataConfig
 from setokim.data.decode import DataError, decode_sample
 from setokim.data.mix_plan import IndexEntry, MixPlan, index_shard, plan_mix
 from setokim.data.schema import TASKS, VIEWS
-from setokim.data.shards import read_manifest
+from setokim.data.shards import iter_tar_groups, read_manifest
 from setokim.data.views import items_for
 
 log = logging.getLogger("setokim.data")
@@ -134,6 +147,7 @@ class ShardDataset(IterableDataset):
         self.start_sample = 0  # resume position of a single task (samples)
         self.start_batch = 0  # resume position of a mix (batches)
         self.skipped = 0
+        self.bytes_read = 0  # tar member bytes this process read (benchmarks; not the headers)
         weights = dict(cfg.mix_weights or DEFAULT_MIX)
         for t, w in weights.items():
             if t not in TASKS or w < 0:
@@ -208,12 +222,19 @@ class ShardDataset(IterableDataset):
         self.skipped += 1
         log.warning("skipping (%d so far): %s", self.skipped, err)
 
-    def _read_shard(self, path: Path, expected: int) -> Iterator[dict[str, Any]]:
+    def _read_shard(
+        self, path: Path, expected: int, owned: set[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """One shard's samples in tar order as webdataset's dicts. With `owned`, only the
+        members of those keys are read; every other sample is a stub (`__key__`, `__url__`)
+        that keeps its stream position without its bytes."""
+        read = _read_all if owned is None else (lambda key, _ext: key in owned)
         n, last = 0, None
         try:
-            for raw in group_by_keys(tar_file_expander(url_opener([{"url": str(path)}]))):
-                n, last = n + 1, raw["__key__"]
-                raw["__url__"] = path.name
+            for key, members in iter_tar_groups(path, read):
+                raw = _as_raw(key, path.name, members)
+                n, last = n + 1, key
+                self.bytes_read += sum(len(data) for _, data in members)
                 yield raw
         except Exception as exc:  # noqa: BLE001 - tar/IO errors name the shard
             self._fail(
@@ -245,10 +266,18 @@ class ShardDataset(IterableDataset):
                 return
             yield x
 
-    def raw_stream(self) -> Iterator[dict[str, Any]]:
-        """Steps 1-4: this rank's undecoded samples in epoch order (exactly plan.count)."""
-        shards = [self._read_shard(path, n) for path, n in self.plan.shards]
+    def raw_stream(self, owned: set[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Steps 1-4: this rank's undecoded samples in epoch order (exactly plan.count).
+
+        With `owned`, samples whose key is not in it are stubs without their bytes."""
+        shards = [self._read_shard(path, n, owned) for path, n in self.plan.shards]
         return self._rank_order(shards, self.plan, self.rank)
+
+    def epoch_keys(self) -> list[str]:
+        """This rank's sample keys in epoch order (steps 1-4) from the shard indexes: no image
+        is read (sidecars, else a scan of the .json members; cached per process)."""
+        shards = [[e.key for e in index_shard(path)] for path, _ in self.plan.shards]
+        return list(self._rank_order(shards, self.plan, self.rank))
 
     @property
     def full_batches(self) -> int:
@@ -283,42 +312,42 @@ class ShardDataset(IterableDataset):
             )
         return []
 
-    def _batches(self, raws: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _batches(self, raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
         task, bsz = self.cfg.task, self.cfg.batch_size
         items = [it for raw in raws for it in self._items(raw, task, 0, None)]
-        for i in range(0, len(items), bsz):
-            yield collate(items[i : i + bsz], task)
+        return [collate(items[i : i + bsz], task) for i in range(0, len(items), bsz)]
 
-    def _iter_single(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
-        bsz, chunk, buf = self.cfg.batch_size, 0, []
-        for p, raw in enumerate(self.raw_stream()):
-            if p < self.start_sample:
+    def _iter_single(self, wid: int, nw: int) -> Iterator[list[dict[str, Any]]]:
+        bsz, start, chunk, buf = self.cfg.batch_size, self.start_sample, 0, []
+        keys: list[str] | None = None
+        owned: set[str] | None = None
+        if nw > 1:  # read only this worker's chunks (one worker reads everything anyway)
+            keys = self.epoch_keys()
+            owned = {k for p, k in enumerate(keys) if p >= start and (p - start) // bsz % nw == wid}
+        for p, raw in enumerate(self.raw_stream(owned)):
+            if keys is not None:
+                _check_position(p, raw, keys)
+            if p < start:
                 continue
             if chunk % nw == wid:
                 buf.append(raw)
-            if (p - self.start_sample + 1) % bsz == 0:
+            if (p - start + 1) % bsz == 0:
                 if buf:
-                    yield from self._batches(buf)
+                    yield self._batches(buf)
                 chunk, buf = chunk + 1, []
         if buf:
-            yield from self._batches(buf)
+            yield self._batches(buf)
 
-    def _iter_mix(self, mix: MixPlan, wid: int, nw: int) -> Iterator[dict[str, Any]]:
+    def _iter_mix(self, mix: MixPlan, wid: int, nw: int) -> Iterator[list[dict[str, Any]]]:
         """Step 7: read the stream, hold the raw samples of this worker's pending batches."""
         mine = list(range(self.start_batch + wid, len(mix.batches), nw))
         last_use = {pos: k for k in mine for pos, _, _ in mix.batches[k][1]}
         held: dict[int, dict[str, Any]] = {}
         nxt = 0
-        for p, raw in enumerate(self.raw_stream()):
+        for p, raw in enumerate(self.raw_stream({mix.keys[pos] for pos in last_use})):
             if nxt == len(mine):
                 break
-            if p >= len(mix.keys) or raw["__key__"] != mix.keys[p]:
-                want = mix.keys[p] if p < len(mix.keys) else None
-                raise DataError(
-                    str(raw.get("__url__")),
-                    str(raw.get("__key__")),
-                    f"stream position {p} should be {want!r} (shards changed after indexing)",
-                )
+            _check_position(p, raw, mix.keys)
             if p in last_use:
                 held[p] = raw
             while nxt < len(mine) and mix.done_at[mine[nxt]] == p:
@@ -329,8 +358,7 @@ class ShardDataset(IterableDataset):
                     if last_use[pos] == k:
                         del held[pos]
                 nxt += 1
-                if items:
-                    yield collate(items, task)
+                yield [collate(items, task)] if items else []
         if wid == 0 and mix.no_task:
             log.warning(
                 "epoch %d rank %d: %d samples have none of the mix tasks %s; skipped",
@@ -338,12 +366,53 @@ class ShardDataset(IterableDataset):
                 sorted(t for t, w in self.mix_weights.items() if w > 0),
             )  # fmt: skip
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    def worker_units(self, wid: int, nw: int) -> Iterator[list[dict[str, Any]]]:
+        """What DataLoader worker `wid` of `nw` returns: one list per unit it owns (a chunk of
+        one task, a batch of a mix), in order, holding that unit's batches (maybe none).
+
+        Units go round-robin to the workers and torch takes one item from each worker in
+        turn, so the flattened lists are the same batches for any num_workers, even when a
+        chunk gives several batches (expand) or none (no sample has the task)."""
+        if nw < 1 or not 0 <= wid < nw:
+            raise ValueError(f"need 0 <= wid < nw, got wid={wid}, nw={nw}")
         if self.mix is not None:
             return self._iter_mix(self.mix, wid, nw)
         return self._iter_single(wid, nw)
+
+    def iter_worker(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
+        """The batches of worker `wid` of `nw` (wid=0, nw=1: this rank's epoch, in order)."""
+        return (batch for unit in self.worker_units(wid, nw) for batch in unit)
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        """Units, not batches (see `worker_units`; ShardLoader flattens them)."""
+        info = get_worker_info()
+        return self.worker_units(*((info.id, info.num_workers) if info is not None else (0, 1)))
+
+
+def _read_all(_key: str, _ext: str) -> bool:
+    return True
+
+
+def _as_raw(key: str, shard: str, members: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """webdataset's sample dict: extensions lower-cased; one given twice is an error."""
+    raw: dict[str, Any] = {"__key__": key, "__url__": shard}
+    for ext, data in members:
+        ext = ext.lower()
+        if ext in raw:
+            raise ValueError(f"{key}.{ext}: duplicate file name in the tar")
+        raw[ext] = data
+    return raw
+
+
+def _check_position(p: int, raw: dict[str, Any], keys: Sequence[str]) -> None:
+    """The stream must hold the keys the shard indexes planned (else shards changed)."""
+    if p >= len(keys) or raw["__key__"] != keys[p]:
+        want = keys[p] if p < len(keys) else None
+        raise DataError(
+            str(raw.get("__url__")),
+            str(raw.get("__key__")),
+            f"stream position {p} should be {want!r} (shards changed after indexing)",
+        )
 
 
 def _buffer_shuffle(stream: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -405,11 +474,14 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
-            return iter(self.dataset)
+            return self.dataset.iter_worker(0, 1)
+        if self.num_workers > 1 and self.dataset.mix is None:
+            for path, _ in self.dataset.plan.shards:
+                index_shard(path)  # once here: forked workers inherit the cached indexes
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False
         )
-        return iter(loader)
+        return (batch for unit in loader for batch in unit)
 
 
 def _set_start(ds: ShardDataset, start_sample: int, start_batch: int) -> None:

@@ -183,28 +183,46 @@ def safe_key(text: str) -> str:
     return out
 
 
-def iter_tar_samples(
-    path: str | Path, read: Callable[[str], bool] = lambda ext: True
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of an uncompressed tar, in order, with members grouped
-    by key exactly as the webdataset loader groups them. Only members whose extension
-    `read(ext)` accepts are read; tarfile seeks past the others (keys alone cost headers).
+# webdataset skips members named like "__meta__" (and "__x__/..."): never part of a sample
+_META_RE = re.compile(r"__[^/]*__($|/)")
+
+
+def iter_tar_groups(
+    path: str | Path, read: Callable[[str, str], bool]
+) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, [(ext, bytes), ...]) per sample of an uncompressed tar, in tar order: the one tar
+    reader of setokim. Members are grouped by key exactly as the webdataset loader groups
+    them (consecutive members with the same base name; directories, links and "__x__" meta
+    members skipped). Only members that `read(key, ext)` accepts are read; tarfile seeks past
+    the others, so a sample none of whose members is read costs its headers alone and comes
+    out as (key, []). A member cut short by the end of the file raises tarfile.ReadError
+    whether it is read or skipped (tarfile checks the end of each skipped member).
     """
     key: str | None = None
-    files: dict[str, bytes] = {}
+    members: list[tuple[str, bytes]] = []
     with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # tarfile keeps every header it saw; a big shard needs none
+            if not member.isreg() or _META_RE.match(member.name):
                 continue
             prefix, ext = base_plus_ext(member.name)
             if prefix is None:
                 continue
             if prefix != key:
                 if key is not None:
-                    yield key, files
-                key, files = prefix, {}
-            if read(ext):
+                    yield key, members
+                key, members = prefix, []
+            if read(prefix, ext):
                 f = tar.extractfile(member)
-                files[ext] = f.read() if f is not None else b""
+                members.append((ext, f.read() if f is not None else b""))
     if key is not None:
-        yield key, files
+        yield key, members
+
+
+def iter_tar_samples(
+    path: str | Path, read: Callable[[str], bool] = lambda ext: True
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of `iter_tar_groups`, reading only the members whose
+    extension `read(ext)` accepts (keys alone cost headers)."""
+    for key, members in iter_tar_groups(path, lambda _key, ext: read(ext)):
+        yield key, dict(members)
