@@ -11,13 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
 from setokim.data.decode import DataError, decode_sample
 from setokim.data.mix_plan import scan_shard
 from setokim.data.schema import TASKS
 from setokim.data.shard_index import index_name, index_stale_reason, read_shard_index
-from setokim.data.shards import read_manifest, sha256_file
+from setokim.data.shards import iter_tar_groups, raw_sample, read_manifest, sha256_file
 from setokim.data.views import items_for
 
 
@@ -32,9 +30,8 @@ class Problem:
 
 
 def _samples(path: Path) -> Iterator[dict]:
-    for raw in group_by_keys(tar_file_expander(url_opener([{"url": str(path)}]))):
-        raw["__url__"] = path.name
-        yield raw
+    for key, members in iter_tar_groups(path):
+        yield raw_sample(key, path.name, members)
 
 
 def check_index(path: Path, entry: dict) -> Iterator[Problem]:

@@ -62,7 +62,7 @@ from setokim.data.config import DataConfig
 from setokim.data.decode import DataError, decode_sample
 from setokim.data.mix_plan import IndexEntry, MixPlan, index_shard, plan_mix
 from setokim.data.schema import TASKS, VIEWS
-from setokim.data.shards import iter_tar_groups, read_manifest
+from setokim.data.shards import iter_tar_groups, raw_sample, read_manifest
 from setokim.data.views import items_for
 
 log = logging.getLogger("setokim.data")
@@ -228,11 +228,11 @@ class ShardDataset(IterableDataset):
         """One shard's samples in tar order as webdataset's dicts. With `owned`, only the
         members of those keys are read; every other sample is a stub (`__key__`, `__url__`)
         that keeps its stream position without its bytes."""
-        read = _read_all if owned is None else (lambda key, _ext: key in owned)
+        read = None if owned is None else (lambda key, _ext: key in owned)
         n, last = 0, None
         try:
             for key, members in iter_tar_groups(path, read):
-                raw = _as_raw(key, path.name, members)
+                raw = raw_sample(key, path.name, members)
                 n, last = n + 1, key
                 self.bytes_read += sum(len(data) for _, data in members)
                 yield raw
@@ -387,21 +387,6 @@ class ShardDataset(IterableDataset):
         """Units, not batches (see `worker_units`; ShardLoader flattens them)."""
         info = get_worker_info()
         return self.worker_units(*((info.id, info.num_workers) if info is not None else (0, 1)))
-
-
-def _read_all(_key: str, _ext: str) -> bool:
-    return True
-
-
-def _as_raw(key: str, shard: str, members: list[tuple[str, bytes]]) -> dict[str, Any]:
-    """webdataset's sample dict: extensions lower-cased; one given twice is an error."""
-    raw: dict[str, Any] = {"__key__": key, "__url__": shard}
-    for ext, data in members:
-        ext = ext.lower()
-        if ext in raw:
-            raise ValueError(f"{key}.{ext}: duplicate file name in the tar")
-        raw[ext] = data
-    return raw
 
 
 def _check_position(p: int, raw: dict[str, Any], keys: Sequence[str]) -> None:

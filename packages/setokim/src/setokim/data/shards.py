@@ -188,12 +188,12 @@ _META_RE = re.compile(r"__[^/]*__($|/)")
 
 
 def iter_tar_groups(
-    path: str | Path, read: Callable[[str, str], bool]
+    path: str | Path, read: Callable[[str, str], bool] | None = None
 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """(key, [(ext, bytes), ...]) per sample of an uncompressed tar, in tar order: the one tar
     reader of setokim. Members are grouped by key exactly as the webdataset loader groups
     them (consecutive members with the same base name; directories, links and "__x__" meta
-    members skipped). Only members that `read(key, ext)` accepts are read; tarfile seeks past
+    members skipped). Only members that `read(key, ext)` accepts (all when None) are read; tarfile seeks past
     the others, so a sample none of whose members is read costs its headers alone and comes
     out as (key, []). A member cut short by the end of the file raises tarfile.ReadError
     whether it is read or skipped (tarfile checks the end of each skipped member).
@@ -212,11 +212,23 @@ def iter_tar_groups(
                 if key is not None:
                     yield key, members
                 key, members = prefix, []
-            if read(prefix, ext):
+            if read is None or read(prefix, ext):
                 f = tar.extractfile(member)
                 members.append((ext, f.read() if f is not None else b""))
     if key is not None:
         yield key, members
+
+
+def raw_sample(key: str, shard: str, members: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """webdataset's sample dict of one `iter_tar_groups` group: extensions lower-cased,
+    `__key__` and `__url__` (the shard's name); a file given twice is an error."""
+    raw: dict[str, Any] = {"__key__": key, "__url__": shard}
+    for ext, data in members:
+        ext = ext.lower()
+        if ext in raw:
+            raise ValueError(f"{key}.{ext}: duplicate file name in the tar")
+        raw[ext] = data
+    return raw
 
 
 def iter_tar_samples(

@@ -12,18 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
 from setokim.data.converters.common import Converted, image_size, write_split
 from setokim.data.schema import SampleAnnotation
-from setokim.data.shards import safe_key
+from setokim.data.shards import iter_tar_groups, raw_sample, safe_key
 
 
 def iter_img2dataset(tars: list[str | Path], source: str = "img2dataset") -> Iterator[Converted]:
     if not tars:
         raise ValueError("tars must list at least one img2dataset .tar")
     for tar in tars:
-        for raw in group_by_keys(tar_file_expander(url_opener([{"url": str(tar)}]))):
+        for tar_key, members in iter_tar_groups(tar):
+            raw = raw_sample(tar_key, Path(tar).name, members)
             ext = next((e for e in ("jpg", "png", "webp") if e in raw), None)
             if ext is None:
                 raise ValueError(f"{Path(tar).name} sample {raw['__key__']!r} has no image")
