@@ -1,6 +1,11 @@
 """Measure Stage I on Shapes World (CPU): reconstruction and cluster/object mask agreement.
 
-    uv run python benchmarks/measure_stage1.py [--out-dir runs/measure_stage1]
+    uv run python benchmarks/measure_stage1.py [--out-dir runs/measure_stage1] [OVERRIDE ...]
+
+OVERRIDEs are Hydra overrides of `+exp=stage1_shapes` (e.g. stage.params.kl_weight=0); they
+apply to both sub-phases. `--phase1-from RUN` starts sub-phase 2 from an existing
+sub-phase-1 run (ablations of sub-phase 2 from one starting point); `--no-recon` skips the
+reconstruction column (it samples the diffusion decoder and is the slow part).
 
 Trains with the `+exp=stage1_shapes` settings (composed by the launcher's config code), as
 two runs so that each sub-phase has its own checkpoint: sub-phase 1 (encoder frozen;
@@ -51,7 +56,7 @@ def held_out(shard_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
     pix, masks, valid = [], [], []
     for split in ("val", "test"):
-        for batch in make_loader(shard_dir, split, "caption", 8, shuffle=False):
+        for batch in make_loader(shard_dir, split, "image", 8, shuffle=False):
             pix.append(batch["pixels"])
             masks.append(batch["object_masks"])
             valid.append(batch["object_valid"])
@@ -113,29 +118,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps when decoding")
     parser.add_argument("--runs", nargs=2, metavar=("P1", "P2"), help="measure existing runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--phase1-from", help="an existing sub-phase-1 run dir: train only sub-phase 2"
+    )
+    parser.add_argument("--no-recon", action="store_true", help="skip reconstruction L1")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=stage1_shapes")
     args = parser.parse_args(argv)
 
     from setokim.stages.stage1 import build, load_stage1_checkpoint
     from setokim.train import train
+    from setokim.train.checkpoint import latest_checkpoint
     from setokim.train.rng import seed_all
     from setokim.utils.io import atomic_write_json
 
     torch.set_num_threads(1)
     out = Path(args.out_dir)
-    params, trainer = stage1_shapes_settings([f"run_root={out}"])
+    params, trainer = stage1_shapes_settings([f"run_root={out}", *args.overrides])
     seconds: dict[str, float] = {}
     if args.runs:
         p1_dir, p2_dir = (Path(p) for p in args.runs)
     else:
         p1_dir, p2_dir = out / "subphase1", out / "subphase2"
-        p1 = build({**params, "subphase": 1, "subphase1_batches": 0})
-        cfg1 = type(trainer)(**{**vars(trainer), "max_steps": args.phase1_steps, "ckpt_every": 0})
-        t0 = time.perf_counter()
-        r1 = train(p1, cfg1, p1_dir)
-        seconds["subphase1"] = time.perf_counter() - t0
-        p2 = build(
-            {**params, "subphase": 2, "subphase1_batches": 0, "init_from": str(r1.checkpoint)}
-        )
+        if args.phase1_from:
+            p1_dir = Path(args.phase1_from)
+            p1_ckpt = latest_checkpoint(p1_dir)
+            if p1_ckpt is None:
+                parser.error(f"--phase1-from {p1_dir}: the run has no checkpoint")
+        else:
+            p1 = build({**params, "subphase": 1, "subphase1_batches": 0})
+            cfg1 = type(trainer)(
+                **{**vars(trainer), "max_steps": args.phase1_steps, "ckpt_every": 0}
+            )
+            t0 = time.perf_counter()
+            p1_ckpt = train(p1, cfg1, p1_dir).checkpoint
+            seconds["subphase1"] = time.perf_counter() - t0
+        p2 = build({**params, "subphase": 2, "subphase1_batches": 0, "init_from": str(p1_ckpt)})
         cfg2 = type(trainer)(**{**vars(trainer), "max_steps": args.phase2_steps, "ckpt_every": 0})
         t0 = time.perf_counter()
         train(p2, cfg2, p2_dir)
@@ -155,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
     for name, model in (("untrained", untrained), ("subphase1", after1), ("subphase2", after2)):
-        rows[name] = {
-            "recon_l1": recon_l1(model, pixels, args.sample_steps, args.seed),
-            **mask_agreement(model, pixels, labels),
-        }
+        recon = (
+            float("nan") if args.no_recon else recon_l1(model, pixels, args.sample_steps, args.seed)
+        )
+        rows[name] = {"recon_l1": recon, **mask_agreement(model, pixels, labels)}
     seconds["eval"] = time.perf_counter() - t0
     grey_l1 = float((small - 0.5).abs().mean())
     mean_l1 = float((small - small.mean((0, 2, 3), keepdim=True)).abs().mean())
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "measure_stage1",
         "held_out_images": len(pixels),
         "runs": [str(p1_dir), str(p2_dir)],
+        "overrides": args.overrides,
         "grey_l1": grey_l1,
         "mean_colour_l1": mean_l1,
         "l1_ratio_subphase2_vs_untrained": rows["subphase2"]["recon_l1"] / rows["untrained"]["recon_l1"],
