@@ -34,8 +34,8 @@ def reference_density_peak_scores(
 ) -> DensityPeakScores:
     """rho, delta, score per image and per token (gemm=True: per-image matmul distances)."""
     b_size, n_size, _ = x.shape
-    rho = torch.zeros(b_size, n_size)
-    delta = torch.zeros(b_size, n_size)
+    rho = torch.zeros(b_size, n_size, device=x.device)
+    delta = torch.zeros(b_size, n_size, device=x.device)
     for b in range(b_size):
         index = _valid_indices(valid, b, n_size)
         points = x[b, index].float()
@@ -49,7 +49,7 @@ def reference_density_peak_scores(
             else:
                 nearest = torch.sort(others).values[:knn_k]
                 rho_b.append(float(torch.exp(-nearest.mean())))
-        rho_t = torch.tensor(rho_b)
+        rho_t = torch.tensor(rho_b, device=x.device)
         for i in range(n):
             higher = rho_t > rho_t[i]
             d = rows[i][higher].min() if bool(higher.any()) else rows[i].max()
@@ -75,16 +75,16 @@ def reference_semantic_clustering(
     b_size, n_size, _ = x.shape
     k_size = max_clusters
     beta = kernel_scale if kernel_scale is not None else max_clusters * math.log(2.0)
-    masks = torch.zeros(b_size, k_size, n_size)
-    seeds = torch.full((b_size, k_size), -1, dtype=torch.long)
-    counts = torch.zeros(b_size, dtype=torch.long)
+    masks = torch.zeros(b_size, k_size, n_size, device=x.device)
+    seeds = torch.full((b_size, k_size), -1, dtype=torch.long, device=x.device)
+    counts = torch.zeros(b_size, dtype=torch.long, device=x.device)
     for b in range(b_size):
         index = _valid_indices(valid, b, n_size)
         points = x[b, index].float()
         rows = _distance_rows(points, gemm) if gemm else None
         n = len(index)
         s = score[b, index].float()
-        scope = torch.ones(n)
+        scope = torch.ones(n, device=x.device)
         image_masks: list[Tensor] = []
         image_seeds: list[int] = []
         for _ in range(k_size - 1):
@@ -105,7 +105,7 @@ def reference_semantic_clustering(
         for c, (m, s_idx) in enumerate(zip(image_masks, image_seeds, strict=True)):
             masks[b, c, index] = m
             seeds[b, c] = s_idx
-    cluster_valid = torch.arange(k_size)[None, :] < counts[:, None]
+    cluster_valid = torch.arange(k_size, device=x.device)[None, :] < counts[:, None]
     return ClusterOutput(masks, cluster_valid, counts, seeds)
 
 
@@ -120,7 +120,7 @@ def _reference_hard(masks: list[Tensor], seeds: list[int]) -> tuple[list[Tensor]
     for c, seed in enumerate(seeds):
         members = [i for i in range(n) if owner[i] == c]
         if members:
-            m = torch.zeros(n)
+            m = torch.zeros_like(masks[0])
             m[members] = 1.0
             out_masks.append(m)
             out_seeds.append(seed)
