@@ -12,7 +12,7 @@ setokim.data.converters.sa1b. Combine with COCO for Stage I sub-phase 2:
 import argparse
 import sys
 
-from setokim.data.converters.sa1b import SA1BStats, convert_sa1b
+from setokim.data.converters.sa1b import SA1BStats, Selection, convert_sa1b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,21 +23,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="SA-1B .tar files and/or folders of sa_*.jpg + sa_*.json")  # fmt: skip
     p.add_argument("--out", required=True, help="shard dir (other splits in it are kept)")
     p.add_argument("--split", required=True)
-    p.add_argument("--max-objects", type=int, default=32, help="objects kept per image")
-    p.add_argument("--max-overlap", type=float, default=0.2,
+    d = Selection()
+    p.add_argument("--max-objects", type=int, default=d.max_objects, help="objects kept per image")
+    p.add_argument("--max-overlap", type=float, default=d.max_overlap,
                    help="largest share of a mask already covered by kept masks")  # fmt: skip
-    p.add_argument("--min-area-frac", type=float, default=0.001,
+    p.add_argument("--min-area-frac", type=float, default=d.min_area_frac,
                    help="drop masks smaller than this share of the image")  # fmt: skip
-    p.add_argument("--max-area-frac", type=float, default=0.95,
+    p.add_argument("--max-area-frac", type=float, default=d.max_area_frac,
                    help="drop masks larger than this share of the image")  # fmt: skip
     p.add_argument("--max-side", type=int, default=None,
                    help="resize images (and masks) whose longer side exceeds this")  # fmt: skip
     p.add_argument("--samples-per-shard", type=int, default=1000)
     a = p.parse_args(argv)
     stats = SA1BStats()
+    sel = Selection(a.max_objects, a.max_overlap, a.min_area_frac, a.max_area_frac)
     m = convert_sa1b(
-        a.inputs, a.out, a.split, max_objects=a.max_objects, max_overlap=a.max_overlap,
-        min_area_frac=a.min_area_frac, max_area_frac=a.max_area_frac, max_side=a.max_side,
+        a.inputs, a.out, a.split, selection=sel, max_side=a.max_side,
         samples_per_shard=a.samples_per_shard, progress=True, stats=stats,
     )  # fmt: skip
     n = m["splits"][a.split]["num_samples"]

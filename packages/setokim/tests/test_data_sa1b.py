@@ -194,18 +194,20 @@ def test_area_rules_alone(tmp_path):
     write_folder(tmp_path / "f", [1])
     _, _, exp = fake_image(1)
     # no overlap rule: parts stay, the tiny and the full-image mask still go
-    (c,) = iter_sa1b([tmp_path / "f"], max_overlap=1.0)
+    (c,) = iter_sa1b([tmp_path / "f"], selection=Selection(max_overlap=1.0))
     assert len(c.ann.objects) == len(exp["masks"]) - 2
     assert not any(
         decode_mask(o.mask).all() or decode_mask(o.mask).sum() == 4 for o in c.ann.objects
     )
-    (c,) = iter_sa1b([tmp_path / "f"], max_overlap=1.0, min_area_frac=0.0, max_area_frac=1.0)
+    (c,) = iter_sa1b(
+        [tmp_path / "f"], selection=Selection(max_overlap=1.0, min_area_frac=0.0, max_area_frac=1.0)
+    )
     assert len(c.ann.objects) == len(exp["masks"])
 
 
 def test_max_objects_caps_by_area(tmp_path):
     write_folder(tmp_path / "f", [1, 3])
-    for c in iter_sa1b([tmp_path / "f"], max_objects=2):
+    for c in iter_sa1b([tmp_path / "f"], selection=Selection(max_objects=2)):
         exp = fake_image(c.ann.meta["image_id"])[2]
         assert len(c.ann.objects) == 2 and c.ann.meta["masks_kept"] == 2
         for o, e in zip(c.ann.objects, exp["kept"][:2], strict=True):
@@ -316,9 +318,11 @@ def test_bad_input_raises_naming_the_file(tmp_path, case):
 def test_bad_settings_raise_naming_the_argument(tmp_path):
     f = write_folder(tmp_path / "f", [1])
     for kw, name in (({"max_objects": 0}, "max_objects"), ({"max_overlap": 1.5}, "max_overlap"),
-                     ({"min_area_frac": 0.99}, "min_area_frac"), ({"max_side": 0}, "max_side")):  # fmt: skip
+                     ({"min_area_frac": 0.99}, "min_area_frac")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
-            iter_sa1b([f], **kw)
+            iter_sa1b([f], selection=Selection(**kw))
+    with pytest.raises(ValueError, match="max_side"):
+        iter_sa1b([f], max_side=0)
 
 
 def test_failed_conversion_leaves_previous_split_intact(tmp_path):
@@ -328,7 +332,9 @@ def test_failed_conversion_leaves_previous_split_intact(tmp_path):
     before = read_manifest(out)
     bad, _ = drop_json(tmp_path)  # folder "bad" sorts after "a": fails after two shards
     with pytest.raises(ValueError, match="sa_1.jpg"):
-        convert_sa1b([good, bad], out, "train", samples_per_shard=1, max_objects=1)
+        convert_sa1b(
+            [good, bad], out, "train", samples_per_shard=1, selection=Selection(max_objects=1)
+        )
     assert read_manifest(out) == before and check_shards(out) == []
 
 

@@ -253,10 +253,7 @@ def _check_input(path: Path) -> None:
 def iter_sa1b(
     inputs: Iterable[str | Path],
     *,
-    max_objects: int = 32,
-    max_overlap: float = 0.2,
-    min_area_frac: float = 0.001,
-    max_area_frac: float = 0.95,
+    selection: Selection | None = None,
     max_side: int | None = None,
     stats: SA1BStats | None = None,
 ) -> Iterator[Converted]:
@@ -266,9 +263,9 @@ def iter_sa1b(
         raise ValueError("inputs must list at least one SA-1B .tar or folder")
     for p in paths:
         _check_input(p)
-    sel = Selection(max_objects, max_overlap, min_area_frac, max_area_frac)
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
+    sel = selection if selection is not None else Selection()
     return _iter(paths, sel, max_side, stats if stats is not None else SA1BStats())
 
 
@@ -290,21 +287,15 @@ def convert_sa1b(
     out_dir: str | Path,
     split: str,
     *,
-    max_objects: int = 32,
-    max_overlap: float = 0.2,
-    min_area_frac: float = 0.001,
-    max_area_frac: float = 0.95,
+    selection: Selection | None = None,
     max_side: int | None = None,
     samples_per_shard: int = 1000,
     progress: bool = False,
     stats: SA1BStats | None = None,
 ) -> dict[str, Any]:
     """Convert SA-1B tars/folders into one split; returns the manifest (`stats`: totals)."""
-    sel = Selection(max_objects, max_overlap, min_area_frac, max_area_frac)
-    it = iter_sa1b(
-        inputs, max_objects=max_objects, max_overlap=max_overlap, min_area_frac=min_area_frac,
-        max_area_frac=max_area_frac, max_side=max_side, stats=stats,
-    )  # fmt: skip
+    sel = selection if selection is not None else Selection()
+    it = iter_sa1b(inputs, selection=sel, max_side=max_side, stats=stats)
     info = {"sa1b_selection": {**asdict(sel), "max_side": max_side}}
     return write_split(
         out_dir, split, it, source=SOURCE, samples_per_shard=samples_per_shard,
