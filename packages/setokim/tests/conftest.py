@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from setokim.data.converters import convert_llava
+from setokim.data.generate import generate_dataset
 
 
 def _write_llava_shards(root: Path, raw: Path, n: int = 3) -> Path:
@@ -30,7 +31,17 @@ def _write_llava_shards(root: Path, raw: Path, n: int = 3) -> Path:
     return root / "llava"
 
 
+def _write_mixed_sources(root: Path, train: int) -> Path:
+    """Datasets of different kinds side by side: Shapes World root/sw0 and root/sw1 (seeds 0
+    and 1; `train` + 2 val images at 32 px, 4 per shard) and LLaVA chat at root/llava."""
+    for seed in (0, 1):
+        generate_dataset(root / f"sw{seed}", train=train, val=2, test=0, image_size=32,
+                         seed=seed, samples_per_shard=4, max_objects=3)  # fmt: skip
+    _write_llava_shards(root, root / "raw")
+    return root
+
+
 @pytest.fixture(scope="session")
-def llava_shards() -> Callable[[Path, Path], Path]:
-    """`llava_shards(root, raw_dir)` writes a tiny converted LLaVA dataset to root/llava."""
-    return _write_llava_shards
+def mixed_sources() -> Callable[[Path, int], Path]:
+    """`mixed_sources(root, train)`: two Shapes World datasets and a LLaVA one under root."""
+    return _write_mixed_sources

@@ -46,13 +46,8 @@ def loader_keys(shard_dir: Path, split: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, llava_shards) -> Path:
-    root = tmp_path_factory.mktemp("sources")
-    for seed in (0, 1):
-        generate_dataset(root / f"sw{seed}", train=6, val=2, test=0, image_size=32, seed=seed,
-                         samples_per_shard=4, max_objects=3)  # fmt: skip
-    llava_shards(root, root / "raw")
-    return root
+def sources(tmp_path_factory, mixed_sources) -> Path:
+    return mixed_sources(tmp_path_factory.mktemp("sources"), 6)
 
 
 @pytest.mark.parametrize("link", ["hard", "copy", "symlink"])

@@ -15,7 +15,6 @@ import pytest
 
 from setokim.data import mix_plan
 from setokim.data.check import check_shards
-from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 from setokim.data.merge import MergeSource, merge_datasets
 from setokim.data.schema import TASKS, SampleAnnotation
@@ -64,12 +63,8 @@ def fresh(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, llava_shards) -> Path:
-    root = tmp_path_factory.mktemp("index")
-    for seed in (0, 1):
-        generate_dataset(root / f"sw{seed}", train=12, val=2, test=0, image_size=32, seed=seed,
-                         samples_per_shard=4, max_objects=3)  # fmt: skip
-    llava_shards(root, root / "raw")
+def data(tmp_path_factory, mixed_sources) -> Path:
+    root = mixed_sources(tmp_path_factory.mktemp("index"), 12)
     # a shard whose samples have a broken annotation and none at all (error rows)
     odd = root / "odd"
     with ShardWriter(odd, "train", samples_per_shard=8) as w:
