@@ -88,9 +88,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path: Path) -> None:
     assert summary["preempted"] and summary["step"] == 2
     state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["data_position"] == 4
-    assert sorted(p.name for p in latest_checkpoint(run).glob("rng_rank*.pt")) == [
-        "rng_rank0.pt",
-        "rng_rank1.pt",
+    assert sorted(p.name for p in latest_checkpoint(run).glob("rng_rank*")) == [
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
     ]
     cfg = TrainerConfig(**COMMON, micro_batch_size=8, progress=False)
     resumed = train(build_stage("toy", TOY), cfg, run)

@@ -1,24 +1,40 @@
-"""Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout under `<run_dir>/checkpoints/`:
-    step_00000010/         DCP shards of {"model", "optim"} + trainer_state.json
-                           + rng_rank<r>.pt (one per rank)
+    step_00000010/         DCP shards (`__<rank>_<i>.distcp`) of {"model", "optim"}, DCP's
+                           own `.metadata`, trainer_state.json, rng_rank<r>.safetensors
+                           (one per rank) and, written last, manifest.json
     latest                 text file naming the newest complete step directory
-A step directory is written as `step_N.tmp` and renamed only when every rank finished, and
-`latest` is replaced atomically after that, so a kill at any moment leaves the previous
-checkpoint intact. DCP reshards on load, so a 2-rank checkpoint loads on 1 rank.
+A step directory is written as `step_N.tmp` and renamed only when every rank finished and
+the manifest (size and SHA-256 of every other file) is in place; `latest` is replaced
+atomically after that, so a kill at any moment leaves the previous checkpoint intact.
+
+Resume (`resume_checkpoint`) takes the newest step directory whose files match its
+manifest; one that does not (flipped bytes, a truncated or emptied file, a missing or extra
+file) is renamed `step_N.rejected` with a warning naming the file, and the one before it is
+tried. Nothing read from a checkpoint is unpickled with arbitrary classes: RNG state is
+safetensors, trainer state JSON, and DCP's pickled `.metadata` and non-tensor entries are
+read with an allow-list unpickler / `torch.load(weights_only=True)`.
+
+The optimizer holds state for every trainable parameter from step 0 (`init_optimizer_state`),
+so a checkpoint taken before some parameters first received a gradient (Stage I sub-phase 1
+of a combined run) has the same keys as one taken after. DCP reshards on load, so a 2-rank
+checkpoint loads on 1 rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +42,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.optim.optimizer import _get_scalar_dtype
 
-from setokim.train.rng import rng_state, seed_all, set_rng_state
+from setokim.train.rng import load_rng_file, save_rng_file, seed_all, set_rng_state
 from setokim.utils.io import atomic_write_json, atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "setokim-checkpoint-1"
+REJECTED_SUFFIX = ".rejected"
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what is wrong."""
 
 
 @dataclass
@@ -64,6 +95,19 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` on every rank (in-memory pickles between the job's own processes)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -81,7 +125,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     name = pointer.read_text().strip()
     path = root / name
     if not STEP_DIR.match(name) or not (path / STATE_FILE).is_file():
-        raise RuntimeError(f"run_dir: {pointer} names {name!r}, which is not a complete checkpoint")
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint")
     return path
 
 
@@ -102,6 +146,234 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ---- optimizer state ----------------------------------------------------------------------------
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """Give every parameter of an Adam/AdamW its (zero) state now instead of at its first step.
+
+    Exactly what Adam's lazy initialisation would create (step 0, zero moments), so the
+    trajectory is unchanged; but every checkpoint then holds the state of every trainable
+    parameter, also of those that get their first gradient later (Stage I's encoder and
+    mask decoder after the sub-phase-1 batches of a combined run). Returns how many
+    parameters got state.
+    """
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise TypeError(f"init_optimizer_state: supports Adam/AdamW, got {type(optimizer).__name__}")
+    count = 0
+    for group in optimizer.param_groups:
+        device_step = group["capturable"] or group["fused"]
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            state["step"] = (
+                torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
+                if device_step
+                else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            count += 1
+    return count
+
+
+# ---- manifest -----------------------------------------------------------------------------------
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"size", "sha256"} of one file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _files_of(step_dir: Path) -> list[str]:
+    """Relative paths of every file under a step directory but the manifest, sorted."""
+    names = [
+        p.relative_to(step_dir).as_posix()
+        for p in step_dir.rglob("*")
+        if p.is_file() or p.is_symlink()
+    ]
+    return sorted(n for n in names if n != MANIFEST_FILE)
+
+
+def write_manifest(step_dir: Path, step: int) -> Path:
+    """Collective: hash every file of `step_dir` (shared out over ranks); rank 0 writes the
+    manifest atomically. Call when every other file of the checkpoint is in place."""
+    names = _files_of(step_dir)
+    rank, world = _rank(), _world()
+    mine = {name: file_digest(step_dir / name) for name in names[rank::world]}
+    entries: dict[str, Any] = {}
+    for part in _all_gather(mine):
+        entries.update(part)
+    path = step_dir / MANIFEST_FILE
+    if rank == 0:
+        atomic_write_json(path, {"format": MANIFEST_FORMAT, "step": step, "files": entries})
+    return path
+
+
+def _read_manifest(step_dir: Path) -> dict[str, Any]:
+    path = step_dir / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (an older checkpoint format?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path}: format is not {MANIFEST_FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}: no file entries")
+    return manifest
+
+
+def _check_file(step_dir: Path, name: str, want: Any) -> str | None:
+    """None when the file matches its manifest entry, else what is wrong (naming the file)."""
+    path = step_dir / name
+    if not isinstance(want, dict) or not {"size", "sha256"} <= want.keys():
+        return f"{step_dir / MANIFEST_FILE}: bad entry for {name}"
+    try:
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path}: {size} bytes, the manifest says {want['size']} (truncated or grown)"
+        got = file_digest(path)
+    except OSError as err:
+        return f"{path}: {err.strerror or err}"
+    if got["sha256"] != want["sha256"]:
+        return f"{path}: SHA-256 differs from the manifest (content changed)"
+    return None
+
+
+def verify_checkpoint(step_dir: Path) -> list[str]:
+    """Collective: problems of `step_dir` against its manifest (empty = verified).
+
+    Every rank hashes a share of the files; every rank returns the same list.
+    """
+    step_dir = Path(step_dir)
+    rank, world = _rank(), _world()
+    problems: list[str] = []
+    try:
+        listed = _read_manifest(step_dir)["files"]
+    except CheckpointError as err:
+        problems.append(str(err))
+        listed = None
+    if listed is not None:
+        if rank == 0:
+            extra = sorted(set(_files_of(step_dir)) - set(listed))
+            problems += [f"{step_dir / name}: not in the manifest" for name in extra]
+        for name in sorted(listed)[rank::world]:
+            problem = _check_file(step_dir, name, listed[name])
+            if problem:
+                problems.append(problem)
+    merged: list[str] = []
+    for part in _all_gather(problems):
+        merged += [p for p in part if p not in merged]
+    return merged
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """Collective: (newest verified step directory or None, warnings about rejected ones).
+
+    Each step directory that fails verification is renamed `step_N.rejected` (kept for
+    inspection, never loaded or pruned) with a warning naming the file. When step
+    directories exist but none verifies this raises rather than start over.
+    """
+    rejected: list[str] = []
+    candidates = list_checkpoints(run_dir)
+    for step_dir in reversed(candidates):
+        problems = verify_checkpoint(step_dir)
+        if not problems:
+            return step_dir, rejected
+        note = f"checkpoint {step_dir} failed verification: " + "; ".join(problems)
+        _barrier()
+        if _rank() == 0:
+            target = step_dir.with_name(step_dir.name + REJECTED_SUFFIX)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(step_dir, target)
+            note += f"; moved to {target.name}, trying the previous checkpoint"
+        _barrier()
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+        rejected.append(note)
+    if candidates:
+        raise CheckpointError(
+            f"no checkpoint under {checkpoint_root(run_dir)} passed verification: "
+            + " | ".join(rejected)
+            + " — delete the run directory's checkpoints/ (or set resume=false) to start over"
+        )
+    return None, rejected
+
+
+# ---- safe DCP reading ---------------------------------------------------------------------------
+_SAFE_MODULES = ("torch.distributed.checkpoint.", "torch.distributed.tensor.")
+_SAFE_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # layout by name
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: DCP's and torch's plain data classes, torch dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's reader with `.metadata` unpickled through an allow-list instead of pickle.load."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+            raise CheckpointError(f"{path}: not readable DCP metadata: {err}") from err
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner with non-tensor entries read by `torch.load(weights_only=True)`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(
+                self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded
+            )
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _dcp_load(bundle: dict[str, Any], path: Path) -> None:
+    try:
+        with _quiet_single_process():
+            dcp.load(bundle, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    except CheckpointError:
+        raise
+    except Exception as err:  # DCP wraps rank failures in its own exception types
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {err}") from err
+
+
+# ---- save / load --------------------------------------------------------------------------------
 def save_checkpoint(
     run_dir: Path,
     model: nn.Module,
@@ -124,9 +396,11 @@ def save_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    save_rng_file(tmp / f"rng_rank{rank}.safetensors")
     if rank == 0:
         atomic_write_json(tmp / STATE_FILE, state.__dict__)
+    _barrier()
+    write_manifest(tmp, state.step)
     _barrier()
 
     if rank == 0:
@@ -142,19 +416,33 @@ def save_checkpoint(
     return final
 
 
+def read_trainer_state(path: Path) -> TrainerState:
+    """The trainer_state.json of a step directory; errors name the file and the problem."""
+    file = Path(path) / STATE_FILE
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is unreadable: {err}") from err
+    names = {f.name for f in fields(TrainerState)}
+    if not isinstance(raw, dict) or set(raw) != names:
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{file}: expected keys {sorted(names)}, got {got}")
+    return TrainerState(**raw)
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, seed: int
 ) -> TrainerState:
     """Collective: load weights + optimizer (resharding as needed) and this rank's RNG.
 
     A rank that has no RNG file of its own (the job grew) is re-seeded from (seed, rank, step).
+    Verify first (`resume_checkpoint`); this only reads.
     """
     path = Path(path)
-    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    state = read_trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     bundle = {"model": model_sd, "optim": optim_sd}
-    with _quiet_single_process():
-        dcp.load(bundle, checkpoint_id=path)
+    _dcp_load(bundle, path)
     set_state_dict(
         model,
         optimizer,
@@ -162,24 +450,32 @@ def load_checkpoint(
         optim_state_dict=bundle["optim"],
     )
     rank = _rank()
-    rng_file = path / f"rng_rank{rank}.pt"
+    rng_file = path / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            set_rng_state(load_rng_file(rng_file))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
     else:
         seed_all(seed + 1_000_003 * rank + state.step)
     return state
 
 
-def load_model_state(path: Path, model: nn.Module) -> nn.Module:
+def load_model_state(path: Path, model: nn.Module, *, verify: bool = True) -> nn.Module:
     """Load only the model weights of a step directory (any world size) into `model`.
 
-    For evaluation and tests: no optimizer, no RNG. Works without a process group.
+    For evaluation, exports and the next stage's init: no optimizer, no RNG, no process
+    group needed. The checkpoint is verified against its manifest first (collective when a
+    process group exists: every rank of it must call this).
     """
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"path: {path} is not a complete checkpoint directory")
+    if verify:
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} failed verification: " + "; ".join(problems))
     bundle = {"model": model.state_dict()}
-    with _quiet_single_process():
-        dcp.load(bundle, checkpoint_id=path)
+    _dcp_load(bundle, path)
     model.load_state_dict(bundle["model"])
     return model

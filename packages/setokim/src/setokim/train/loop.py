@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from setokim.train.checkpoint import (
     TrainerState,
+    init_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from setokim.train.config import TrainerConfig, WandbConfig, resolve_schedule
@@ -227,6 +229,7 @@ def _train(
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
+    init_optimizer_state(optimizer)  # every parameter's state exists in every checkpoint
     scheduler = build_scheduler(
         optimizer,
         warmup_steps=cfg.warmup_steps,
@@ -236,7 +239,7 @@ def _train(
 
     step, data_position, skipped, in_row = 0, 0, 0, 0
     resumed_from = 0
-    ckpt_path = latest_checkpoint(run_dir) if cfg.resume else None
+    ckpt_path, rejected = resume_checkpoint(run_dir) if cfg.resume else (None, [])
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, model, optimizer, seed=cfg.seed)
         scheduler.load_state_dict(state.scheduler)
@@ -256,6 +259,7 @@ def _train(
         "fsdp": use_fsdp,
         "precision": str(low_dtype or torch.float32),
         "resumed_from": resumed_from,
+        "rejected_checkpoints": rejected,
         "schedule": schedule,
     }
     if env.is_main:
