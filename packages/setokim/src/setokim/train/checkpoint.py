@@ -43,11 +43,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim.optimizer import _get_scalar_dtype
 
@@ -157,7 +156,9 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
     parameters got state.
     """
     if not isinstance(optimizer, torch.optim.Adam):
-        raise TypeError(f"init_optimizer_state: supports Adam/AdamW, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"init_optimizer_state: supports Adam/AdamW, got {type(optimizer).__name__}"
+        )
     count = 0
     for group in optimizer.param_groups:
         device_step = group["capturable"] or group["fused"]
@@ -356,9 +357,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         loaded = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            set_element(
-                self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded
-            )
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
             self.state_dict[read_item.dest_index.fqn] = loaded
 
