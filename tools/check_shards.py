@@ -3,7 +3,8 @@
 A shard's index sidecar (X.tar.index.json), when present, must match its tar (keys and item
 counts per task) and its manifest entry; a missing one is fine (older datasets).
 
-Exit 0 when all is well; otherwise 1, printing the shard and sample key of each problem.
+Exit 0 when all is well; 1, printing the shard and sample key of each problem (a wrong
+field type too, e.g. an integer answer); 2 when the folder is missing or no shard folder.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", action="append", help="only these splits (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    problems = check_shards(args.shard_dir, args.split, progress=not args.no_progress)
+    try:
+        problems = check_shards(args.shard_dir, args.split, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for p in problems:
         print(p)
     print(f"{len(problems)} problem(s)" if problems else "ok: all shards verify and decode")

@@ -21,13 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--max-objects", type=int, default=8)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it already holds anything"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    manifest = generate_dataset(
-        args.out, args.train, args.val, args.test, args.image_size, args.seed,
-        samples_per_shard=args.samples_per_shard, max_objects=args.max_objects,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    try:
+        manifest = generate_dataset(
+            args.out, args.train, args.val, args.test, args.image_size, args.seed,
+            samples_per_shard=args.samples_per_shard, max_objects=args.max_objects,
+            progress=not args.no_progress, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     counts = {s: b["num_samples"] for s, b in manifest["splits"].items()}
     print(f"wrote {counts} to {args.out} (data version {manifest['version']})")
     return 0

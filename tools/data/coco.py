@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from setokim.data.converters import convert_coco
+from setokim.data.converters.common import add_write_arguments, summary, tool_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,10 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions-json", help="captions_{split}2017.json")
     p.add_argument("--instances-json", help="instances_{split}2017.json")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    add_write_arguments(p)
     a = p.parse_args(argv)
-    m = convert_coco(a.images, a.out, a.split, captions_json=a.captions_json, instances_json=a.instances_json,
-                     samples_per_shard=a.samples_per_shard, progress=True)  # fmt: skip
-    print(f"{a.split}: {m['splits'][a.split]['num_samples']} samples -> {a.out}")
+    with tool_errors():
+        m = convert_coco(a.images, a.out, a.split, captions_json=a.captions_json, instances_json=a.instances_json,
+                         samples_per_shard=a.samples_per_shard, progress=True, overwrite=a.overwrite, skip_bad=a.skip_bad
+        )  # fmt: skip
+    print(summary(m, a.split, a.out))
     return 0
 
 

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from setokim.data.converters import convert_refcoco
+from setokim.data.converters.common import add_write_arguments, summary, tool_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,11 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-split", help="train/val/test/testA/testB (default: --split)")
     p.add_argument("--dataset", default="refcoco", choices=["refcoco", "refcoco+", "refcocog"])
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    add_write_arguments(p)
     a = p.parse_args(argv)
-    m = convert_refcoco(a.images, a.out, a.split, refs_pickle=a.refs, instances_json=a.instances_json,
-                        ref_split=a.ref_split, dataset=a.dataset.replace("+", "plus"),
-                        samples_per_shard=a.samples_per_shard, progress=True)  # fmt: skip
-    print(f"{a.split}: {m['splits'][a.split]['num_samples']} samples -> {a.out}")
+    with tool_errors():
+        m = convert_refcoco(a.images, a.out, a.split, refs_pickle=a.refs, instances_json=a.instances_json,
+                            ref_split=a.ref_split, dataset=a.dataset.replace("+", "plus"),
+                            samples_per_shard=a.samples_per_shard, progress=True, overwrite=a.overwrite, skip_bad=a.skip_bad
+        )  # fmt: skip
+    print(summary(m, a.split, a.out))
     return 0
 
 

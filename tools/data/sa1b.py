@@ -12,6 +12,7 @@ setokim.data.converters.sa1b. Combine with COCO for Stage I sub-phase 2:
 import argparse
 import sys
 
+from setokim.data.converters.common import add_write_arguments, summary, tool_errors
 from setokim.data.converters.sa1b import SA1BStats, Selection, convert_sa1b
 
 
@@ -34,15 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-side", type=int, default=None,
                    help="resize images (and masks) whose longer side exceeds this")  # fmt: skip
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    add_write_arguments(p)
     a = p.parse_args(argv)
     stats = SA1BStats()
     sel = Selection(a.max_objects, a.max_overlap, a.min_area_frac, a.max_area_frac)
-    m = convert_sa1b(
-        a.inputs, a.out, a.split, selection=sel, max_side=a.max_side,
-        samples_per_shard=a.samples_per_shard, progress=True, stats=stats,
-    )  # fmt: skip
-    n = m["splits"][a.split]["num_samples"]
-    print(f"{a.split}: {n} samples, {stats.masks_kept} / {stats.masks_total} masks kept -> {a.out}")
+    with tool_errors():
+        m = convert_sa1b(
+            a.inputs, a.out, a.split, selection=sel, max_side=a.max_side,
+            samples_per_shard=a.samples_per_shard, progress=True, stats=stats, overwrite=a.overwrite, skip_bad=a.skip_bad,
+        )  # fmt: skip
+    print(summary(m, a.split, a.out) + f"; {stats.masks_kept} / {stats.masks_total} masks kept")
     return 0
 
 

@@ -122,7 +122,7 @@ def test_vqav2_and_gqa(tmp_path):
     )
     (g,) = batches(out2, "val", "vqa")
     assert (
-        g["key"] == ["gqa-n123"] and g["answers"] == ["yes"] and g["question_types"] == ["verify"]
+        g["key"] == ["val-gqa-n123"] and g["answers"] == ["yes"] and g["question_types"] == ["verify"]
     )
 
 
@@ -146,7 +146,7 @@ def test_llava_style_conversations(tmp_path, variant):
     (b,) = batches(out, "train", "chat")
     assert [len(c) for c in b["conversations"]] == [2, 4]
     assert b["conversations"][1][2] == {"from": "human", "value": "Colour?"}
-    assert b["key"][0] == f"{variant}-coco_train2017_000000000001"
+    assert b["key"][0] == f"train-{variant}-coco_train2017_000000000001"
 
 
 def test_refcoco(tmp_path):
@@ -208,11 +208,14 @@ def test_instructpix2pix_and_magicbrush(tmp_path):
         {"input": "327726-output1.jpg", "output": "327726-output2.jpg", "instruction": "make the hat red"},
     ]}  # fmt: skip
     (mb / "edit_sessions.json").write_text(json.dumps(sessions))
+    with pytest.raises(FileExistsError, match="holds .*instructpix2pix.* data"):
+        convert_edit_pairs(mb, out, "dev", layout="magicbrush")  # one source per folder
+    out = tmp_path / "mb_out"
     convert_edit_pairs(mb, out, "dev", layout="magicbrush")
     (d,) = batches(out, "dev", "edit")
     assert d["instructions"] == ["add a hat", "make the hat red"]
     assert torch.equal(d["pixels"][1], b_first_target(out))
-    assert set(json.loads((out / "manifest.json").read_text())["splits"]) == {"train", "dev"}
+    assert set(json.loads((out / "manifest.json").read_text())["splits"]) == {"dev"}
 
 
 def b_first_target(out):
@@ -248,8 +251,8 @@ def test_img2dataset_pass_through(tmp_path):
     assert check_shards(out) == []
     (b,) = batches(out, "train", "t2i")
     assert b["captions"] == ["caption 0", "caption 1", "caption 2"]
-    assert b["key"][0] == "cc3m-00000-00000000"
+    assert b["key"][0] == "train-cc3m-00000-00000000"
     with tarfile.open(out / "train-000000.tar") as tar:
-        stored = tar.extractfile("cc3m-00000-00000001.jpg").read()
+        stored = tar.extractfile("train-cc3m-00000-00000001.jpg").read()
     with tarfile.open(tar_path) as tar:
         assert stored == tar.extractfile("00000001.jpg").read()  # bytes passed through

@@ -140,10 +140,10 @@ def test_keeps_objects_and_background_drops_parts_tiny_full(converted):
     raw, out, manifest, stats = converted
     assert manifest["splits"]["train"]["num_samples"] == 5 and check_shards(out) == []
     got = read_split(out, "train")
-    assert sorted(got) == [f"sa1b-{i}" for i in range(1, 6)]
+    assert sorted(got) == [f"train-sa1b-{i}" for i in range(1, 6)]
     for i in range(1, 6):
         jpg, js, exp = fake_image(i)
-        ann, image = got[f"sa1b-{i}"]
+        ann, image = got[f"train-sa1b-{i}"]
         assert image == jpg and (ann.width, ann.height, ann.source) == (W, H, "sa1b")
         masks = [decode_mask(o.mask) for o in ann.objects]
         assert len(masks) == len(exp["kept"])
@@ -185,7 +185,7 @@ def test_tar_and_folder_give_identical_annotations(tmp_path):
     b = convert_sa1b([write_folder(tmp_path / "f", [3, 2])], tmp_path / "b", "s")
     assert a["splits"]["s"]["num_samples"] == b["splits"]["s"]["num_samples"] == 2
     ga, gb = read_split(tmp_path / "a", "s"), read_split(tmp_path / "b", "s")
-    assert sorted(ga) == sorted(gb) == ["sa1b-2", "sa1b-3"]
+    assert sorted(ga) == sorted(gb) == ["s-sa1b-2", "s-sa1b-3"]
     for k in ga:
         assert ga[k][0].to_json() == gb[k][0].to_json() and ga[k][1] == gb[k][1]
 
@@ -333,8 +333,9 @@ def test_failed_conversion_leaves_previous_split_intact(tmp_path):
     bad, _ = drop_json(tmp_path)  # folder "bad" sorts after "a": fails after two shards
     with pytest.raises(ValueError, match="sa_1.jpg"):
         convert_sa1b(
-            [good, bad], out, "train", samples_per_shard=1, selection=Selection(max_objects=1)
-        )
+            [good, bad], out, "train", samples_per_shard=1, selection=Selection(max_objects=1),
+            overwrite=True,
+        )  # fmt: skip
     assert read_manifest(out) == before and check_shards(out) == []
 
 
@@ -342,13 +343,17 @@ def test_reconversion_with_fewer_shards_removes_the_stale_ones(tmp_path):
     out = tmp_path / "out"
     convert_sa1b([write_folder(tmp_path / "a", [1, 2, 3])], out, "train", samples_per_shard=1)
     assert len(list(out.glob("train-*.tar"))) == 3
-    convert_sa1b([write_folder(tmp_path / "b", [4])], out, "train", samples_per_shard=1)
+    with pytest.raises(FileExistsError, match="already holds split 'train'"):
+        convert_sa1b([write_folder(tmp_path / "b", [4])], out, "train")
+    convert_sa1b(
+        [write_folder(tmp_path / "b", [4])], out, "train", samples_per_shard=1, overwrite=True
+    )
     assert sorted(p.name for p in out.glob("train-*")) == [
         "train-000000.tar",
         "train-000000.tar.index.json",
     ]
     assert check_shards(out) == [] and not list(out.glob(".train.staging-*"))
-    assert list(read_split(out, "train")) == ["sa1b-4"]
+    assert list(read_split(out, "train")) == ["train-sa1b-4"]
 
 
 def test_cli_prints_summary(tmp_path, capsys):
@@ -361,6 +366,6 @@ def test_cli_prints_summary(tmp_path, capsys):
             "--split", "train", "--max-objects", "3", "--max-side", "48"]  # fmt: skip
     assert cli.main(argv) == 0
     total = sum(len(fake_image(i)[2]["masks"]) for i in (1, 2))
-    assert f"train: 2 samples, 6 / {total} masks kept" in capsys.readouterr().out
+    assert f"train: 2 samples -> {tmp_path / 'out'}; 6 / {total} masks kept" in capsys.readouterr().out
     (ann, _), _ = read_split(tmp_path / "out", "train").values()
     assert (ann.width, ann.height) == (40, 48)

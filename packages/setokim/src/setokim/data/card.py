@@ -113,11 +113,16 @@ def build_card(
 def card_markdown(card: dict[str, Any]) -> str:
     """A human-readable README for the dataset directory."""
     info = card["info"]
+    shapes = info.get("source", "shapes_world") == "shapes_world"
     lines = [
-        "# Shapes World",
+        f"# {info.get('title', 'Shapes World')}",
         "",
-        f"generator `{info.get('generator')}`, seed {info.get('seed')}, image size "
-        f"{info.get('image_size')}, data version `{info.get('version')}`.",
+        (
+            f"generator `{info.get('generator')}`, seed {info.get('seed')}, image size "
+            f"{info.get('image_size')}, data version `{info.get('version')}`."
+            if shapes
+            else f"converted from `{info.get('source')}`, data version `{info.get('version')}`."
+        ),
         "",
         "| split | images | caption | vqa | pope | rec | reasonseg | edit | t2i | chat |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -143,8 +148,10 @@ def card_markdown(card: dict[str, Any]) -> str:
                 f"| {split} | {qtype} | {r['n']} | {r['by_type']:.3f} | {r['by_question']:.3f} "
                 f"| {r['chance']:.3f} | {r.get('chance_vqa', r['chance']):.3f} |"
             )
+    lines += [""]
+    if not shapes:
+        return "\n".join(lines)
     lines += [
-        "",
         "POPE negatives: random = any absent colour+shape; popular = the absent ones most",
         "frequent in the split; adversarial = absent ones sharing a colour or shape with a",
         "present object. Masks are visible regions (pycocotools RLE); boxes are xyxy pixels.",

@@ -15,7 +15,13 @@ from setokim.data.decode import DataError, decode_sample
 from setokim.data.mix_plan import scan_shard
 from setokim.data.schema import TASKS
 from setokim.data.shard_index import index_name, index_stale_reason, read_shard_index
-from setokim.data.shards import iter_tar_groups, raw_sample, read_manifest, sha256_file
+from setokim.data.shards import (
+    MANIFEST_NAME,
+    iter_tar_groups,
+    raw_sample,
+    read_manifest,
+    sha256_file,
+)
 from setokim.data.views import items_for
 
 
@@ -82,6 +88,7 @@ def check_shard(
             n, last = n + 1, raw["__key__"]
             try:
                 d = decode_sample(raw, None)
+                d.ann.check_types()
                 for task in TASKS:
                     items_for(d, task, seed=0, epoch=0, expand=True)
             except DataError as err:
@@ -98,8 +105,26 @@ def check_shard(
 def check_shards(
     shard_dir: str | Path, splits: list[str] | None = None, progress: bool = False
 ) -> list[Problem]:
-    """Every problem found in `shard_dir` (empty list: all shards verify and decode)."""
+    """Every problem found in `shard_dir` (empty list: all shards verify and decode).
+
+    A folder that is missing, or holds no manifest (not a shard folder), or a split it does
+    not have raises FileNotFoundError / ValueError saying so (no problem list to report).
+    """
+    folder = Path(shard_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"shard_dir {str(folder)!r} does not exist or is not a folder")
+    if not (folder / MANIFEST_NAME).is_file():
+        what = "is empty" if not any(folder.iterdir()) else f"has no {MANIFEST_NAME}"
+        raise FileNotFoundError(
+            f"shard_dir {str(folder)!r} {what}: not a shard folder (write one with "
+            "tools/make_shapes_world.py or a converter in tools/data/)"
+        )
     manifest = read_manifest(shard_dir)
+    unknown = sorted(set(splits or ()) - set(manifest["splits"]))
+    if unknown:
+        raise ValueError(
+            f"split(s) {unknown} not in {str(folder)!r} (has {sorted(manifest['splits'])})"
+        )
     jobs = [
         (Path(shard_dir) / s["name"], s["sha256"], int(s["num_samples"]), s)
         for split, body in manifest["splits"].items()

@@ -22,7 +22,8 @@ from setokim.data.edits import sample_edit
 from setokim.data.rle import bbox_of, encode_mask
 from setokim.data.schema import EditItem, ObjectAnn, SampleAnnotation
 from setokim.data.shapes_world import GENERATOR_VERSION, SHAPES, Scene, render, sample_scene
-from setokim.data.shards import ShardInfo, ShardWriter, write_manifest
+from setokim.data.shards import MANIFEST_NAME, ShardInfo, ShardWriter, write_manifest
+from setokim.utils.io import write_dir_atomically
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -133,19 +134,47 @@ def generate_dataset(
     samples_per_shard: int = 1000,
     max_objects: int = 8,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write Shapes World shards, manifest.json, dataset_card.json and README.md to `out_dir`.
 
-    Returns the manifest. Same arguments -> byte-identical shards.
+    Returns the manifest. Same arguments -> byte-identical shards. A non-empty `out_dir` (a
+    dataset, converted data, anything) is refused unless `overwrite`; the new dataset is
+    written beside it and replaces the whole folder only once complete.
     """
-    from setokim.data.card import build_card, write_card
 
     for name, n in (("train", train), ("val", val), ("test", test)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     world = ShapesWorld(seed=seed, image_size=image_size, max_objects=max_objects)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    target = Path(out_dir)
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        what = "a dataset" if (target / MANIFEST_NAME).is_file() else "files"
+        raise FileExistsError(
+            f"out_dir {str(target)!r} already holds {what}; pass --overwrite (overwrite=True) "
+            "to replace the whole folder"
+        )
+    result: dict[str, Any] = {}
+
+    def fill(out: Path) -> None:
+        result["manifest"] = _write_world(world, out, train, val, test, samples_per_shard, progress)
+
+    write_dir_atomically(target, fill)
+    return result["manifest"]
+
+
+def _write_world(
+    world: ShapesWorld,
+    out: Path,
+    train: int,
+    val: int,
+    test: int,
+    samples_per_shard: int,
+    progress: bool,
+) -> dict[str, Any]:
+    from setokim.data.card import build_card, write_card
+
+    seed, image_size, max_objects = world.seed, world.image_size, world.max_objects
     bar = None
     if progress:
         from tqdm import tqdm

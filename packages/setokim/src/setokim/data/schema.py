@@ -202,6 +202,56 @@ class SampleAnnotation:
     def from_json(cls, data: bytes | str) -> SampleAnnotation:
         return cls.from_dict(json.loads(data))
 
+    def check_types(self) -> None:
+        """Raise ValueError naming the first field whose value has the wrong type.
+
+        JSON lets a converter write an integer answer or a null caption; the loader would
+        then fail (or worse, tokenize "3") far from the cause. Converters call this before a
+        sample is written and `check_shards` calls it on every sample it reads.
+        """
+        _expect("key", self.key, str)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _expect(name, value, int)
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        _expect("source", self.source, str)
+        _strings("captions", self.captions)
+        _strings("t2i", self.t2i)
+        for i, o in enumerate(self.objects):
+            _check_object(f"objects[{i}]", o)
+        for i, q in enumerate(self.vqa):
+            where = f"vqa[{i}]"
+            for name in ("question", "answer", "qtype"):
+                _expect(f"{where}.{name}", getattr(q, name), str)
+            _strings(f"{where}.answers", q.answers)
+        for i, p in enumerate(self.pope):
+            for name in ("question", "answer", "split", "object"):
+                _expect(f"pope[{i}].{name}", getattr(p, name), str)
+        for task in ("rec", "reasonseg"):
+            for i, r in enumerate(getattr(self, task)):
+                _expect(f"{task}[{i}].text", r.text, str)
+                _expect(f"{task}[{i}].answer", r.answer, str)
+                _expect(f"{task}[{i}].object_index", r.object_index, int)
+                if not 0 <= r.object_index < len(self.objects):
+                    raise ValueError(
+                        f"{task}[{i}].object_index: {r.object_index} is not one of the "
+                        f"{len(self.objects)} objects"
+                    )
+        for i, e in enumerate(self.edit):
+            _expect(f"edit[{i}].instruction", e.instruction, str)
+            _expect(f"edit[{i}].op", e.op, str)
+            for j, o in enumerate(e.target_objects):
+                _check_object(f"edit[{i}].target_objects[{j}]", o)
+        for i, conv in enumerate(self.conversations):
+            _expect(f"conversations[{i}]", conv, list)
+            for j, turn in enumerate(conv):
+                where = f"conversations[{i}][{j}]"
+                _expect(where, turn, dict)
+                _expect(f"{where}.from", turn.get("from"), str)
+                _expect(f"{where}.value", turn.get("value"), str)
+        _expect("meta", self.meta, dict)
+
     def num_items(self, task: str) -> int:
         """How many items this sample offers to a task view (0: the view skips it)."""
         if task == IMAGE_VIEW:
@@ -215,3 +265,31 @@ class SampleAnnotation:
         if task in ("vqa", "pope", "rec", "reasonseg", "edit"):
             return len(getattr(self, task))
         raise ValueError(f"task must be one of {VIEWS}, got {task!r}")
+
+
+def _expect(field_name: str, value: Any, kind: type) -> None:
+    # bool is an int subclass: True as a width or an object index is a bug, not a number
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(
+            f"{field_name}: expected {kind.__name__}, got {type(value).__name__} {value!r:.60}"
+        )
+
+
+def _strings(field_name: str, values: Any) -> None:
+    _expect(field_name, values, list)
+    for i, v in enumerate(values):
+        _expect(f"{field_name}[{i}]", v, str)
+
+
+def _check_object(where: str, o: ObjectAnn) -> None:
+    _expect(f"{where}.bbox", o.bbox, list)
+    if len(o.bbox) != 4 or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in o.bbox
+    ):
+        raise ValueError(f"{where}.bbox: expected 4 numbers [x0, y0, x1, y1], got {o.bbox!r:.80}")
+    if o.mask is not None:
+        _expect(f"{where}.mask", o.mask, dict)
+        if "size" not in o.mask or "counts" not in o.mask:
+            raise ValueError(f"{where}.mask: an RLE needs 'size' and 'counts'")
+    for name in ("name", "category", "color", "size"):
+        _expect(f"{where}.{name}", getattr(o, name), str)

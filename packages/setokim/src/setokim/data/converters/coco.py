@@ -8,7 +8,6 @@ object whose category is unique in its image also gets a REC item ("the dog").
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from setokim.data.converters.common import Converted, read_image, write_split
+from setokim.data.converters.common import (
+    Converted,
+    Records,
+    load_json,
+    read_image,
+    require,
+    write_split,
+)
 from setokim.data.rle import decode_mask, encode_mask, polygons_to_mask
 from setokim.data.schema import ObjectAnn, RefItem, SampleAnnotation
 
@@ -35,15 +41,30 @@ def coco_mask(seg: Any, height: int, width: int) -> np.ndarray:
 def coco_objects(
     anns: list[dict[str, Any]], cats: dict[int, str], height: int, width: int
 ) -> list[ObjectAnn]:
+    """Objects of one image from its instance annotations (official schema: `bbox`,
+    `segmentation` and a `category_id` of the file's `categories` are required; errors name
+    the annotation id and the field)."""
     out = []
     for a in anns:
-        x, y, w, h = a["bbox"]
-        mask = (
-            encode_mask(coco_mask(a["segmentation"], height, width))
-            if "segmentation" in a
-            else None
-        )
-        name = cats.get(a["category_id"], str(a["category_id"]))
+        where = f"annotation id {a.get('id')!r}" if isinstance(a, dict) else "annotation"
+        try:
+            bbox = require(a, "bbox", list)
+            if len(bbox) != 4 or not all(isinstance(v, int | float) for v in bbox):
+                raise ValueError(f"field 'bbox': expected [x, y, w, h], got {bbox!r:.60}")
+            x, y, w, h = bbox
+            seg = require(a, "segmentation", (list, dict))
+            cat = require(a, "category_id", int)
+            if cat not in cats:
+                raise ValueError(
+                    f"field 'category_id': {cat} is not in the file's categories "
+                    f"({sorted(cats)[:10]}{'...' if len(cats) > 10 else ''})"
+                )
+            mask = encode_mask(coco_mask(seg, height, width))
+        except KeyError as exc:
+            raise ValueError(f"{where}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        name = cats[cat]
         out.append(
             ObjectAnn(
                 bbox=[x, y, x + w, y + h],
@@ -56,53 +77,82 @@ def coco_objects(
     return out
 
 
-def load_json(path: str | Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"annotation file {str(p)!r} does not exist")
-    return json.loads(p.read_text())
-
-
 def iter_coco(
     image_dir: str | Path,
     captions_json: str | Path | None,
     instances_json: str | Path | None,
     key_prefix: str = "coco",
+    records: Records | None = None,
 ) -> Iterator[Converted]:
+    records = records or Records()
     caps_d, inst_d = load_json(captions_json), load_json(instances_json)
     if caps_d is None and inst_d is None:
         raise ValueError("give captions_json and/or instances_json")
     images: dict[int, dict[str, Any]] = {}
-    for d in (caps_d, inst_d):
-        for im in (d or {}).get("images", []):
-            images[im["id"]] = im
+    for d, path in ((caps_d, captions_json), (inst_d, instances_json)):
+        for im in _list(d, "images", path):
+            with records.record(path, f"images[id={im.get('id') if isinstance(im, dict) else im}]"):
+                require(im, "file_name", str)
+                images[require(im, "id", int)] = im
     captions: dict[int, list[str]] = defaultdict(list)
-    for a in (caps_d or {}).get("annotations", []):
-        captions[a["image_id"]].append(a["caption"].strip())
+    for a in _list(caps_d, "annotations", captions_json):
+        with records.record(captions_json, f"annotation id {_id(a)}"):
+            caption = require(a, "caption", str)
+            captions[require(a, "image_id", int)].append(caption.strip())
     instances: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for a in (inst_d or {}).get("annotations", []):
-        instances[a["image_id"]].append(a)
-    cats = {c["id"]: c["name"] for c in (inst_d or {}).get("categories", [])}
+    for a in _list(inst_d, "annotations", instances_json):
+        with records.record(instances_json, f"annotation id {_id(a)}"):
+            require(a, "id", int)
+            instances[require(a, "image_id", int)].append(a)
+    cats: dict[int, str] = {}
+    for c in _list(inst_d, "categories", instances_json):
+        with records.record(instances_json, f"category id {_id(c)}"):
+            cats[require(c, "id", int)] = require(c, "name", str)
     for image_id in sorted(images):
         im = images[image_id]
-        data, ext, w, h = read_image(Path(image_dir) / im["file_name"])
-        objects = coco_objects(sorted(instances[image_id], key=lambda a: a["id"]), cats, h, w)
-        counts = defaultdict(int)
-        for o in objects:
-            counts[o.category] += 1
-        rec = [
-            RefItem(f"the {o.category}", i)
-            for i, o in enumerate(objects)
-            if counts[o.category] == 1
-        ]
-        ann = SampleAnnotation(
-            key=f"{key_prefix}-{image_id:012d}", width=w, height=h, source="coco", objects=objects,
-            captions=captions[image_id], t2i=captions[image_id][:1], rec=rec,
-            meta={"image_id": image_id, "file_name": im["file_name"]},
-        )  # fmt: skip
-        yield Converted(ann, data, ext)
+        with records.record(instances_json or captions_json, f"image id {image_id}"):
+            yield _coco_sample(image_dir, im, image_id, instances, cats, captions, key_prefix)
+
+
+def _id(record: Any) -> Any:
+    return record.get("id") if isinstance(record, dict) else None
+
+
+def _list(d: Any, name: str, path: str | Path | None) -> list[Any]:
+    """A top-level list of an official annotation file (absent: none)."""
+    if d is None:
+        return []
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object with {name!r}, got {type(d).__name__}")
+    value = d.get(name, [])
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: field {name!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _coco_sample(
+    image_dir: str | Path,
+    im: dict[str, Any],
+    image_id: int,
+    instances: dict[int, list[dict[str, Any]]],
+    cats: dict[int, str],
+    captions: dict[int, list[str]],
+    key_prefix: str,
+) -> Converted:
+    data, ext, w, h = read_image(Path(image_dir) / im["file_name"])
+    objects = coco_objects(sorted(instances[image_id], key=lambda a: a["id"]), cats, h, w)
+    counts = defaultdict(int)
+    for o in objects:
+        counts[o.category] += 1
+    rec = [
+        RefItem(f"the {o.category}", i) for i, o in enumerate(objects) if counts[o.category] == 1
+    ]
+    ann = SampleAnnotation(
+        key=f"{key_prefix}-{image_id:012d}", width=w, height=h, source="coco", objects=objects,
+        captions=captions[image_id], t2i=captions[image_id][:1], rec=rec,
+        meta={"image_id": image_id, "file_name": im["file_name"]},
+    )  # fmt: skip
+    return Converted(ann, data, ext)
 
 
 def convert_coco(
@@ -114,9 +164,13 @@ def convert_coco(
     instances_json: str | Path | None = None,
     samples_per_shard: int = 1000,
     progress: bool = False,
+    overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Convert one COCO split; returns the manifest."""
+    records = Records(skip_bad)
     return write_split(
-        out_dir, split, iter_coco(image_dir, captions_json, instances_json),
+        out_dir, split, iter_coco(image_dir, captions_json, instances_json, records=records),
         source="coco", samples_per_shard=samples_per_shard, progress=progress,
+        overwrite=overwrite, records=records,
     )  # fmt: skip

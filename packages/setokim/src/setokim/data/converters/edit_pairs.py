@@ -10,12 +10,11 @@ MagicBrush (the released dev/test archive): ``edit_sessions.json`` =
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from setokim.data.converters.common import Converted, read_image, write_split
+from setokim.data.converters.common import Converted, Records, load_json, read_image, write_split
 from setokim.data.schema import EditItem, SampleAnnotation
 from setokim.data.shards import safe_key
 
@@ -45,62 +44,70 @@ def _pair(
     return Converted(ann, data, ext, tdata, text)
 
 
-def iter_instructpix2pix(root: str | Path) -> Iterator[Converted]:
+def iter_instructpix2pix(root: str | Path, records: Records | None = None) -> Iterator[Converted]:
+    records = records or Records()
     root = Path(root)
     folders = sorted(p.parent for p in root.rglob("prompt.json"))
     if not folders:
         raise ValueError(f"root {str(root)!r} has no */prompt.json (InstructPix2Pix layout)")
     for folder in folders:
-        prompt = json.loads((folder / "prompt.json").read_text())
+        prompt = load_json(folder / "prompt.json")
         for before in sorted(folder.glob("*_0.jpg")):
             seed = before.name[: -len("_0.jpg")]
             after = folder / f"{seed}_1.jpg"
             key = safe_key(f"ip2p-{folder.relative_to(root).as_posix()}-{seed}")
-            yield _pair(
-                key,
-                before,
-                after,
-                prompt["edit"],
-                "instructpix2pix",
-                [prompt.get("input", "")],
-                {"output_caption": prompt.get("output", "")},
-            )
+            with records.record(folder / "prompt.json", f"seed {seed}"):
+                yield _pair(
+                    key,
+                    before,
+                    after,
+                    prompt["edit"],
+                    "instructpix2pix",
+                    [prompt.get("input", "")],
+                    {"output_caption": prompt.get("output", "")},
+                )
 
 
-def iter_magicbrush(root: str | Path) -> Iterator[Converted]:
+def iter_magicbrush(root: str | Path, records: Records | None = None) -> Iterator[Converted]:
+    records = records or Records()
     root = Path(root)
     sessions_path = root / "edit_sessions.json"
     if not sessions_path.is_file():
         raise FileNotFoundError(f"root {str(root)!r} has no edit_sessions.json (MagicBrush layout)")
-    sessions = json.loads(sessions_path.read_text())
+    sessions = load_json(sessions_path)
     for img_id in sorted(sessions):
         for turn, t in enumerate(sessions[img_id]):
             folder = root / "images" / img_id
             key = safe_key(f"magicbrush-{img_id}-{turn}")
-            yield _pair(
-                key,
-                folder / t["input"],
-                folder / t["output"],
-                t["instruction"],
-                "magicbrush",
-                [],
-                {"img_id": img_id, "turn": turn},
-            )
+            with records.record(sessions_path, f"{img_id} turn {turn}"):
+                yield _pair(
+                    key,
+                    folder / t["input"],
+                    folder / t["output"],
+                    t["instruction"],
+                    "magicbrush",
+                    [],
+                    {"img_id": img_id, "turn": turn},
+                )
 
 
 def convert_edit_pairs(
     root: str | Path, out_dir: str | Path, split: str, *, layout: str,
-    samples_per_shard: int = 1000, progress: bool = False,
+    samples_per_shard: int = 1000, progress: bool = False, overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """`layout` = "instructpix2pix" or "magicbrush"."""
     iters = {"instructpix2pix": iter_instructpix2pix, "magicbrush": iter_magicbrush}
     if layout not in iters:
         raise ValueError(f"layout must be one of {sorted(iters)}, got {layout!r}")
+    records = Records(skip_bad)
     return write_split(
         out_dir,
         split,
-        iters[layout](root),
+        iters[layout](root, records),
         source=layout,
         samples_per_shard=samples_per_shard,
         progress=progress,
+        overwrite=overwrite,
+        records=records,
     )

@@ -12,43 +12,56 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from setokim.data.converters.common import Converted, image_size, write_split
+from setokim.data.converters.common import Converted, Records, image_size, write_split
 from setokim.data.schema import SampleAnnotation
 from setokim.data.shards import iter_tar_groups, raw_sample, safe_key
 
 
-def iter_img2dataset(tars: list[str | Path], source: str = "img2dataset") -> Iterator[Converted]:
+def iter_img2dataset(
+    tars: list[str | Path], source: str = "img2dataset", records: Records | None = None
+) -> Iterator[Converted]:
+    records = records or Records()
     if not tars:
         raise ValueError("tars must list at least one img2dataset .tar")
     for tar in tars:
         for tar_key, members in iter_tar_groups(tar):
-            raw = raw_sample(tar_key, Path(tar).name, members)
-            ext = next((e for e in ("jpg", "png", "webp") if e in raw), None)
-            if ext is None:
-                raise ValueError(f"{Path(tar).name} sample {raw['__key__']!r} has no image")
-            caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
-            meta = json.loads(raw["json"]) if "json" in raw else {}
-            w, h = image_size(raw[ext])
-            key = safe_key(f"{source}-{Path(tar).stem}-{raw['__key__']}")
-            captions = [caption] if caption else []
-            ann = SampleAnnotation(
-                key=key,
-                width=w,
-                height=h,
-                source=source,
-                captions=captions,
-                t2i=captions,
-                meta=meta,
-            )
-            yield Converted(ann, raw[ext], ext)
+            with records.record(tar, f"key {tar_key}"):
+                yield _sample(tar, tar_key, members, source)
+
+
+def _sample(
+    tar: str | Path, tar_key: str, members: list[tuple[str, bytes]], source: str
+) -> Converted:
+    raw = raw_sample(tar_key, Path(tar).name, members)
+    ext = next((e for e in ("jpg", "png", "webp") if e in raw), None)
+    if ext is None:
+        raise ValueError(f"{Path(tar).name} sample {raw['__key__']!r} has no image")
+    caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+    meta = json.loads(raw["json"]) if "json" in raw else {}
+    w, h = image_size(raw[ext])
+    key = safe_key(f"{source}-{Path(tar).stem}-{raw['__key__']}")
+    captions = [caption] if caption else []
+    ann = SampleAnnotation(
+        key=key,
+        width=w,
+        height=h,
+        source=source,
+        captions=captions,
+        t2i=captions,
+        meta=meta,
+    )
+    return Converted(ann, raw[ext], ext)
 
 
 def convert_img2dataset(
     tars: list[str | Path], out_dir: str | Path, split: str, *, source: str = "img2dataset",
-    samples_per_shard: int = 1000, progress: bool = False,
+    samples_per_shard: int = 1000, progress: bool = False, overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Pass img2dataset shards through to the common format."""
-    it = iter_img2dataset(sorted(tars), source)
+    records = Records(skip_bad)
+    it = iter_img2dataset(sorted(tars), source, records)
     return write_split(
-        out_dir, split, it, source=source, samples_per_shard=samples_per_shard, progress=progress
-    )
+        out_dir, split, it, source=source, samples_per_shard=samples_per_shard, progress=progress,
+        overwrite=overwrite, records=records,
+    )  # fmt: skip

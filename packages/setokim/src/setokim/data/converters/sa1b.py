@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from setokim.data.converters.common import Converted, image_size, write_split
+from setokim.data.converters.common import Converted, Records, image_size, write_split
 from setokim.data.rle import decode_mask, encode_mask
 from setokim.data.schema import ObjectAnn, SampleAnnotation
 from setokim.data.shards import iter_tar_samples
@@ -256,6 +256,7 @@ def iter_sa1b(
     selection: Selection | None = None,
     max_side: int | None = None,
     stats: SA1BStats | None = None,
+    records: Records | None = None,
 ) -> Iterator[Converted]:
     """Converted samples of SA-1B tars/folders; inputs and settings are checked up front."""
     paths = sorted(Path(p) for p in inputs)
@@ -266,16 +267,21 @@ def iter_sa1b(
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
     sel = selection if selection is not None else Selection()
-    return _iter(paths, sel, max_side, stats if stats is not None else SA1BStats())
+    stats = stats if stats is not None else SA1BStats()
+    return _iter(paths, sel, max_side, stats, records or Records())
 
 
 def _iter(
-    paths: list[Path], sel: Selection, max_side: int | None, stats: SA1BStats
+    paths: list[Path], sel: Selection, max_side: int | None, stats: SA1BStats, records: Records
 ) -> Iterator[Converted]:
     for path in paths:
         pairs = _folder_pairs(path) if path.is_dir() else _tar_pairs(path)
         for where, image, annotation in pairs:
-            conv, total = sa1b_sample(where, image, annotation, sel, max_side)
+            conv: Converted | None = None
+            with records.record(path, where):
+                conv, total = sa1b_sample(where, image, annotation, sel, max_side)
+            if conv is None:  # a bad record skipped (skip_bad)
+                continue
             stats.images += 1
             stats.masks_total += total
             stats.masks_kept += len(conv.ann.objects)
@@ -292,12 +298,15 @@ def convert_sa1b(
     samples_per_shard: int = 1000,
     progress: bool = False,
     stats: SA1BStats | None = None,
+    overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Convert SA-1B tars/folders into one split; returns the manifest (`stats`: totals)."""
     sel = selection if selection is not None else Selection()
-    it = iter_sa1b(inputs, selection=sel, max_side=max_side, stats=stats)
+    records = Records(skip_bad)
+    it = iter_sa1b(inputs, selection=sel, max_side=max_side, stats=stats, records=records)
     info = {"sa1b_selection": {**asdict(sel), "max_side": max_side}}
     return write_split(
         out_dir, split, it, source=SOURCE, samples_per_shard=samples_per_shard,
-        progress=progress, info=info,
+        progress=progress, info=info, overwrite=overwrite, records=records,
     )  # fmt: skip
