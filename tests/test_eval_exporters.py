@@ -513,3 +513,34 @@ def test_cli_writes_and_reports_and_fails_cleanly(
         == 2
     )
     assert "--num 9 but only 4 images" in capsys.readouterr().err
+
+
+def test_exported_tasks_run_through_the_suite_cli(tmp_path: Path) -> None:
+    """The user's path: export CLI -> predictions -> eval_suite/run.py with --data-root."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_suite_run", REPO / "eval_suite" / "run.py")
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    fake_pope(tmp_path / "pope")
+    fake_refcoco(tmp_path / "refcoco")
+    data_root = tmp_path / "data_root"
+    for name in ("pope", "refcoco"):
+        assert main([name, "--root", str(tmp_path / name), "--out", str(data_root)]) == 0
+    tasks = load_tasks(TASKS_DIR, ["pope_coco_adversarial", "refcoco_testB"])
+    lines = []
+    for task, predict in zip(tasks, (_text("label", FLIP.get), _box), strict=True):
+        docs, _ = load_documents(task, data_root=data_root)
+        for k, d in enumerate(docs):  # the first document right, the second wrong
+            pred = predict(d, k == 0)
+            lines.append(json.dumps({"task": task.name, "id": d["id"], "prediction": pred}))
+    (tmp_path / "preds.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["--adapter", f"replay:{tmp_path / 'preds.jsonl'}", "--data-root", str(data_root),
+            "--out", str(tmp_path / "eval"), "--resamples", "0", "--no-progress",
+            "--tasks", "pope_coco_adversarial", "refcoco_testB"]  # fmt: skip
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["tasks"]
+    assert results["refcoco_testB"]["metrics"]["rec_accuracy"]["value"] == 0.5
+    assert results["pope_coco_adversarial"]["metrics"]["pope_accuracy"]["value"] == 0.5
+    assert results["refcoco_testB"]["data_version"].startswith("sha256:")

@@ -352,11 +352,15 @@ def _export_refcoco(opt: Options, benchmark: str) -> dict[str, Path]:
         field(a, "id", inst_path, "annotations", int): a
         for a in field(inst, "annotations", inst_path, "<file>", list)
     }
-    for r in refs if isinstance(refs, list) else []:
-        split = field(r, "split", refs_path, r.get("ref_id"), str)
-        if split not in splits:
+    if not isinstance(refs, list):
+        raise ExportError(
+            f"{refs_path}: expected a pickled list of refs, got {type(refs).__name__}"
+        )
+    for i, r in enumerate(refs):
+        ref_id = field(r, "ref_id", refs_path, f"#{i}", int)
+        if field(r, "split", refs_path, ref_id, str) not in splits:
             continue
-        ref_id = field(r, "ref_id", refs_path, "?", int)
+        split = r["split"]
         ann_id = field(r, "ann_id", refs_path, ref_id, int)
         image_id = field(r, "image_id", refs_path, ref_id, int)
         if ann_id not in anns:
@@ -531,9 +535,10 @@ def export_coco30k_t2i(opt: Options) -> dict[str, Path]:
     rng = np.random.default_rng(opt.seed)
     for image_id in sorted(rng.choice(pool, size=num, replace=False).tolist()):
         cap = caps[image_id][int(rng.integers(len(caps[image_id])))]
+        name = field(images[image_id], "file_name", path, image_id, str)
         docs.add("coco30k_t2i", {
             "id": image_id, "caption_id": cap["id"], "caption": cap["caption"].strip(),
-            "target": docs.image(opt.images / field(images[image_id], "file_name", path, image_id, str), path, image_id, "target"),
+            "target": docs.image(opt.images / name, path, image_id, "target"),
         }, path)  # fmt: skip
     return docs.write()
 
