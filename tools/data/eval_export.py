@@ -4,7 +4,7 @@
     python eval_suite/run.py --adapter ... --tasks TASK... --data-root DATA_ROOT --out runs/x/eval
 
 `--root` holds the benchmark's official files under their official names; `--images` is the
-image folder (default: the usual folder under --root, see `--list`). Documents go to
+image folder (default: the release's usual folder under --root, named in the README table). Documents go to
 DATA_ROOT/data/eval/{task}.jsonl (one benchmark may write several tasks, e.g. RefCOCO's
 val/testA/testB); images stay where they are (paths relative to the document file), only
 images and masks the official files do not hold as files (MMBench base64 images, ReasonSeg
@@ -280,6 +280,8 @@ def export_mmbench_dev(opt: Options) -> dict[str, Path]:
         rid = r.get("index") or f"row {i + 2}"
         if not (r.get("index") or "").strip().lstrip("-").isdigit():
             raise record_error(path, rid, "index", "must be an integer")
+        if r["index"].strip() in by_index:
+            raise record_error(path, rid, "index", "appears twice")
         by_index[r["index"].strip()] = r
     written: dict[str, str] = {}
 
