@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from setok_tokenizer.clustering import density_peak_scores, semantic_clustering
 from setok_tokenizer.clustering_reference import (
+    _adaptive_betas,
     reference_density_peak_scores,
     reference_semantic_clustering,
 )
@@ -91,14 +92,24 @@ def test_hard_compaction_and_lowest_index_tie() -> None:
     assert hard.cluster_valid.tolist() == [[True, True, False, False]]
 
 
-def test_default_kernel_scale_is_k_ln2() -> None:
+def test_fixed_stop_default_kernel_scale_is_k_ln2() -> None:
     x = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(0)) * 0.3
-    score = density_peak_scores(x, 2).score
-    default = semantic_clustering(x, score, 5)
-    explicit = semantic_clustering(x, score, 5, kernel_scale=5 * LN2)
+    score = density_peak_scores(x, 2)
+    default = semantic_clustering(x, score, 5, stop="fixed")
+    explicit = semantic_clustering(x, score, 5, stop="fixed", kernel_scale=5 * LN2)
     assert torch.equal(default.masks, explicit.masks)
-    other = semantic_clustering(x, score, 5, kernel_scale=1.0)
+    other = semantic_clustering(x, score, 5, stop="fixed", kernel_scale=1.0)
     assert not torch.equal(default.masks, other.masks)
+
+
+def test_dynamic_default_is_adaptive_and_needs_the_scores() -> None:
+    x = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(0)) * 0.3
+    scores = density_peak_scores(x, 2)
+    adaptive = semantic_clustering(x, scores, 5)
+    old = semantic_clustering(x, scores, 5, kernel_scale=5 * LN2)
+    assert not torch.equal(adaptive.masks, old.masks)
+    with pytest.raises(ValueError, match="DensityPeakScores"):
+        semantic_clustering(x, scores.score, 5)
 
 
 def clustered_features(b: int, n: int, d: int, seed: int) -> torch.Tensor:
@@ -117,11 +128,11 @@ def test_matches_plain_reference(assignment: str, stop: str, knn_k: int) -> None
     valid = torch.rand(3, 30, generator=torch.Generator().manual_seed(5)) > 0.25
     s = density_peak_scores(x, knn_k, valid)
     r = reference_density_peak_scores(x, knn_k, valid)
-    for name in ("rho", "delta", "score"):
+    for name in ("rho", "delta", "score", "knn_d2"):
         assert_close(getattr(s, name), getattr(r, name), rtol=1e-4, atol=1e-5)
     kwargs = dict(valid=valid, assignment=assignment, stop=stop, min_scope=0.1)
-    out = semantic_clustering(x, s.score, 8, **kwargs)
-    ref = reference_semantic_clustering(x, s.score, 8, **kwargs)
+    out = semantic_clustering(x, s, 8, **kwargs)
+    ref = reference_semantic_clustering(x, r, 8, **kwargs)
     assert torch.equal(out.seeds, ref.seeds)
     assert torch.equal(out.num_clusters, ref.num_clusters)
     assert torch.equal(out.cluster_valid, ref.cluster_valid)
@@ -133,19 +144,20 @@ def test_shared_d2_gives_identical_output() -> None:
     valid = torch.ones(2, 25, dtype=torch.bool)
     valid[1, 20:] = False
     s = density_peak_scores(x, 3, valid, keep_d2=True)
-    a = semantic_clustering(x, s.score, 6, valid=valid, d2=s.d2, assignment="hard")
-    b = semantic_clustering(x, s.score, 6, valid=valid, assignment="hard")
+    a = semantic_clustering(x, s, 6, valid=valid, d2=s.d2, assignment="hard")
+    b = semantic_clustering(x, s, 6, valid=valid, assignment="hard")
     assert torch.equal(a.masks, b.masks) and torch.equal(a.seeds, b.seeds)
 
 
-def autograd_masks(x: torch.Tensor, seeds: torch.Tensor, beta: float) -> torch.Tensor:
-    """Algorithm 1 with the seeds given, written with autograd in a plain loop (one image)."""
+def autograd_masks(x: torch.Tensor, seeds: torch.Tensor, beta: float | list) -> torch.Tensor:
+    """Algorithm 1 with the seeds (and per-token betas) given, with autograd in a plain loop."""
     scope = torch.ones(x.shape[0])
     masks = []
     for seed in seeds.tolist():
         if seed < 0:
             break
-        alpha = torch.exp(-beta * ((x - x[seed]) ** 2).sum(-1))
+        b = beta[seed] if isinstance(beta, list) else beta
+        alpha = torch.exp(-b * ((x - x[seed]) ** 2).sum(-1))
         masks.append(scope * alpha)
         scope = scope * (1 - alpha)
     return torch.stack(masks + [scope])
@@ -166,9 +178,25 @@ def test_gradient_matches_plain_autograd_loop() -> None:
     assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
 
 
+def test_adaptive_gradient_matches_plain_autograd_loop() -> None:
+    x = clustered_features(2, 12, 5, seed=7)
+    scores = density_peak_scores(x, 2)
+    weights = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(8))
+    xg = x.clone().requires_grad_(True)
+    out = semantic_clustering(xg, scores, 6)
+    (out.masks * weights).sum().backward()
+    for b in range(2):
+        betas = _adaptive_betas(x[b], scores.score[b], scores, b, list(range(12)), 5)
+        xb = x[b].clone().requires_grad_(True)
+        m = autograd_masks(xb, out.seeds[b], betas)
+        (m * weights[b, : m.shape[0]]).sum().backward()
+        assert_close(xg.grad[b], xb.grad, rtol=1e-3, atol=1e-5)
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
 def test_gradient_values_equal_no_grad_values() -> None:
     x = clustered_features(2, 20, 4, seed=9)
-    score = density_peak_scores(x, 3).score
+    score = density_peak_scores(x, 3)
     plain = semantic_clustering(x, score, 5)
     tracked = semantic_clustering(x.clone().requires_grad_(True), score, 5)
     assert tracked.masks.requires_grad
@@ -177,7 +205,7 @@ def test_gradient_values_equal_no_grad_values() -> None:
 
 def test_hard_straight_through_is_one_hot_with_soft_gradient() -> None:
     x = clustered_features(1, 16, 4, seed=10).requires_grad_(True)
-    score = density_peak_scores(x, 3).score
+    score = density_peak_scores(x, 3)
     out = semantic_clustering(x, score, 4, assignment="hard")
     assert set(out.masks.detach().unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(out.masks.detach().sum(1), torch.ones(1, 16))
@@ -195,7 +223,7 @@ def test_padding_gets_no_gradient_even_if_nan() -> None:
     valid = torch.ones(1, 10, dtype=torch.bool)
     valid[0, 8:] = False
     xg = x.clone().requires_grad_(True)
-    score = density_peak_scores(x, 2, valid).score
+    score = density_peak_scores(x, 2, valid)
     out = semantic_clustering(xg, score, 4, valid=valid)
     out.masks.sum(1).pow(2).sum().backward()
     assert torch.isfinite(xg.grad[0, :8]).all()
@@ -206,8 +234,8 @@ def test_padding_gets_no_gradient_even_if_nan() -> None:
 def test_bf16_input_fp32_masks_and_gradient() -> None:
     x = clustered_features(2, 14, 6, seed=12).bfloat16().requires_grad_(True)
     s = density_peak_scores(x, 3)
-    out = semantic_clustering(x, s.score, 5)
-    ref = semantic_clustering(x.detach().float(), s.score, 5)
+    out = semantic_clustering(x, s, 5)
+    ref = semantic_clustering(x.detach().float(), s, 5)
     assert out.masks.dtype == torch.float32
     assert torch.equal(out.masks.detach(), ref.masks)
     out.masks[:, 0].sum().backward()

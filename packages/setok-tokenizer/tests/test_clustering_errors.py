@@ -61,7 +61,7 @@ def test_density_peak_scores_errors(kwargs: dict, pattern: str) -> None:
     ],
 )
 def test_semantic_clustering_errors(kwargs: dict, pattern: str) -> None:
-    args = dict(x=X, score=SCORE, max_clusters=3) | kwargs
+    args = dict(x=X, score=SCORE, max_clusters=3, kernel_scale=1.0) | kwargs
     x, score, k = args.pop("x"), args.pop("score"), args.pop("max_clusters")
     with pytest.raises(ValueError, match=pattern):
         semantic_clustering(x, score, k, **args)

@@ -43,7 +43,7 @@ def run(case: dict, x: torch.Tensor | None = None, valid: torch.Tensor | None = 
     scores = density_peak_scores(x, case["knn_k"], valid)
     out = semantic_clustering(
         x,
-        scores.score,
+        scores,
         case["max_clusters"],
         valid=valid,
         min_scope=case["min_scope"],
@@ -123,7 +123,7 @@ def test_gradients_reach_features(case: dict) -> None:
     x = case["x"].clone().requires_grad_(True)
     scores = density_peak_scores(x, case["knn_k"], case["valid"])
     out = semantic_clustering(
-        x, scores.score, case["max_clusters"], valid=case["valid"], kernel_scale=0.5
+        x, scores, case["max_clusters"], valid=case["valid"], kernel_scale=0.5
     )
     weights = torch.randn(out.masks.shape, generator=torch.Generator().manual_seed(1))
     (out.masks * weights).sum().backward()

@@ -72,7 +72,7 @@ def test_dispatcher_equals_direct_calls() -> None:
     s = density_peak_scores(x, 3, valid)
     for mech in ("dynamic", "fixed"):
         got = cluster_features(x, mech, max_clusters=5, knn_k=3, valid=valid, assignment="hard")
-        want = semantic_clustering(x, s.score, 5, valid=valid, stop=mech, assignment="hard")
+        want = semantic_clustering(x, s, 5, valid=valid, stop=mech, assignment="hard")
         assert torch.equal(got.masks, want.masks) and torch.equal(got.seeds, want.seeds)
         assert torch.equal(got.scores.score, s.score) and got.scores.d2 is None
     got = cluster_features(x, "threshold", max_clusters=5, knn_k=3, threshold=0.3, valid=valid)

@@ -47,7 +47,7 @@ def test_dynamic_forward_contract(assignment: str) -> None:
     model = _setok(assignment=assignment)
     out = model(_pixels())
     _check_output(model, out)
-    assert (out.num_tokens >= 2).all() and (out.num_tokens <= 8).all()
+    assert (out.num_tokens >= 1).all() and (out.num_tokens <= 8).all()
     assert out.scores is not None and out.scores.score.shape == (3, 64)
     per_position = out.masks.sum(1)  # padding slots are zero, so this sums the valid clusters
     torch.testing.assert_close(per_position, torch.ones_like(per_position))
@@ -83,7 +83,7 @@ def test_every_mechanism_runs(mechanism: str, expected: str | None) -> None:
         assert (out.num_tokens == h * w).all()
         assert out.scores is None
     else:
-        assert (out.num_tokens >= 2).all() and (out.num_tokens <= 8).all()
+        assert (out.num_tokens >= 1).all() and (out.num_tokens <= 8).all()
     out.tokens.sum().backward()
     trainable = model.merger if model.merger is not None else model.resampler
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.parameters())
@@ -127,8 +127,9 @@ def test_frozen_encoder_gets_no_grad() -> None:
 
 @pytest.mark.parametrize("norm", ["layernorm", "none"])
 def test_feature_norm_choice_changes_the_clustering(norm: str) -> None:
-    l2 = _setok(assignment="soft")(_pixels())
-    other = _setok(assignment="soft", feature_norm=norm)(_pixels())
+    # a fixed kernel: the adaptive one is scale-free, so l2 and layernorm may agree
+    l2 = _setok(assignment="soft", kernel_scale=2.0)(_pixels())
+    other = _setok(assignment="soft", kernel_scale=2.0, feature_norm=norm)(_pixels())
     _check_output(_setok(feature_norm=norm), other)
     same_shape = l2.masks.shape == other.masks.shape
     assert not same_shape or not torch.allclose(l2.masks, other.masks)

@@ -1,8 +1,15 @@
 """SeTok clustering: density-peak seed scores and Algorithm 1 (paper Section 2.1, Appendix C).
 
-Pure functions on padded batches, exactly the contract of DESIGN.md section 5. Images carry
+Pure functions on padded batches, exactly the contract of docs/design.md. Images carry
 their own token counts through `valid` (B, N) bool; every step is batched over images and
 the only Python loop is the at most `max_clusters - 1` stick-breaking steps.
+
+The default dynamic mechanism is content-adaptive (no fixed kernel width): a token may seed a
+cluster only if it is a density-peak centre, i.e. its nearest denser token is more than
+CENTRE_RATIO times farther than its own k nearest neighbours (the decision-graph rule of
+density-peak clustering, scale-free); each seed's kernel exp(-beta d2) halves at
+BANDWIDTH_FRACTION of the squared distance to the nearest other centre, so the next object's
+peak keeps 7/8 of its scope; an image stops when its next seed would not be a centre.
 
 Distances are squared Euclidean, computed once per batch in fp32 as
 ||a||² + ||b||² - 2ab (clamped at 0, exact zero diagonal). Seeds are chosen without
@@ -21,20 +28,30 @@ from torch import Tensor
 ASSIGNMENTS = ("soft", "hard")
 STOPS = ("dynamic", "fixed")
 LN2 = math.log(2.0)
+# The adaptive kernel (kernel_scale=None with stop="dynamic"); chosen on planted-group scenes,
+# see benchmarks/bench_token_count.py and the package README.
+CENTRE_RATIO = 2.0
+BANDWIDTH_FRACTION = 1.0 / 3.0
 
 
 @dataclass
 class DensityPeakScores:
     """Per-token density-peak quantities, each (B, N) fp32 and 0 at padded positions.
 
-    d2 is the (B, N, N) fp32 distance matrix the scores were computed from (columns of padded
+    knn_d2 is the mean squared distance to the knn_k nearest others (rho = exp(-knn_d2)),
+    kept apart from rho because exp underflows for unnormalised features. d2 is the (B, N, N) fp32 distance matrix the scores were computed from (columns of padded
     tokens are +inf), kept only when asked for, so `semantic_clustering` can reuse it.
     """
 
     rho: Tensor
     delta: Tensor
     score: Tensor
+    knn_d2: Tensor | None = None
     d2: Tensor | None = None
+
+    def without_d2(self) -> DensityPeakScores:
+        """The same scores without the (B, N, N) distance matrix (cheap to keep around)."""
+        return DensityPeakScores(self.rho, self.delta, self.score, self.knn_d2)
 
 
 @dataclass
@@ -199,6 +216,7 @@ def density_peak_scores(
             nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)
         count = (valid.sum(dim=1) - 1).clamp(max=knn_k)  # (B,)
         mean = nearest.sum(dim=-1) / count.clamp(min=1)[:, None].to(nearest.dtype)
+        mean = torch.where(count[:, None] > 0, mean, 0.0)
         rho = torch.where(count[:, None] > 0, _rowwise(torch.exp, -mean), 1.0)
         rho = torch.where(valid, rho, torch.zeros_like(rho))
 
@@ -210,13 +228,61 @@ def density_peak_scores(
         delta = torch.where(torch.isinf(d2_min), d2_max, d2_min)
         delta = torch.where(valid, delta, torch.zeros_like(delta))
         score = rho * delta
-    return DensityPeakScores(rho=rho, delta=delta, score=score, d2=d2 if keep_d2 else None)
+        knn_d2 = torch.where(valid, mean, torch.zeros_like(mean))
+    return DensityPeakScores(
+        rho=rho, delta=delta, score=score, knn_d2=knn_d2, d2=d2 if keep_d2 else None
+    )
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
+def density_peak_centres(scores: DensityPeakScores, valid: Tensor, max_seeds: int) -> Tensor:
+    """(B, N) bool: the tokens that may seed a cluster under the adaptive kernel.
+
+    A centre's nearest denser token is more than CENTRE_RATIO times farther (squared) than its
+    mean squared distance to its knn_k nearest neighbours: a peak of its own, not a slope of
+    another's (the decision graph of density-peak clustering). The image's top-score token is
+    always one; at most max_seeds per image, highest scores first (lowest index on ties).
+    """
+    if scores.knn_d2 is None:
+        raise ValueError("the adaptive kernel needs DensityPeakScores with knn_d2")
+    with torch.no_grad():
+        score = torch.where(valid, scores.score.float(), -math.inf)
+        peak = score.argmax(dim=1, keepdim=True)
+        centre = (scores.delta.float() > CENTRE_RATIO * scores.knn_d2.float()) & valid
+        centre.scatter_(1, peak, True)
+        ranked = torch.where(centre, score, -math.inf)
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        return centre & (rank < max_seeds)
+
+
+def seed_bandwidths(d2: Tensor, centres: Tensor, valid: Tensor) -> Tensor:
+    """(B, N) squared distance h at which a seed's kernel exp(-ln2 d2 / h) falls to 1/2.
+
+    h = BANDWIDTH_FRACTION x the squared distance to the nearest other centre, so that centre
+    keeps 1 - 2^-3 of its scope; an image's only centre gets its farthest valid token (one
+    cluster). Only the centres' values are used; others are 1.
+    """
+    with torch.no_grad():
+        b, n = centres.shape
+        k = int(centres.sum(dim=1).max())
+        index = torch.sort(centres.long(), dim=1, descending=True, stable=True).indices[:, :k]
+        is_centre = centres.gather(1, index)  # (B, k), centres first
+        rows = d2.gather(1, index[:, :, None].expand(-1, -1, n))  # (B, k, N)
+        between = rows.gather(2, index[:, None, :].expand(-1, k, -1))  # (B, k, k)
+        others = is_centre[:, None, :] & ~torch.eye(k, dtype=torch.bool, device=d2.device)
+        nearest = torch.where(others, between, math.inf).amin(dim=-1)
+        farthest = torch.where(valid[:, None, :], rows, 0.0).amax(dim=-1)
+        h = torch.where(torch.isinf(nearest), farthest, BANDWIDTH_FRACTION * nearest)
+        h = torch.where(is_centre, h.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
+        return torch.ones(b, n, device=d2.device).scatter_(1, index, h)
+
+
 def semantic_clustering(
     x: Tensor,
-    score: Tensor,
+    score: Tensor | DensityPeakScores,
     max_clusters: int,
     *,
     valid: Tensor | None = None,
@@ -229,16 +295,25 @@ def semantic_clustering(
 ) -> ClusterOutput:
     """Algorithm 1 with density-peak seeds: at most max_clusters clusters per image.
 
-    beta = kernel_scale or max_clusters * ln 2; scope starts at valid; each step picks the
-    valid token maximising score * scope (lowest index on ties), alpha = exp(-beta d2[seed]),
-    mask = scope * alpha, scope *= 1 - alpha; the remaining scope is the last cluster (seed
-    -1). stop="dynamic" stops an image once sum(scope) <= min_scope * sum(valid) while the
-    others continue; stop="fixed" always makes max_clusters clusters. assignment="hard" gives
-    one-hot masks (argmax cluster, lowest on ties), drops empty clusters and compacts the rest;
+    score: the `DensityPeakScores` of x, or a bare (B, N) score tensor when the kernel is
+    fixed (an explicit kernel_scale, or stop="fixed"). Scope starts at valid; each step picks
+    the valid token maximising score * scope (lowest index on ties), alpha = exp(-beta
+    d2[seed]), mask = scope * alpha, scope *= 1 - alpha; the remaining scope is the last
+    cluster (seed -1). The kernel:
+      - kernel_scale given: beta = kernel_scale for every seed (reproduces earlier runs);
+      - stop="fixed" without it: beta = max_clusters * ln 2;
+      - stop="dynamic" without it (the default): adaptive, beta = ln 2 / h per seed from
+        `seed_bandwidths`, and an image also stops when its next seed is not one of its
+        `density_peak_centres`.
+    stop="dynamic" stops an image once sum(scope) <= min_scope * sum(valid) while the others
+    continue; stop="fixed" always makes max_clusters clusters. assignment="hard" gives one-hot
+    masks (argmax cluster, lowest on ties), drops empty clusters and compacts the rest;
     straight_through=True keeps the soft masks' gradient under the hard forward values.
     d2: the matrix from `density_peak_scores(..., keep_d2=True)`, to avoid recomputing it.
     """
     valid, has_padding = check_features(x, valid)
+    scores = score if isinstance(score, DensityPeakScores) else None
+    score = scores.score if scores is not None else score
     check_scores(score, valid)
     k = check_int(max_clusters, "max_clusters", 2)
     if assignment not in ASSIGNMENTS:
@@ -249,11 +324,18 @@ def semantic_clustering(
         raise ValueError(f"min_scope must be in [0, 1], got {min_scope!r}")
     if kernel_scale is not None and not (math.isfinite(kernel_scale) and kernel_scale > 0):
         raise ValueError(f"kernel_scale must be a finite number > 0 or None, got {kernel_scale!r}")
+    adaptive = kernel_scale is None and stop == "dynamic"
+    if adaptive and (scores is None or scores.knn_d2 is None):
+        raise ValueError(
+            "the adaptive kernel (stop='dynamic', kernel_scale=None) needs the "
+            "DensityPeakScores of x (from density_peak_scores), not a bare score tensor; "
+            "pass them, or give an explicit kernel_scale"
+        )
     b, n, _ = x.shape
     if d2 is not None and (not isinstance(d2, Tensor) or d2.shape != (b, n, n)):
         shape = tuple(d2.shape) if isinstance(d2, Tensor) else type(d2).__name__
         raise ValueError(f"d2 must have shape ({b}, {n}, {n}), got {shape}")
-    beta = float(kernel_scale) if kernel_scale is not None else k * LN2
+    fixed_beta = float(kernel_scale) if kernel_scale is not None else k * LN2
 
     with torch.no_grad():
         if d2 is None:
@@ -262,12 +344,19 @@ def semantic_clustering(
                 d2.masked_fill_(~valid[:, None, :], math.inf)
         else:
             d2 = d2.float()
-        masks, seeds, steps = _stick_breaking(d2, score, valid, k, beta, min_scope, stop)
+        if adaptive:
+            centres = density_peak_centres(scores, valid, k - 1)
+            # exp(-beta d2) = exp2(-d2 / h): the per-token scale is 1 / h
+            inv_h = seed_bandwidths(d2, centres, valid).reciprocal()
+        else:
+            centres = None
+            inv_h = torch.full((b, n), fixed_beta / LN2, device=x.device)
+        masks, seeds, steps = _stick_breaking(d2, score, valid, k, inv_h, centres, min_scope, stop)
         num_seeded = (seeds >= 0).sum(dim=1)
 
     need_grad = torch.is_grad_enabled() and x.requires_grad
     if need_grad and (assignment == "soft" or straight_through):
-        masks = _differentiable_masks(x, masks, seeds, valid, num_seeded, steps, beta)
+        masks = _differentiable_masks(x, masks, seeds, valid, num_seeded, steps, inv_h)
     num_clusters = num_seeded + 1
     cluster_valid = torch.arange(k, device=x.device)[None, :] < num_clusters[:, None]
     if assignment == "soft":
@@ -280,13 +369,16 @@ def _stick_breaking(
     score: Tensor,
     valid: Tensor,
     k: int,
-    beta: float,
+    inv_h: Tensor,
+    centres: Tensor | None,
     min_scope: float,
     stop: str,
 ) -> tuple[Tensor, Tensor, int]:
     """The batched loop of Algorithm 1 (no gradients): masks (B,K,N), seeds (B,K), steps run.
 
-    Few, in-place (B, N) ops per step: on a busy CPU each small op costs a thread handoff.
+    alpha = exp2(-d2[seed] * inv_h[seed]); with `centres`, an image stops at its first seed
+    that is not a centre. Few, in-place (B, N) ops per step: on a busy CPU each small op
+    costs a thread handoff.
     """
     b, n = valid.shape
     device = valid.device
@@ -302,7 +394,7 @@ def _stick_breaking(
     active = torch.ones(b, dtype=torch.bool, device=device)
     d2_rows = d2.reshape(b * n, n)  # index_select of rows is far cheaper than d2[rows, seed]
     row_offset = torch.arange(b, device=device) * n
-    log2_scale = -beta / LN2  # exp(-beta d2) = exp2(-beta / ln2 * d2); exp2 is the cheaper op
+    neg_inv_h = inv_h.neg()
     lanes = torch.zeros(b, _lane_width(n), device=device)  # see _rowwise
     alpha = lanes[:, :n]
     steps = 0
@@ -315,8 +407,12 @@ def _stick_breaking(
         if has_padding:
             priority.masked_fill_(invalid, -math.inf)
         seed = priority.argmax(dim=1)
+        if centres is not None:
+            active &= centres.gather(1, seed[:, None])[:, 0]
+            if not bool(active.any()):
+                break
         torch.index_select(d2_rows, 0, row_offset + seed, out=alpha)
-        lanes.mul_(log2_scale).exp2_()
+        lanes.mul_(neg_inv_h.gather(1, seed[:, None])).exp2_()
         if has_padding:
             alpha.masked_fill_(invalid, 0.0)
         if stop == "dynamic":
@@ -338,12 +434,13 @@ def _differentiable_masks(
     valid: Tensor,
     num_seeded: Tensor,
     steps: int,
-    beta: float,
+    inv_h: Tensor,
 ) -> Tensor:
     """The loop's masks with the gradient of Algorithm 1 in x at the chosen seeds.
 
     The masks are rebuilt in one batched pass from distances recomputed from x (cumprod over
     the steps); forward values stay the loop's bit for bit (masks + (rebuilt - rebuilt.detach())).
+    The kernel widths carry no gradient (like the seeds, they are chosen).
     """
     b, k, n = masks.shape
     xf = x.float()
@@ -351,7 +448,9 @@ def _differentiable_masks(
         xf = torch.where(valid[:, :, None], xf, 0.0)
     step_seeds = seeds[:, :steps]
     active = step_seeds >= 0
-    alpha = torch.exp2(sq_dists_to(xf, step_seeds.clamp(min=0)) * (-beta / LN2))
+    index = step_seeds.clamp(min=0)
+    scale = inv_h.gather(1, index).neg()[:, :, None]
+    alpha = torch.exp2(sq_dists_to(xf, index) * scale)
     alpha = torch.where(valid[:, None, :] & active[:, :, None], alpha, 0.0)
     validf = valid.float()[:, None, :]
     scope_after = validf * torch.cumprod(1.0 - alpha, dim=1)  # (B, T, N)

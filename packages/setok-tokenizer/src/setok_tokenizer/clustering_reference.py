@@ -12,7 +12,13 @@ import math
 import torch
 from torch import Tensor
 
-from setok_tokenizer.clustering import ClusterOutput, DensityPeakScores, pairwise_sq_dists
+from setok_tokenizer.clustering import (
+    BANDWIDTH_FRACTION,
+    CENTRE_RATIO,
+    ClusterOutput,
+    DensityPeakScores,
+    pairwise_sq_dists,
+)
 
 
 def _valid_indices(valid: Tensor | None, b: int, n: int) -> list[int]:
@@ -36,6 +42,7 @@ def reference_density_peak_scores(
     b_size, n_size, _ = x.shape
     rho = torch.zeros(b_size, n_size, device=x.device)
     delta = torch.zeros(b_size, n_size, device=x.device)
+    knn_d2 = torch.zeros(b_size, n_size, device=x.device)
     for b in range(b_size):
         index = _valid_indices(valid, b, n_size)
         points = x[b, index].float()
@@ -48,6 +55,7 @@ def reference_density_peak_scores(
                 rho_b.append(1.0)
             else:
                 nearest = torch.sort(others).values[:knn_k]
+                knn_d2[b, index[i]] = nearest.mean()
                 rho_b.append(float(torch.exp(-nearest.mean())))
         rho_t = torch.tensor(rho_b, device=x.device)
         for i in range(n):
@@ -55,13 +63,13 @@ def reference_density_peak_scores(
             d = rows[i][higher].min() if bool(higher.any()) else rows[i].max()
             rho[b, index[i]] = rho_t[i]
             delta[b, index[i]] = d
-    return DensityPeakScores(rho=rho, delta=delta, score=rho * delta)
+    return DensityPeakScores(rho=rho, delta=delta, score=rho * delta, knn_d2=knn_d2)
 
 
 @torch.no_grad()
 def reference_semantic_clustering(
     x: Tensor,
-    score: Tensor,
+    score: Tensor | DensityPeakScores,
     max_clusters: int,
     *,
     valid: Tensor | None = None,
@@ -71,10 +79,22 @@ def reference_semantic_clustering(
     stop: str = "dynamic",
     gemm: bool = False,
 ) -> ClusterOutput:
-    """Algorithm 1 image by image, step by step; same output layout as the batched one."""
+    """Algorithm 1 image by image, step by step; same output layout as the batched one.
+
+    With stop="dynamic" and no kernel_scale the kernel is adaptive: only density-peak centres
+    (delta > CENTRE_RATIO * knn_d2, or the top score; at most max_clusters - 1, best first)
+    may seed, each with beta = ln 2 / (BANDWIDTH_FRACTION * squared distance to the nearest
+    other centre), or ln 2 / (its farthest token) when it is the only one.
+    """
     b_size, n_size, _ = x.shape
     k_size = max_clusters
-    beta = kernel_scale if kernel_scale is not None else max_clusters * math.log(2.0)
+    adaptive = kernel_scale is None and stop == "dynamic"
+    scores = score if isinstance(score, DensityPeakScores) else None
+    if scores is not None:
+        score = scores.score
+    if adaptive and scores is None:
+        raise ValueError("the adaptive kernel needs DensityPeakScores")
+    fixed_beta = kernel_scale if kernel_scale is not None else max_clusters * math.log(2.0)
     masks = torch.zeros(b_size, k_size, n_size, device=x.device)
     seeds = torch.full((b_size, k_size), -1, dtype=torch.long, device=x.device)
     counts = torch.zeros(b_size, dtype=torch.long, device=x.device)
@@ -84,6 +104,9 @@ def reference_semantic_clustering(
         rows = _distance_rows(points, gemm) if gemm else None
         n = len(index)
         s = score[b, index].float()
+        betas = [fixed_beta] * n
+        if adaptive:
+            betas = _adaptive_betas(points, s, scores, b, index, k_size - 1)
         scope = torch.ones(n, device=x.device)
         image_masks: list[Tensor] = []
         image_seeds: list[int] = []
@@ -92,8 +115,10 @@ def reference_semantic_clustering(
                 break
             priority = (s * scope).tolist()
             seed = max(range(n), key=lambda i, p=priority: (p[i], -i))
+            if betas[seed] is None:
+                break
             d2 = rows[seed] if rows is not None else ((points - points[seed]) ** 2).sum(dim=-1)
-            alpha = torch.exp(d2 * -beta)
+            alpha = torch.exp(d2 * -betas[seed])
             image_masks.append(scope * alpha)
             scope = scope * (1.0 - alpha)
             image_seeds.append(index[seed])
@@ -107,6 +132,25 @@ def reference_semantic_clustering(
             seeds[b, c] = s_idx
     cluster_valid = torch.arange(k_size, device=x.device)[None, :] < counts[:, None]
     return ClusterOutput(masks, cluster_valid, counts, seeds)
+
+
+def _adaptive_betas(
+    points: Tensor, s: Tensor, scores: DensityPeakScores, b: int, index: list[int], limit: int
+) -> list[float | None]:
+    """beta of every token of one image under the adaptive kernel; None for non-centres."""
+    n = len(index)
+    delta = scores.delta[b, index].float()
+    knn = scores.knn_d2[b, index].float()
+    top = max(range(n), key=lambda i: (float(s[i]), -i))
+    candidates = [i for i in range(n) if i == top or float(delta[i]) > CENTRE_RATIO * float(knn[i])]
+    candidates = sorted(candidates, key=lambda i: (-float(s[i]), i))[:limit]
+    betas: list[float | None] = [None] * n
+    for i in candidates:
+        d2_i = ((points - points[i]) ** 2).sum(dim=-1)
+        others = [float(d2_i[j]) for j in candidates if j != i]
+        h = BANDWIDTH_FRACTION * min(others) if others else float(d2_i.max())
+        betas[i] = math.log(2.0) / max(h, torch.finfo(torch.float32).tiny)
+    return betas
 
 
 def _reference_hard(masks: list[Tensor], seeds: list[int]) -> tuple[list[Tensor], list[int]]:

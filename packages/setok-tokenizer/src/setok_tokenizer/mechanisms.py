@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from setok_tokenizer.clustering import (
     ClusterOutput,
-    DensityPeakScores,
     check_features,
     check_int,
     check_scores,
@@ -171,7 +170,7 @@ def cluster_features(
         return patch_clustering(valid)
     keep_d2 = mechanism != "threshold"
     scores = density_peak_scores(x, knn_k, valid, keep_d2=keep_d2)
-    light = DensityPeakScores(scores.rho, scores.delta, scores.score)
+    light = scores.without_d2()
     if mechanism == "threshold":
         out = threshold_clustering(
             x,
@@ -184,7 +183,7 @@ def cluster_features(
     else:
         out = semantic_clustering(
             x,
-            scores.score,
+            scores,
             max_clusters,
             valid=valid,
             kernel_scale=kernel_scale,

@@ -119,7 +119,7 @@ class SeTokLlava(nn.Module):
             scores = density_peak_scores(x.float(), self.cfg.knn_k)
             out = semantic_clustering(
                 x.float(),
-                scores.score,
+                scores,
                 self.cfg.max_clusters,
                 kernel_scale=self.cfg.kernel_scale,
                 min_scope=self.cfg.min_scope,
