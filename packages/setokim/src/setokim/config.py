@@ -72,6 +72,9 @@ class ClusterConfig:
     One task per GPU: a job gets `nodes * max(gpus_per_node, 1)` tasks. `mem_gb` is per node
     (None: the partition's default). `setup` lines run in the sbatch script before the job
     (module loads, environment variables). `additional` holds any other sbatch option.
+    gpu_mem_gb / gpu_tflops: one GPU's memory and dense bf16 peak, for the launch plan's
+    memory check and wall-time estimate (None: not checked / not estimated).
+    offline: compute nodes have no network (wandb online is switched to offline).
     """
 
     name: str = "dev"
@@ -89,8 +92,15 @@ class ClusterConfig:
     signal_delay_s: int = 90
     max_num_timeout: int = 3
     additional: dict[str, Any] = field(default_factory=dict)
+    gpu_mem_gb: float | None = None
+    gpu_tflops: float | None = None
+    offline: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("gpu_mem_gb", "gpu_tflops"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                _fail(f"cluster.{key}", f"must be > 0 or null, got {value}")
         for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(self, key) < 1:
                 _fail(f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
@@ -127,10 +137,20 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sweep: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, Any] = field(default_factory=dict)
+    # What an eval experiment evaluates (`+exp=eval tasks=[...] checkpoint=DIR`): suite
+    # task names, a SeTokIM export, and the root of their documents (data/eval/*.jsonl).
+    tasks: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    eval_data: str | None = None
 
     def __post_init__(self) -> None:
         if not self.run_root:
             _fail("run_root", "must be a directory path, got an empty string")
+        for key in ("tasks", "checkpoint", "eval_data"):
+            if getattr(self, key) and self.stage.name != "eval":
+                _fail(
+                    key, f"only eval experiments read it (+exp=eval), stage is {self.stage.name!r}"
+                )
         for key, values in self.sweep.items():
             if not isinstance(values, list | tuple) or not values:
                 _fail(f"sweep.{key}", f"must be a non-empty list of values, got {values!r}")
