@@ -26,6 +26,7 @@ Launch an experiment (Hydra configs in experiments/conf) as one job array.
 
   launch.py +exp=NAME [key=value ...] [--dry-run] [--wait] [--only NAME,...]
   launch.py status RUN_DIR_OR_EXP_DIR [--json]
+  launch.py plan +exp=NAME [key=value ...]     (memory, FLOPs, wall time; preflight)
 
 Overrides use Hydra syntax (group=choice, a.b=value, +new=value, a=1,2 adds a sweep axis).
 Config errors exit with status 2 before anything is queued. Run dirs are
@@ -113,6 +114,15 @@ def launch(argv: Sequence[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if plan.launcher.kind == "slurm":  # sized and checked before anything queues
+        from setok_experiments.plan import check_before_queue
+
+        try:
+            plan, notes = check_before_queue(plan, exp, overrides, only=only)
+        except ConfigError as err:
+            print(f"refused before queueing: {err}", file=sys.stderr)
+            return 2
+        print("\n".join(notes))
     mark_active(plan)
     kind = plan.launcher.kind
     where = f" cluster={plan.cluster.name}" if kind == "slurm" else ""
@@ -266,8 +276,38 @@ def status(argv: Sequence[str]) -> int:
     return 0
 
 
+def plan_command(argv: Sequence[str]) -> int:
+    """`launch.py plan +exp=...`: the resource plan and the preflight, nothing queued."""
+    parser = argparse.ArgumentParser(
+        prog="launch.py plan",
+        description="Hardware, batch, steps, memory per GPU, FLOPs, wall time and requeues of "
+        "an experiment (models built on the meta device), then the checks a launch runs "
+        "before queueing. Exit status 2 when the launch would be refused.",
+    )
+    parser.add_argument("overrides", nargs="*", help="+exp=NAME and Hydra overrides")
+    parser.add_argument(
+        "--utilisation", type=float, default=None, help="model FLOPs utilisation (default 0.4)"
+    )
+    args = parser.parse_intermixed_args(list(argv))
+    from setok_experiments.compose import ConfigError
+    from setok_experiments.plan import build_plan, check_before_queue, split_exp
+
+    try:
+        exp, overrides = split_exp(args.overrides)
+        plan = build_plan(exp, overrides)
+        plan, notes = check_before_queue(plan, exp, overrides, utilisation=args.utilisation)
+    except ConfigError as err:
+        print(f"refused before queueing: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(notes))
+    print("preflight: paths readable, required values given; would queue")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "status":
         return status(argv[1:])
+    if argv and argv[0] == "plan":
+        return plan_command(argv[1:])
     return launch(argv)

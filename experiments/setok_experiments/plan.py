@@ -182,3 +182,55 @@ def mark_active(plan: Plan) -> None:
             and pid_alive(int(status.get("pid", -1)))
         ):
             job.active_job = prev["job_id"] if prev else f"pid:{status['pid']}"
+
+
+def check_before_queue(
+    plan: Plan,
+    exp: str | None,
+    overrides: Sequence[str],
+    *,
+    only: Sequence[str] | None = None,
+    resources: bool = True,
+    utilisation: float | None = None,
+) -> tuple[Plan, list[str]]:
+    """Preflight every job, then (for SLURM launches) size it; (plan, lines to print).
+
+    Raises ConfigError naming the key or the memory term when a job would fail after
+    queueing. wandb online on a cluster marked `offline` is switched to offline (the plan
+    is rebuilt with `wandb.mode=offline`, a launch-only key: the run dirs do not change).
+    """
+    from setok_experiments import preflight
+    from setok_experiments.resources import DEFAULT_UTILISATION, format_plan, plan_resources
+
+    lines: list[str] = []
+    if plan.jobs:
+        switch = preflight.wandb_override(plan.jobs[0].config)
+        if switch is not None:
+            lines.append(
+                f"note: cluster {plan.cluster.name} is marked offline (no network on its nodes): "
+                "wandb.mode=online switched to offline (sync later with `wandb sync`)"
+            )
+            plan = build_plan(exp, [*overrides, switch], only=only)
+    on_cluster = plan.launcher.kind == "slurm"
+    world = plan.cluster.nodes * plan.cluster.tasks_per_node if on_cluster else 1
+    for job in plan.jobs:
+        where = f"job {job.name!r}: " if len(plan.jobs) > 1 else ""
+        try:
+            preflight.check_required(exp, job.config)
+            preflight.check_paths(job.config)
+            if on_cluster:
+                preflight.check_resume_world_size(job.run_dir, world)
+        except ConfigError as err:
+            raise ConfigError(f"{where}{err}") from None
+    if resources and plan.jobs:
+        shown: set[str] = set()
+        for job in plan.jobs:
+            for step in plan_resources(job.config, utilisation=utilisation or DEFAULT_UTILISATION):
+                table = format_plan(step)
+                if table not in shown:
+                    shown.add(table)
+                    lines.append(table)
+                problem = step.problem()
+                if problem is not None:
+                    raise ConfigError(f"job {job.name!r}: {problem}")
+    return plan, lines

@@ -1,0 +1,134 @@
+"""Before anything queues: the resource plan of every cluster recipe (models on the meta
+device from config files only), and the preflight refusals (missing path, `???`, memory)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+from setok_experiments.cli import main  # noqa: E402
+from setok_experiments.compose import ConfigError  # noqa: E402
+from setok_experiments.plan import build_plan, check_before_queue  # noqa: E402
+
+
+def _vit_g() -> dict:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=1664,
+        intermediate_size=8192,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+    ).to_dict()
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """SETOK_WEIGHTS / SETOK_DATA with configuration files only (no weights): what the plan
+    reads; the shard dirs exist (empty)."""
+    from transformers import LlamaConfig
+
+    from setok_tokenizer.config import SeTokConfig
+    from setok_tokenizer.setok import CONFIG_NAME, ENCODER_CONFIG_NAME
+
+    weights, data = tmp_path / "weights", tmp_path / "data"
+    for name, size in (("vicuna-7b-v1.5", (4096, 32, 11008)), ("vicuna-13b-v1.5", (5120, 40, 13824))):
+        d = weights / name
+        d.mkdir(parents=True)
+        hidden, layers, inter = size
+        cfg = LlamaConfig(
+            vocab_size=32000, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=hidden // 128, intermediate_size=inter,
+            max_position_embeddings=4096,
+        )  # fmt: skip
+        (d / "config.json").write_text(cfg.to_json_string())
+        (d / "tokenizer_config.json").write_text("{}")
+    export = tmp_path / "stage1_export" / "tokenizer"
+    export.mkdir(parents=True)
+    setok = asdict(SeTokConfig())
+    setok["encoder"].update(family="clip", image_size=224, layer="penultimate")
+    setok["clustering"]["max_clusters"] = 32
+    (export / CONFIG_NAME).write_text(json.dumps(setok))
+    (export / ENCODER_CONFIG_NAME).write_text(json.dumps(_vit_g()))
+    for name in ("setokim_stage2", "setokim_stage3"):
+        (data / name).mkdir(parents=True)
+    # The shard-content check (data_check: enough samples of each task for one global
+    # batch) needs real shards; it has its own tests. Here the shard dirs are empty.
+    monkeypatch.setattr("setok_experiments.plan.check_data", lambda *a, **k: None)
+    monkeypatch.setenv("SETOK_WEIGHTS", str(weights))
+    monkeypatch.setenv("SETOK_DATA", str(data))
+    return tmp_path
+
+
+def _stage2(world: Path, *extra: str) -> list[str]:
+    return [
+        f"run_root={world / 'runs'}",
+        "cluster=gpu_a100",
+        "cluster.nodes=2",
+        f"stage.params.steps.0.params.init_tokenizer={world / 'stage1_export'}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_stage2_recipe_plans_on_the_meta_device_and_fits_80gb(world: Path, size: str) -> None:
+    exp = f"setokim_vicuna{size}_stage2"
+    plan = build_plan(exp, _stage2(world))
+    plan, lines = check_before_queue(plan, exp, _stage2(world))
+    text = "\n".join(lines)
+    assert "2 node(s) x 8 GPU(s) = 16 rank(s)" in text
+    assert "512 = 32 per GPU x 1 accum x 16" in text
+    assert "wandb.mode=online switched to offline" in text  # gpu_a100 is marked offline
+    assert plan.jobs[0].config.wandb.mode == "offline"
+    assert "prefill FLOPs per sample" in text and "memory per GPU" in text
+
+
+@pytest.mark.slow
+def test_stage2_without_activation_checkpointing_is_refused_naming_the_term(world: Path) -> None:
+    exp = "setokim_vicuna7b_stage2"
+    overrides = _stage2(world, "trainer.activation_checkpointing=false")
+    with pytest.raises(ConfigError, match=r"activations .*activation_checkpointing=true"):
+        check_before_queue(build_plan(exp, overrides), exp, overrides)
+
+
+def test_a_missing_weights_path_refuses_before_queueing(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = _stage2(world, "mllm.llm.pretrained_path=" + str(world / "nowhere"))
+    code = main(["plan", "+exp=setokim_vicuna7b_stage2", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "refused before queueing" in err and "pretrained_path" in err and "nowhere" in err
+
+
+def test_a_required_value_that_composes_to_null_is_refused(world: Path) -> None:
+    # stage1_phase2's `init_from: ???` is merged over the stage group's null: still required.
+    (world / "data" / "stage1_coco_sa1b").mkdir(parents=True)
+    from setok_experiments import preflight
+    from setok_experiments.compose import load_experiment
+
+    cfg = load_experiment("stage1_phase2")
+    assert cfg.stage.params["init_from"] is None
+    with pytest.raises(ConfigError, match=r"stage.params.init_from: must be given"):
+        preflight.check_required("stage1_phase2", cfg)
+
+
+def test_checkpoints_of_another_world_size_are_refused(tmp_path: Path) -> None:
+    from setok_experiments.preflight import check_resume_world_size
+
+    step = tmp_path / "stage2" / "train" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"world_size": 8, "step": 10}))
+    check_resume_world_size(tmp_path, 8)
+    with pytest.raises(ConfigError, match=r"written by 8 rank\(s\), this launch has 16"):
+        check_resume_world_size(tmp_path, 16)
