@@ -39,13 +39,35 @@ def apply_fsdp(
     world_size: int,
     param_dtype: torch.dtype | None,
 ) -> nn.Module:
-    """FSDP2: `fully_shard` every unit, then the root (which picks up the leftovers)."""
+    """FSDP2: `fully_shard` every unit, then the root (which picks up the leftovers).
+
+    With a low `param_dtype` (bf16 compute) the trainable parameters are kept as fp32
+    master weights first (`fp32_master_weights`): FSDP2 all-gathers them in bf16 for
+    compute, while gradients, AdamW states and updates stay fp32, so a late update far
+    below bf16's resolution (~3 significant digits) is not rounded away.
+    """
+    if param_dtype is not None:
+        fp32_master_weights(model)
     mesh = init_device_mesh(device_type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def fp32_master_weights(model: nn.Module) -> int:
+    """Cast every trainable floating-point parameter to fp32 in place; returns how many.
+
+    A model loaded in bf16 (an LLM's `dtype: bfloat16`) would otherwise train pure bf16:
+    bf16 weights and bf16 AdamW states. Frozen parameters keep their dtype (memory).
+    """
+    count = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            count += 1
+    return count
 
 
 def broadcast_parameters(model: nn.Module) -> None:
