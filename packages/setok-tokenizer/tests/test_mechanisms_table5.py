@@ -54,6 +54,29 @@ def test_threshold_is_nearest_centre_with_padding() -> None:
         assert torch.equal(out.masks[b].sum(0), valid[b].float())
 
 
+def test_threshold_masks_carry_a_gradient() -> None:
+    # The official DPC-KNN's hard masks have none: an objective on the masks could not train
+    # the encoder. Hard forward values stay the official ones; the gradient is the soft one's.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 4, generator=g)
+    valid = torch.rand(2, 16, generator=g) > 0.2
+    valid[:, 0] = True
+    score = density_peak_scores(x, 3, valid).score
+    kw = dict(threshold=0.3, min_clusters=2, max_clusters=5, valid=valid)
+    plain = threshold_clustering(x, score, **kw)
+    xg = x.clone().requires_grad_(True)
+    hard = threshold_clustering(xg, score, **kw)
+    assert torch.equal(hard.masks.detach(), plain.masks)
+    target = torch.rand(hard.masks.shape, generator=g)
+    (hard.masks * target).sum().backward()
+    assert xg.grad is not None and xg.grad[valid].abs().sum() > 0
+    soft = threshold_clustering(x, score, assignment="soft", **kw).masks
+    assert_close(soft.sum(1), valid.float())  # a distribution over the centres per token
+    assert torch.equal(soft.argmax(1)[valid], plain.masks.argmax(1)[valid])  # own centre wins
+    frozen = threshold_clustering(xg, score, straight_through=False, **kw)
+    assert not frozen.masks.requires_grad
+
+
 def test_fixed_gives_exactly_max_clusters() -> None:
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(2, 3, 4, generator=g) * 3  # three tight groups of ten tokens

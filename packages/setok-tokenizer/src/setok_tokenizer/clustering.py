@@ -235,27 +235,41 @@ def density_peak_scores(
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
-def density_peak_centres(scores: DensityPeakScores, valid: Tensor, max_seeds: int) -> Tensor:
+def density_peak_centres(
+    scores: DensityPeakScores, d2: Tensor, valid: Tensor, max_seeds: int
+) -> Tensor:
     """(B, N) bool: the tokens that may seed a cluster under the adaptive kernel.
 
     A centre's nearest denser token is more than CENTRE_RATIO times farther (squared) than its
     mean squared distance to its knn_k nearest neighbours: a peak of its own, not a slope of
     another's (the decision graph of density-peak clustering). The image's top-score token is
-    always one; at most max_seeds per image, highest scores first (lowest index on ties).
+    always one. Equally dense twins both pass that test (delta only counts strictly denser
+    tokens), so a candidate within CENTRE_RATIO x its knn radius of a better-ranked one is
+    dropped. At most max_seeds per image, highest scores first (lowest index on ties).
     """
     if scores.knn_d2 is None:
         raise ValueError("the adaptive kernel needs DensityPeakScores with knn_d2")
     with torch.no_grad():
+        b, n = valid.shape
         score = torch.where(valid, scores.score.float(), -math.inf)
-        peak = score.argmax(dim=1, keepdim=True)
-        centre = (scores.delta.float() > CENTRE_RATIO * scores.knn_d2.float()) & valid
-        centre.scatter_(1, peak, True)
-        ranked = torch.where(centre, score, -math.inf)
-        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        radius = CENTRE_RATIO * scores.knn_d2.float()
+        candidate = (scores.delta.float() > radius) & valid
+        candidate.scatter_(1, score.argmax(dim=1, keepdim=True), True)
+        # candidates in rank order (score desc, index asc), then the C x C suppression test
+        c = int(candidate.sum(dim=1).max())
+        order = torch.sort(
+            torch.where(candidate, score, -math.inf), dim=1, descending=True, stable=True
         )
-        return centre & (rank < max_seeds)
+        index = order.indices[:, :c]
+        is_candidate = candidate.gather(1, index)
+        rows = d2.gather(1, index[:, :, None].expand(-1, -1, n))
+        between = rows.gather(2, index[:, None, :].expand(-1, c, -1))  # [b, i, j]
+        better = torch.ones(c, c, dtype=torch.bool, device=d2.device).tril(-1)  # j ranks above i
+        near = between <= radius.gather(1, index)[:, :, None]
+        shadowed = (near & better & is_candidate[:, None, :]).any(dim=-1)
+        keep = is_candidate & ~shadowed
+        keep &= keep.long().cumsum(dim=1) <= max_seeds
+        return torch.zeros(b, n, dtype=torch.bool, device=d2.device).scatter_(1, index, keep)
 
 
 def seed_bandwidths(d2: Tensor, centres: Tensor, valid: Tensor) -> Tensor:
@@ -345,7 +359,7 @@ def semantic_clustering(
         else:
             d2 = d2.float()
         if adaptive:
-            centres = density_peak_centres(scores, valid, k - 1)
+            centres = density_peak_centres(scores, d2, valid, k - 1)
             # exp(-beta d2) = exp2(-d2 / h): the per-token scale is 1 / h
             inv_h = seed_bandwidths(d2, centres, valid).reciprocal()
         else:

@@ -142,8 +142,14 @@ def _adaptive_betas(
     delta = scores.delta[b, index].float()
     knn = scores.knn_d2[b, index].float()
     top = max(range(n), key=lambda i: (float(s[i]), -i))
-    candidates = [i for i in range(n) if i == top or float(delta[i]) > CENTRE_RATIO * float(knn[i])]
-    candidates = sorted(candidates, key=lambda i: (-float(s[i]), i))[:limit]
+    ranked = [i for i in range(n) if i == top or float(delta[i]) > CENTRE_RATIO * float(knn[i])]
+    ranked = sorted(ranked, key=lambda i: (-float(s[i]), i))
+    candidates = []
+    for pos, i in enumerate(ranked):  # twins: dropped near a better-ranked candidate
+        d2_i = ((points - points[i]) ** 2).sum(dim=-1)
+        if all(float(d2_i[j]) > CENTRE_RATIO * float(knn[i]) for j in ranked[:pos]):
+            candidates.append(i)
+    candidates = candidates[:limit]
     betas: list[float | None] = [None] * n
     for i in candidates:
         d2_i = ((points - points[i]) ** 2).sum(dim=-1)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from setok_tokenizer.clustering import (
+    ASSIGNMENTS,
+    LN2,
     ClusterOutput,
     check_features,
     check_int,
@@ -35,13 +37,25 @@ def threshold_clustering(
     min_clusters: int,
     max_clusters: int,
     valid: Tensor | None = None,
+    assignment: str = "hard",
+    straight_through: bool = True,
 ) -> ClusterOutput:
     """DPC-KNN: centres are the valid tokens with score >= threshold * (the image's max score).
 
     At least min_clusters and at most max_clusters centres (highest scores first, lowest index
     on ties; never more than the image's valid tokens); each valid token joins its nearest
-    centre (lowest slot on ties, a centre always its own). Hard masks, K = max_clusters.
+    centre (lowest slot on ties, a centre always its own). K = max_clusters.
+
+    The official DPC-KNN is a hard argmin with no gradient in the masks, so an objective on
+    the masks (the mask-consistency KL) could not train the encoder through it. Like
+    Algorithm 1's kernel, a soft assignment gives it one: token n's weight on centre c is
+    proportional to exp2(-d2(n, c) / h), h the image's mean squared distance of a token to
+    its own centre (no gradient, like the centres). assignment="hard" keeps the official
+    one-hot forward values, and with straight_through (and x requiring grad) takes the soft
+    masks' gradient; assignment="soft" returns the soft masks.
     """
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
     valid, has_padding = check_features(x, valid)
     check_scores(score, valid)
     if not math.isfinite(threshold):
@@ -72,6 +86,16 @@ def threshold_clustering(
         seeds = torch.full((b, max_clusters), -1, dtype=torch.long, device=device)
         seeds[:, :slots] = centres.masked_fill(~slot_ok, -1)
         cluster_valid = torch.arange(max_clusters, device=device)[None, :] < count[:, None]
+        own = dist.gather(1, owner[:, None, :])[:, 0].masked_fill(~valid, 0.0)  # (B, N)
+        inv_h = valid.sum(1).clamp(min=1) / own.sum(1).clamp(min=1e-12)  # 1 / mean
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    if assignment == "soft" or (need_grad and straight_through):
+        xg = torch.where(valid[:, :, None], x.float(), 0.0) if has_padding else x.float()
+        logits = sq_dists_to(xg, centres) * (-LN2 * inv_h[:, None, None])
+        logits = logits.masked_fill(~slot_ok[:, :, None], -1e30)
+        soft = torch.softmax(logits, dim=1) * (valid[:, None, :] & slot_ok[:, :, None])
+        soft = torch.cat([soft, soft.new_zeros(b, max_clusters - slots, n)], dim=1)
+        masks = soft if assignment == "soft" else masks + (soft - soft.detach())
     return ClusterOutput(masks, cluster_valid, count, seeds)
 
 
@@ -179,6 +203,8 @@ def cluster_features(
             min_clusters=min_clusters,
             max_clusters=max_clusters,
             valid=valid,
+            assignment=assignment,
+            straight_through=straight_through,
         )
     else:
         out = semantic_clustering(
