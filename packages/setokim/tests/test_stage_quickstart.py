@@ -98,3 +98,16 @@ def test_resampler_attention_maps_are_trained(data_dir: Path) -> None:
     loss.backward()
     grad = model.setok.resampler.queries.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("assignment", ["hard", "soft"])
+def test_threshold_row_trains_the_encoder(data_dir: Path, assignment: str) -> None:
+    """Table 5's threshold row (DPC-KNN): its masks carry a gradient to the encoder."""
+    clustering = {"mechanism": "threshold", "assignment": assignment, "max_clusters": 4}
+    stage = _stage(data_dir, tokenizer={"clustering": clustering})
+    model = stage.build_model()
+    loss, _ = stage.loss(model, next(stage.batches(0, 1, 0, 4)))
+    loss.backward()
+    grads = [p.grad for p in model.setok.encoder.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
