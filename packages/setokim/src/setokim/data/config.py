@@ -29,3 +29,12 @@ class DataConfig:
     expand: bool = False
     even: bool = True
     mix_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Sizes are checked here, at launch, instead of failing later on a shard sample.
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"data.image_size: must be >= 1 or null, got {self.image_size}")
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("epoch", 0),
+                         ("shuffle_buffer", 1)):  # fmt: skip
+            if getattr(self, key) < low:
+                raise ValueError(f"data.{key}: must be >= {low}, got {getattr(self, key)}")
