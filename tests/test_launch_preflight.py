@@ -41,7 +41,10 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from setok_tokenizer.setok import CONFIG_NAME, ENCODER_CONFIG_NAME
 
     weights, data = tmp_path / "weights", tmp_path / "data"
-    for name, size in (("vicuna-7b-v1.5", (4096, 32, 11008)), ("vicuna-13b-v1.5", (5120, 40, 13824))):
+    for name, size in (
+        ("vicuna-7b-v1.5", (4096, 32, 11008)),
+        ("vicuna-13b-v1.5", (5120, 40, 13824)),
+    ):
         d = weights / name
         d.mkdir(parents=True)
         hidden, layers, inter = size

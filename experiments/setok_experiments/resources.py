@@ -609,8 +609,8 @@ def _steps(stage: Any, trainer: TrainerConfig, world: int) -> tuple[int | None, 
         return trainer.max_steps, "trainer.max_steps"
     shard_dir = Path(stage.data_cfg.shard_dir)
     counter = getattr(stage, "epoch_batches", None)
-    if not shard_dir.is_dir() or not callable(counter):
-        return None, f"{trainer.epochs:g} epoch(s) of {shard_dir} (not found: derived at start)"
+    if not (shard_dir / "manifest.json").is_file() or not callable(counter):
+        return None, f"{trainer.epochs:g} epoch(s) of {shard_dir} (no manifest: derived at start)"
     batches = counter(0, world, trainer.micro_batch_size)
     return resolve_schedule(trainer, batches, world).max_steps, (
         f"{trainer.epochs:g} epoch(s) = {batches} micro-batches per rank"
