@@ -86,6 +86,10 @@ class EvalStageConfig:
             raise ValueError(
                 "eval: checkpoint (a SeTokIM export dir) is null and tiny_random false"
             )
+        if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
+            raise ValueError(
+                f"eval: checkpoint {self.checkpoint!r} is not a directory (a SeTokIM export dir)"
+            )
         if not self.tasks:
             raise ValueError("eval: tasks is empty")
         bad = [t for t in self.tasks if not str(t).startswith("shapes_")]
