@@ -1,10 +1,14 @@
 """Evaluate a model (through an adapter) on suite tasks; resumable, shardable over ranks.
 
+    python eval_suite/run.py --adapter setokim --adapter-arg export=RUN/stage3/export \
+        --tasks vqav2_val pope_coco_random --data-root DATA_ROOT --out runs/x/eval
     python eval_suite/run.py --adapter replay:preds.jsonl --tasks vqav2_val pope --out runs/x/eval
     python eval_suite/run.py --adapter pkg.module:make_adapter --run-dir runs/x --tasks all
 
-`--adapter` is `replay:PATH` (score saved predictions) or `module:factory`, a callable returning
-an adapter; it is called with `run_dir=` (when given) and every `--adapter-arg key=value`.
+`--adapter` is a registered name (`ADAPTERS`: setokim = a SeTokIM export, given as
+`--adapter-arg export=DIR`), `replay:PATH` (score saved predictions) or `module:factory`, a
+callable returning an adapter; a factory is called with `run_dir=` (when given) and every
+`--adapter-arg key=value`.
 Rank and world size come from --rank/--world-size, else RANK/WORLD_SIZE, else SLURM_PROCID/
 SLURM_NTASKS. Results go to OUT/results.json (OUT defaults to RUN_DIR/eval).
 """
@@ -21,15 +25,21 @@ from setok_eval import ReplayAdapter, load_tasks, run_eval
 from setok_eval.metrics.image import load_feature_extractor
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# registered adapter names -> their factory (module:callable)
+ADAPTERS = {"setokim": "setokim.model.eval_adapter:from_export"}
 
 
 def make_adapter(spec: str, run_dir: str | None, extra: dict[str, Any]) -> Any:
-    """Build the adapter named by `spec` (replay:PATH or module:factory)."""
+    """Build the adapter named by `spec` (a registered name, replay:PATH or module:factory)."""
     if spec.startswith("replay:"):
         return ReplayAdapter(spec.removeprefix("replay:"))
+    spec = ADAPTERS.get(spec, spec)
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        raise SystemExit(f"--adapter must be replay:PATH or module:factory, got {spec!r}")
+        raise SystemExit(
+            f"--adapter must be one of {sorted(ADAPTERS)}, replay:PATH or module:factory, "
+            f"got {spec!r}"
+        )
     factory = getattr(importlib.import_module(module_name), attr)
     kwargs = dict(extra)
     if run_dir is not None:
@@ -51,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--adapter", required=True, help="replay:PATH or module:factory")
+    parser.add_argument(
+        "--adapter", required=True, help=f"{'|'.join(ADAPTERS)}, replay:PATH or module:factory"
+    )
     parser.add_argument(
         "--adapter-arg", action="append", default=[], help="key=value for the factory"
     )

@@ -72,13 +72,10 @@ def test_eval_job_writes_results_and_relaunch_reuses_the_cache(
     ("params", "needle"),
     [
         ({"tiny_random": False}, "checkpoint"),
-        ({"tiny_random": True, "tasks": ["vqav2_val"]}, "shapes_"),
+        ({"tiny_random": True, "export": {"answers": "vqav2_val"}}, "answers"),
+        ({"tiny_random": True, "shard_dir": None}, "shard_dir"),
         ({"tiny_random": True, "limit": 0}, "limit"),
         ({"tiny_random": True, "colour": 1}, "colour"),
-        (
-            {"tiny_random": True, "tasks": ["shapes_vqa"], "generation": {"vqav2_val": {}}},
-            "vqav2_val",
-        ),
     ],
 )
 def test_eval_stage_rejects_bad_params_naming_them(params: dict, needle: str) -> None:

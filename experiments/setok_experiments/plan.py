@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from setok_experiments.compose import ConfigError, compose_experiment, validate
+from setok_experiments.data_check import check_data
 from setok_experiments.job import JobSpec, read_status
 from setok_experiments.overrides import (
     OverrideError,
@@ -125,6 +126,7 @@ def build_plan(
         cfg.variants = {}
         try:
             obj = validate(cfg)
+            check_data(obj, cfg, job_overrides)  # each step's data against the shards
         except ConfigError as err:
             raise ConfigError(f"job {variant.name!r}: {err}") from None
         if obj.launcher != base.launcher or obj.cluster != base.cluster:

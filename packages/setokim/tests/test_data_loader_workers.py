@@ -67,7 +67,8 @@ def sparse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _loader(shards: Path, case: tuple, num_workers: int = 0, **kw: Any):
     task, bsz, start, ws, rank, extra = case
-    where = {"start_batch" if task == "mix" else "start_sample": start}
+    planned = task == "mix" or extra.get("expand")  # one task with expand: a one-task mix
+    where = {"start_batch" if planned else "start_sample": start}
     return make_loader(
         shards, "train", task, bsz, rank=rank, world_size=ws, num_workers=num_workers,
         seed=1, **where, **extra, **kw,
@@ -143,8 +144,8 @@ def test_each_worker_reads_exactly_the_samples_of_its_batches(shards, case):
             reads.append(read)
             nbytes += ds.bytes_read
         assert set().union(*reads) == decoded
-        if not (case[0] == "mix" and case[5].get("expand")):
-            # an expanded mix sample whose items straddle two workers' batches is read by both
+        if not case[5].get("expand"):
+            # an expanded sample whose items straddle two workers' batches is read by both
             assert sum(len(r) for r in reads) == len(decoded), "workers must be disjoint"
             assert nbytes == _member_bytes(shards, decoded)
     if one.mix is None:  # one worker of one task reads all of the rank's shards, as before

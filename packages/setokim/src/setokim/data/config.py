@@ -13,6 +13,15 @@ class DataConfig:
     the weighted tasks it has). The resume position is not part of the config: the loader
     takes `start_sample` (one task: samples this rank already consumed in `epoch`) or
     `start_batch` (batches already consumed; the only form a mix accepts).
+
+    expand: shards hold one sample per image with all its questions (annotations); without
+    `expand` an epoch reads each image once and draws one of its items, so `trainer.epochs`
+    counts images. With `expand` every item is its own training example, batches are always
+    full (one task: planned like a one-task mix), and an epoch is every question once.
+    generate: write a Shapes World into `shard_dir` when it holds no dataset (the Shapes World
+    recipes set it); otherwise a missing `shard_dir` is an error, never silently generated.
+    allow_missing_masks: Stage I sub-phase 2 (and the quickstart objective) train against
+    object masks; data without any is refused at launch unless this is true.
     """
 
     shard_dir: str = "data/shapes_world"
@@ -29,6 +38,8 @@ class DataConfig:
     expand: bool = False
     even: bool = True
     mix_weights: dict[str, float] = field(default_factory=dict)
+    generate: bool = False
+    allow_missing_masks: bool = False
 
     def __post_init__(self) -> None:
         # Sizes are checked here, at launch, instead of failing later on a shard sample.

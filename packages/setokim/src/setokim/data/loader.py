@@ -10,12 +10,13 @@ Order of an epoch (the same on every rank, so ranks agree without talking):
 then, for one task (task != "mix"):
 5. the first `start_sample` samples are skipped undecoded (resume);
 6. the rest is cut into chunks of `batch_size`; a sample without the task adds no item, so
-   such a chunk gives a short batch (or none); with `expand` a chunk gives as many batches
-   as its items need. DataLoader worker w decodes chunks c % num_workers == w and returns
+   such a chunk gives a short batch (or none). (With `expand`, one task is planned as a
+   one-task mix, below: every item of every sample once, in full batches.) DataLoader worker w decodes chunks c % num_workers == w and returns
    one list per chunk (its batches, maybe none); torch's DataLoader takes the workers'
    lists round-robin and the loader flattens them, so the batch order does not depend on
    num_workers.
-For a task mix (task="mix"; see `plan_mix`, which reads only the annotations):
+For a task mix (task="mix", or one task with `expand`; see `plan_mix`, which reads only the
+annotations):
 5. every sample draws one task among the mix tasks it has (weights restricted to those and
    renormalised; the draw is seeded by (seed, epoch, key), so every rank, worker and resume
    agrees); a sample with none of them is skipped, counted and logged at the end of the epoch;
@@ -154,11 +155,13 @@ class ShardDataset(IterableDataset):
                 raise ValueError(f"mix_weights: {t!r}={w} (tasks {TASKS}, weights >= 0)")
         if cfg.task == "mix" and sum(weights.values()) <= 0:
             raise ValueError("mix_weights must have a positive weight")
-        self.mix_weights = weights
+        # one task with expand: every item once in full batches = a one-task mix
+        self.planned = cfg.task == "mix" or (cfg.expand and cfg.task in TASKS)
+        self.mix_weights = weights if cfg.task == "mix" else {cfg.task: 1.0}
         self.mix: MixPlan | None = None
         self.rank_items: list[dict[str, int]] = []  # items drawn per task, every rank (mix)
         self.plan = self._plan(rank)
-        if cfg.task == "mix":
+        if self.planned:
             self._plan_mix()
 
     def _plan(self, rank: int) -> RankPlan:
@@ -213,7 +216,7 @@ class ShardDataset(IterableDataset):
             return  # the plans are pure functions of the epoch: nothing to redo
         self.cfg.epoch = epoch
         self.plan = self._plan(self.rank)
-        if self.cfg.task == "mix":
+        if self.planned:
             self._plan_mix()
 
     def _fail(self, err: DataError) -> None:
@@ -479,7 +482,10 @@ def _set_start(ds: ShardDataset, start_sample: int, start_batch: int) -> None:
         raise ValueError("give start_sample or start_batch, not both")
     if ds.mix is not None:
         if start_sample:
-            raise ValueError("start_sample: a task mix resumes by batches; give start_batch")
+            raise ValueError(
+                "start_sample: a task mix (or one task with expand) resumes by batches; "
+                "give start_batch"
+            )
         ds.start_sample, ds.start_batch = 0, start_batch
     else:
         ds.start_sample, ds.start_batch = start_sample or start_batch * ds.cfg.batch_size, 0

@@ -184,3 +184,25 @@ class SeTokIMAdapter:
             masks = res.masks.masked_fill(~res.token_mask[:, :, None, None], -1.0)
             out += list((masks.argmax(1) + 1).cpu().numpy().astype(np.int64))
         return out
+
+
+def from_export(
+    export: str | os.PathLike[str] | None = None,
+    batch_size: int | str = 8,
+    image_size: int | str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+) -> SeTokIMAdapter:
+    """The eval suite's registered "setokim" adapter: `export` is a SeTokIM export directory
+    (`SeTokIM.save_pretrained`, e.g. a pipeline's `<run>/stage3/export`). Values may come as
+    strings (`eval_suite/run.py --adapter-arg key=value`)."""
+    del run_dir  # the suite passes it to every factory; the export names the model
+    if export is None:
+        raise ValueError("the setokim adapter needs --adapter-arg export=DIR (a SeTokIM export)")
+    path = Path(export)
+    if not path.is_dir():
+        raise FileNotFoundError(f"export {str(path)!r} is not a SeTokIM export directory")
+    return SeTokIMAdapter.from_pretrained(
+        path,
+        batch_size=int(batch_size),
+        image_size=None if image_size in (None, "") else int(image_size),
+    )

@@ -187,10 +187,10 @@ def endless_batches(
         raise ValueError(
             f"data: split {d.split!r} of {d.shard_dir} gives no full micro-batch of "
             f"{micro_batch_size} per rank in epoch {d.epoch} ({loader.num_samples} samples "
-            f"per rank{', task mix' if d.task == 'mix' else ''})"
+            f"per rank{', task mix' if d.task == 'mix' else ''}{', expand' if d.expand else ''})"
         )
     epoch, within = d.epoch, start_step
-    if d.task != "mix":  # the same count every epoch
+    if loader.dataset.mix is None:  # one task without expand: the same count every epoch
         epoch, within = epoch + within // loader.full_batches, within % loader.full_batches
     else:
         while within >= loader.full_batches:

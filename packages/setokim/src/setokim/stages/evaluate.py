@@ -1,11 +1,16 @@
-"""The registry's "eval" entry: evaluate a SeTokIM on the Shapes World eval tasks as a job.
+"""The registry's "eval" entry: evaluate a SeTokIM on any suite tasks as a job.
 
 Not a `train.Stage`: the launcher's job calls `run(run_dir)` instead of `train(...)`, so an
 evaluation is planned, launched, requeued and reported like any training run. Steps:
 
-1. rank 0 generates a tiny Shapes World into `shard_dir` when it has no dataset
-   (`generate_if_missing`), then exports the `split` as eval documents into `data_root`
-   (default `run_dir/eval_data`) unless an export of the same data version is there;
+1. with a `shard_dir`, rank 0 exports its `split` as eval documents into `data_root`
+   (default `run_dir/eval_data`) unless an export of the same data version is there: the
+   requested shapes_* tasks, plus `export` ({shard task: suite task}, e.g. {vqa:
+   vqav2_val} for a converted VQAv2 split). A tiny Shapes World is generated into a missing
+   `shard_dir` only with `generate_if_missing` (the Shapes World recipes). Without a
+   `shard_dir`, `data_root` must hold the documents already (tools/export_eval_data.py, the
+   benchmark exporters in tools/data/eval_*.py). Every task's document file is checked
+   before the model loads;
 2. the model: `checkpoint` (a `SeTokIM.save_pretrained` dir) when given, else, with
    `tiny_random: true`, a seeded random tiny SeTokIM (smoke tests);
 3. `setok_eval.run_eval` into `run_dir/eval` (results.json there). Every prediction is cached
@@ -17,7 +22,6 @@ with `preempted=True`, as the trainer does. setok_eval is imported only inside `
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -65,7 +69,8 @@ class EvalStageConfig:
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: list(SHAPES_TASKS))
     limit: int | None = None
-    shard_dir: str = "data/shapes_world"
+    shard_dir: str | None = "data/shapes_world"
+    export: dict[str, str] = field(default_factory=dict)
     split: str = "test"
     export_limit: int | None = None
     data_root: str | None = None
@@ -74,7 +79,7 @@ class EvalStageConfig:
     n_resamples: int = 1000
     generation: dict[str, dict[str, Any]] = field(default_factory=dict)
     extractors: dict[str, str] = field(default_factory=dict)
-    generate_if_missing: bool = True
+    generate_if_missing: bool = False
     generate_train: int = 64
     generate_image_size: int = 64
     generate_seed: int = 0
@@ -92,9 +97,13 @@ class EvalStageConfig:
             )
         if not self.tasks:
             raise ValueError("eval: tasks is empty")
-        bad = [t for t in self.tasks if not str(t).startswith("shapes_")]
+        from setokim.data.eval_export import EVAL_TASKS
+
+        bad = sorted(set(self.export) - set(EVAL_TASKS))
         if bad:
-            raise ValueError(f"eval: tasks must be Shapes World tasks (shapes_*), got {bad}")
+            raise ValueError(f"eval: export: {bad} are not shard tasks {list(EVAL_TASKS)}")
+        if self.shard_dir is None and self.data_root is None:
+            raise ValueError("eval: give shard_dir (exported first) or data_root (documents)")
         for name in ("limit", "export_limit"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
@@ -102,9 +111,13 @@ class EvalStageConfig:
         if self.batch_size < 1:
             raise ValueError(f"eval: batch_size must be >= 1, got {self.batch_size}")
         # Settings for tasks not selected are ignored (an exp's defaults survive a tasks override).
-        unknown = sorted(n for n in self.generation if not str(n).startswith("shapes_"))
-        if unknown:
-            raise ValueError(f"eval: generation names non-Shapes World task(s) {unknown}")
+
+    def export_names(self) -> dict[str, str]:
+        """{shard task: suite task} exported from `shard_dir`: requested shapes_* + `export`."""
+        from setokim.data.eval_export import EVAL_TASKS, task_name
+
+        names = {t: task_name(t) for t in EVAL_TASKS if task_name(t) in self.tasks}
+        return names | dict(self.export)
 
 
 @dataclass
@@ -164,20 +177,20 @@ def find_tasks_dir(tasks_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _export_version(data_root: Path) -> str | None:
-    from setokim.data.eval_export import EVAL_DIR, EXPORT_MANIFEST
+    from setokim.data.eval_export import read_export
 
-    path = data_root / EVAL_DIR / EXPORT_MANIFEST
-    if not path.is_file():
-        return None
-    return str(json.loads(path.read_text(encoding="utf-8"))["data_version"])
+    export = read_export(data_root)
+    return None if export is None else str(export["data_version"])
 
 
 def prepare_eval_data(cfg: EvalStageConfig, data_root: Path, rank: int) -> None:
     """Rank 0 generates (if allowed) and exports the eval documents; other ranks wait."""
     from setokim.data.eval_export import export_eval_data, export_version
-    from setokim.data.shards import dataset_version
+    from setokim.data.shards import dataset_version, read_manifest
     from setokim.stages.common import ensure_dataset
 
+    if cfg.shard_dir is None or not cfg.export_names():
+        return  # documents are in data_root already (checked by suite_tasks)
     if rank != 0:
         start = time.monotonic()
         while _export_version(data_root) is None:
@@ -189,7 +202,8 @@ def prepare_eval_data(cfg: EvalStageConfig, data_root: Path, rank: int) -> None:
     if not (shard_dir / "manifest.json").is_file():
         if not cfg.generate_if_missing:
             raise FileNotFoundError(
-                f"shard_dir: no manifest.json in {shard_dir} and generate_if_missing=false"
+                f"shard_dir: no manifest.json in {shard_dir} (convert data there, or pass "
+                "data.generate=true for a generated Shapes World)"
             )
         ensure_dataset(
             shard_dir,
@@ -197,7 +211,8 @@ def prepare_eval_data(cfg: EvalStageConfig, data_root: Path, rank: int) -> None:
             image_size=cfg.generate_image_size,
             seed=cfg.generate_seed,
         )
-    wanted = export_version(dataset_version(shard_dir), cfg.split, cfg.export_limit)
+    source = str(read_manifest(shard_dir).get("info", {}).get("source", "shapes_world"))
+    wanted = export_version(dataset_version(shard_dir), cfg.split, cfg.export_limit, source)
     found = _export_version(data_root)
     if found == wanted:
         return
@@ -207,7 +222,9 @@ def prepare_eval_data(cfg: EvalStageConfig, data_root: Path, rank: int) -> None:
             f"data_root: {data_root} holds an export of {found!r}, this run wants {wanted!r}; "
             "use a new run dir or data_root"
         )
-    export_eval_data(shard_dir, cfg.split, data_root, limit=cfg.export_limit)
+    export_eval_data(
+        shard_dir, cfg.split, data_root, limit=cfg.export_limit, names=cfg.export_names()
+    )
 
 
 def build_adapter(cfg: EvalStageConfig) -> Any:
@@ -231,21 +248,21 @@ def build_adapter(cfg: EvalStageConfig) -> Any:
 
 @dataclass
 class EvalStage:
-    """Evaluate one model on Shapes World in `run_dir/eval` (see module doc)."""
+    """Evaluate one model on suite tasks in `run_dir/eval` (see module doc)."""
 
     cfg: EvalStageConfig
 
     def run(self, run_dir: str | os.PathLike[str], wandb: Any = None) -> EvalResult:
         del wandb  # metrics go to results.json; the leaderboard reads them from there
         from setok_eval.runner import resolve_rank, run_eval
-        from setokim.data.eval_export import shapes_tasks
+        from setokim.data.eval_export import suite_tasks
 
         cfg = self.cfg
         root = Path(run_dir)
         rank, world_size = resolve_rank()
         data_root = Path(cfg.data_root) if cfg.data_root else root / DATA_SUBDIR
         prepare_eval_data(cfg, data_root, rank)
-        tasks = shapes_tasks(find_tasks_dir(cfg.tasks_dir), data_root, cfg.tasks)
+        tasks = suite_tasks(find_tasks_dir(cfg.tasks_dir), data_root, cfg.tasks)
         tasks = [
             replace(t, generation={**t.generation, **cfg.generation[t.name]})
             if t.name in cfg.generation
@@ -316,6 +333,10 @@ def build(cfg: Mapping[str, Any]) -> EvalStage:
     if not isinstance(gen, Mapping) or not all(isinstance(v, Mapping) for v in gen.values()):
         raise ValueError("eval: generation must map task names to settings mappings")
     values["generation"] = {str(k): dict(v) for k, v in gen.items()}
+    exp = values.get("export") or {}
+    if not isinstance(exp, Mapping):
+        raise ValueError(f"eval: export must map shard tasks to suite task names, got {exp!r}")
+    values["export"] = {str(k): str(v) for k, v in exp.items()}
     ext = values.get("extractors") or {}
     if not isinstance(ext, Mapping):
         raise ValueError(f"eval: extractors must map names to local paths, got {ext!r}")

@@ -5,7 +5,7 @@ What every converter gets from here, written once:
   field, a wrong type or an unreadable image becomes a `RecordError` naming the file, the
   record id and the field, or, with `skip_bad`, is counted and reported (never silently).
 - `write_split`: every annotation's field types are checked (`SampleAnnotation.check_types`)
-  before it is written; sample keys carry the split (`{split}-{key}`), so keys stay unique
+  before it is written; sample keys carry the split (`{split}-{key}`, unless they start with it), so keys stay unique
   across the splits of a folder; a folder holding the split already (or another source's
   data) is refused unless `overwrite` (which replaces the whole split); a failed conversion
   leaves nothing behind; the dataset card (counts, blind baselines) is rewritten.
@@ -225,7 +225,8 @@ def write_split(
         writer = ShardWriter(staging, split, samples_per_shard)
         for s in samples:
             with records.record(f"{source} sample", s.ann.key):
-                s.ann.key = safe_key(f"{split}-{s.ann.key}")
+                if not s.ann.key.startswith(f"{split}-"):
+                    s.ann.key = safe_key(f"{split}-{s.ann.key}")
                 s.ann.check_types()
                 files = {s.image_ext: s.image, "json": s.ann.to_json()}
                 if s.target is not None:
