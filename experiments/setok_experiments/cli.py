@@ -114,6 +114,12 @@ def launch(argv: Sequence[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from setok_experiments.rundir import unwritable
+
+    problem = unwritable(plan.exp_dir)
+    if problem is not None:
+        print(f"config error: run_root: run dirs cannot be created ({problem})", file=sys.stderr)
+        return 2
     if plan.launcher.kind == "slurm":  # sized and checked before anything queues
         from setok_experiments.plan import check_before_queue
 
@@ -272,7 +278,8 @@ def status(argv: Sequence[str]) -> int:
     print(format_table(headers, table_rows))
     for r in rows:
         if r["error"]:
-            print(f"[{r['index']}] {r['name']}: {r['error']}")
+            where = f" (traceback: {_rel(Path(r['error_log']))})" if r.get("error_log") else ""
+            print(f"[{r['index']}] {r['name']}: {r['error']}{where}")
     return 0
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from setok_experiments.job import JobSpec, TrainJob
+from setok_experiments.job import JobSpec, LaneJob, TrainJob, short_error
 from setok_experiments.paths import EXPERIMENTS_DIR
 from setokim.config import ClusterConfig, LauncherConfig
 
@@ -51,7 +51,7 @@ def run_inline(specs: Sequence[JobSpec], job_ids: Sequence[str]) -> list[Submiss
             out.append(Submission(job_id, outcome=Outcome(job_id, "INTERRUPTED")))
             raise
         except Exception as err:  # noqa: BLE001 — reported per job, like a cluster would
-            outcome = Outcome(job_id, "FAILED", error=f"{type(err).__name__}: {err}")
+            outcome = Outcome(job_id, "FAILED", error=short_error(err))
         out.append(Submission(job_id, outcome=outcome))
     return out
 
@@ -102,11 +102,27 @@ def submit_array(
         executor.update_parameters(**slurm_parameters(cluster, job_name))
     elif kind == "local":
         executor = submitit.LocalExecutor(folder=log_folder)
-        executor.update_parameters(timeout_min=launcher.timeout_min, tasks_per_node=1)
+        lanes = local_lanes(len(specs), launcher.array_parallelism)
+        # A lane's wall limit covers every job in it.
+        longest = max(len(lane) for lane in lanes)
+        executor.update_parameters(timeout_min=launcher.timeout_min * longest, tasks_per_node=1)
+        jobs = executor.map_array(LaneJob(), [[specs[i] for i in lane] for lane in lanes])
+        subs: dict[int, Submission] = {}
+        for job, lane in zip(jobs, lanes, strict=True):
+            for pos, i in enumerate(lane):
+                subs[i] = Submission(str(job.job_id), job=job, extra={"lane_pos": pos})
+        return [subs[i] for i in range(len(specs))]
     else:
         raise ValueError(f"kind: expected 'local' or 'slurm', got {kind!r}")
     jobs = executor.map_array(TrainJob(), list(specs))
     return [Submission(str(job.job_id), job=job) for job in jobs]
+
+
+def local_lanes(count: int, parallelism: int | None) -> list[list[int]]:
+    """Job indices per local lane: at most `parallelism` lanes (None: the CPU cores),
+    dealt round-robin so the lanes are even."""
+    width = max(1, min(count, parallelism or os.cpu_count() or 1))
+    return [list(range(start, count, width)) for start in range(width)]
 
 
 def wait(submissions: Sequence[Submission], timeout_s: float, poll_s: float) -> list[Outcome]:
@@ -139,4 +155,8 @@ def _finished(sub: Submission) -> Outcome:
     except Exception as err:  # noqa: BLE001 — submitit re-raises the job's failure
         message = str(err).strip().splitlines()
         return Outcome(sub.job_id, "FAILED", error=message[-1] if message else repr(err))
+    if "lane_pos" in sub.extra:
+        result = result[sub.extra["lane_pos"]]
+    if result.get("state") == "FAILED":
+        return Outcome(sub.job_id, "FAILED", error=result.get("error"))
     return Outcome(sub.job_id, result.get("state", "COMPLETED"), result=result)

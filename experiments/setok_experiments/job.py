@@ -27,6 +27,7 @@ import submitit
 from setokim.utils.io import atomic_write_json
 
 STATUS_FILE = "job_status.json"
+ERROR_LOG = "error.log"  # full tracebacks of failed attempts, appended
 CONFIG_FILE = "config.yaml"
 EXIT_PREEMPTED = 0  # SLURM requeues or cancels on its own; the exit code is not the signal
 
@@ -144,14 +145,24 @@ class TrainJob(submitit.helpers.Checkpointable):
         except BaseException as err:
             if main:
                 state = "INTERRUPTED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-                _write_status(run_dir, state=state, ended=time.time(), error=_short_error(err))
+                log = _log_traceback(run_dir, err)
+                _write_status(
+                    run_dir, state=state, ended=time.time(), error=short_error(err), error_log=log
+                )
             raise
 
+        previous = read_status(run_dir) or {}
+        ran = result.step != result.resumed_from or result.resumed_from == 0
+        if not ran and previous.get("step") == result.step:
+            # Relaunch of a finished run: nothing trained, the recorded figures stand.
+            last_loss = previous.get("last_loss", result.last_loss)
+        else:
+            last_loss = result.last_loss
         summary = {
             "state": "PREEMPTED" if result.preempted else "COMPLETED",
             "run_dir": str(run_dir),
             "step": result.step,
-            "last_loss": result.last_loss,
+            "last_loss": last_loss,
             "resumed_from": result.resumed_from,
             "skipped_steps": result.skipped_steps,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
@@ -162,7 +173,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 state=summary["state"],
                 ended=time.time(),
                 step=result.step,
-                last_loss=result.last_loss,
+                last_loss=last_loss,
                 resumed_from=result.resumed_from,
                 checkpoint=summary["checkpoint"],
             )
@@ -178,6 +189,21 @@ class TrainJob(submitit.helpers.Checkpointable):
         return summary
 
 
+class LaneJob:
+    """A local array's lane: its share of the specs, one after another, so that no more than
+    `launcher.array_parallelism` jobs run at once. A failed spec does not stop the lane: its
+    summary is {"state": "FAILED", "error": ...} (the traceback is in its run dir)."""
+
+    def __call__(self, specs: list[JobSpec]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for spec in specs:
+            try:
+                out.append(TrainJob()(spec))
+            except Exception as err:  # noqa: BLE001 — reported per spec
+                out.append({"state": "FAILED", "error": short_error(err), "run_dir": spec.run_dir})
+        return out
+
+
 def _slurm_job_id() -> str | None:
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     if array is not None:
@@ -185,6 +211,19 @@ def _slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def _short_error(err: BaseException) -> str:
-    lines = traceback.format_exception_only(type(err), err)
-    return "".join(lines).strip()[-2000:]
+def short_error(err: BaseException) -> str:
+    """One line: the exception type and the first line of its message (status shows it)."""
+    message = str(err).strip().splitlines()
+    first = f"{type(err).__name__}: {message[0]}" if message else type(err).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def _log_traceback(run_dir: Path, err: BaseException) -> str:
+    """Print the full traceback to stderr (the job's log) and append it to run_dir/error.log."""
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    print(text, file=sys.stderr, flush=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    path = run_dir / ERROR_LOG
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(f"--- {stamp} pid {os.getpid()} on {socket.gethostname()}\n{text}\n")
+    return str(path)

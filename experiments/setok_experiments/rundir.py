@@ -8,9 +8,11 @@ and a relaunch resumes from the checkpoint there.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +36,26 @@ def override_hash(identity: Sequence[str]) -> str:
 def run_dir_for(run_root: str | Path, exp: str, identity: Sequence[str]) -> Path:
     """Absolute run dir (a relative `run_root` is taken from the current directory)."""
     return (Path(run_root) / exp / override_hash(identity)).absolute()
+
+
+def unwritable(path: Path) -> str | None:
+    """Why run dirs cannot be created under `path` (None when they can): checked at launch,
+    before any compute, instead of failing on the first write after training."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    try:  # read-only mounts and ACLs that os.access does not see
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return f"cannot create a file in {probe}: {err.strerror or err}"
+    return None
 
 
 def exp_dir_for(run_root: str | Path, exp: str) -> Path:
@@ -82,6 +104,19 @@ def source_state() -> SourceState:
     )
 
 
+def _what_trains(config_yaml: str) -> Any:
+    """The config without `launcher` (inline, local or SLURM trains the same run)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(config_yaml)
+    except yaml.YAMLError:
+        return config_yaml  # an unreadable old config counts as different
+    if isinstance(loaded, dict):
+        loaded.pop("launcher", None)
+    return loaded
+
+
 def write_run_metadata(
     run_dir: Path,
     *,
@@ -96,12 +131,15 @@ def write_run_metadata(
 ) -> bool:
     """Write config.yaml, launch_meta.json and git_diff.patch atomically.
 
-    Returns True when the run dir already held a different config (the old one is kept as
-    config.<time>.yaml so the change stays visible).
+    Returns True when the run dir already held a config that trains differently (the old
+    one is kept as config.<time>.yaml so the change stays visible); the launcher alone does
+    not count.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
-    changed = config_path.is_file() and config_path.read_text(encoding="utf-8") != config_yaml
+    changed = config_path.is_file() and _what_trains(
+        config_path.read_text(encoding="utf-8")
+    ) != _what_trains(config_yaml)
     if changed:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         atomic_write_text(run_dir / f"config.{stamp}.yaml", config_path.read_text("utf-8"))

@@ -48,6 +48,18 @@ def last_metrics(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def run_state(status: dict[str, Any], host: str) -> str:
+    """The job status file's state; a RUNNING job of this host whose process is gone (killed
+    with -9, the machine rebooted) is DIED. SLURM jobs are judged by the scheduler column."""
+    state = str(status.get("state", "NOT STARTED"))
+    if state != "RUNNING" or status.get("slurm_job_id") is not None:
+        return state
+    if status.get("host") != host:
+        return f"RUNNING (on {status.get('host')}: not checked from here)"
+    pid = int(status.get("pid", -1))
+    return state if pid_alive(pid) else f"DIED (pid {pid} is gone; relaunch to resume)"
+
+
 def collect(path: Path) -> tuple[Path, list[dict[str, Any]]]:
     """Status rows for every run dir of the experiment (or just the one given)."""
     path = Path(path).absolute()
@@ -77,12 +89,13 @@ def collect(path: Path) -> tuple[Path, list[dict[str, Any]]]:
                 "job_id": job["job_id"],
                 "launcher": job["launcher"],
                 "scheduler_state": sched,
-                "run_state": status.get("state", "NOT STARTED"),
+                "run_state": run_state(status, host),
                 "attempts": status.get("attempts", 0),
                 "checkpoint_step": checkpoint_step(Path(run_dir)),
                 "step": metrics.get("step"),
                 "loss": metrics.get("loss"),
                 "error": status.get("error"),
+                "error_log": status.get("error_log"),
                 "run_dir": run_dir,
             }
         )

@@ -47,12 +47,15 @@ class LauncherConfig:
 
     timeout_min: wall limit of a local job (SLURM jobs take `cluster.time_min`).
     wait_timeout_min: how long `--wait` blocks before reporting what is still running.
+    array_parallelism: local jobs running at once (null: the machine's CPU cores); the rest
+        wait in line (SLURM arrays take `cluster.array_parallelism`).
     """
 
     kind: str = "inline"
     timeout_min: int = 60
     wait_timeout_min: float = 120.0
     poll_s: float = 2.0
+    array_parallelism: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAUNCHER_KINDS:
@@ -63,6 +66,10 @@ class LauncherConfig:
             _fail("launcher.wait_timeout_min", f"must be > 0, got {self.wait_timeout_min}")
         if self.poll_s <= 0:
             _fail("launcher.poll_s", f"must be > 0, got {self.poll_s}")
+        if self.array_parallelism is not None and self.array_parallelism < 1:
+            _fail(
+                "launcher.array_parallelism", f"must be >= 1 or null, got {self.array_parallelism}"
+            )
 
 
 @dataclass
