@@ -32,9 +32,9 @@ def jpg(path, w=40, h=30, seed=0):
     return path
 
 
-def batches(out, split, task, **kw):
+def batches(out, split, task, bsz=8, **kw):
     kw.setdefault("image_size", 32)
-    return list(make_loader(out, split, task, 8, shuffle=False, **kw))
+    return list(make_loader(out, split, task, bsz, shuffle=False, **kw))
 
 
 def coco_instances(images):
@@ -69,9 +69,9 @@ def test_coco_captions_and_instances(tmp_path):
     m = convert_coco(tmp_path / "val2017", out, "val", captions_json=tmp_path / "captions_val2017.json",
                      instances_json=tmp_path / "instances_val2017.json")  # fmt: skip
     assert m["splits"]["val"]["num_samples"] == 2 and check_shards(out) == []
-    (b,) = batches(out, "val", "caption", expand=True)
+    (b,) = batches(out, "val", "caption", expand=True, bsz=3)
     assert sorted(b["captions"]) == ["A dog and a person.", "A person standing.", "Two friends."]
-    (r,) = batches(out, "val", "rec", expand=True, image_size=None)
+    (r,) = batches(out, "val", "rec", expand=True, bsz=3, image_size=None)
     assert r["expressions"] == ["the dog", "the person", "the person"]
     # polygon mask: pycocotools rasterises the 10x10 square; crowd RLE = first column
     assert r["target_masks"][0, 5:15, 5:15].all() and r["target_masks"][0].sum() <= 121
@@ -103,7 +103,7 @@ def test_vqav2_and_gqa(tmp_path):
         questions_json=tmp_path / "q.json",
         annotations_json=tmp_path / "a.json",
     )
-    (b,) = batches(out, "val", "vqa", expand=True)
+    (b,) = batches(out, "val", "vqa", expand=True, bsz=3)
     assert b["questions"] == ["What is it?", "Is it red?", "How many?"]
     assert b["answers"] == ["cat", "no", "2"] and b["question_types"] == [
         "other",
@@ -170,7 +170,7 @@ def test_refcoco(tmp_path):
     m = convert_refcoco(tmp_path / "train2014", out, "testA", refs_pickle=tmp_path / "refs(unc).p",
                         instances_json=tmp_path / "instances.json")  # fmt: skip
     assert m["splits"]["testA"]["num_samples"] == 1
-    (b,) = batches(out, "testA", "rec", expand=True, image_size=None)
+    (b,) = batches(out, "testA", "rec", expand=True, bsz=3, image_size=None)
     assert b["expressions"] == ["man on the right", "right guy", "dog"]
     assert b["target_index"].tolist() == [1, 1, 0]
     assert b["target_boxes"][0].tolist() == [20.0, 10.0, 28.0, 22.0]
