@@ -44,6 +44,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -368,8 +369,25 @@ def _dcp_load(bundle: dict[str, Any], path: Path) -> None:
             dcp.load(bundle, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     except CheckpointError:
         raise
-    except Exception as err:  # DCP wraps rank failures in its own exception types
+    except CheckpointException as err:  # a BaseException carrying each rank's failure
+        reasons = sorted({_root_cause(pair[0]) for pair in err.failures.values()})
+        raise CheckpointError(
+            f"checkpoint {path} could not be loaded: {'; '.join(reasons)}"
+        ) from err
+    except Exception as err:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {err}") from err
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message (DCP chains its own assertions on top)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = exc.__cause__ or exc.__context__
+        if isinstance(exc, CheckpointError) or nxt is None:
+            break
+        exc = nxt
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
 # ---- save / load --------------------------------------------------------------------------------
