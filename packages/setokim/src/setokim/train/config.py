@@ -104,7 +104,12 @@ class TrainerConfig:
             f"must be in [0, 1], got {self.min_lr_ratio}",
         )
         _require(self.ckpt_every >= 0, "ckpt_every", f"must be >= 0, got {self.ckpt_every}")
-        _require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        _require(
+            self.keep_last >= 2,
+            "keep_last",
+            f"must be >= 2 (a checkpoint that fails verification falls back to the one "
+            f"before it), got {self.keep_last}",
+        )
         _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         _require(
             self.max_nonfinite_in_row >= 1,
