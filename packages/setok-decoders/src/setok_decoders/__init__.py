@@ -21,6 +21,7 @@ _EXPORTS = {
     "pairwise_mask_cost": "matching",
     "mask_consistency_kl": "losses",
     "mask_loss": "losses",
+    "object_grouping_loss": "losses",
     "MaskLossOutput": "losses",
     "resize_masks": "losses",
     "dice_loss": "losses",

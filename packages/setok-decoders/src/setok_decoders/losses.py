@@ -2,6 +2,8 @@
 
 - `mask_consistency_kl` pulls the tokenizer's cluster masks M towards the object masks pi.
 - `mask_loss` adds the mask decoder's BCE + Dice on Hungarian-matched (token, object) pairs.
+- `object_grouping_loss` (ours, not in the paper) shapes the encoder's features so that each
+  object is one density peak: the count of the adaptive clustering then follows the objects.
 
 Background choice: pi must be a distribution over objects at every position, and object
 annotations rarely cover the whole image. Every image therefore gets one extra
@@ -109,6 +111,49 @@ def mask_consistency_kl(
     if count == 0:
         return cluster_masks.sum() * 0.0
     return (kl * pos).sum() / count
+
+
+def object_grouping_loss(
+    features: Tensor,
+    object_masks: Tensor,
+    object_valid: Tensor,
+    *,
+    purity: float = 0.5,
+    background: bool = True,
+) -> Tensor:
+    """Same object: cosine towards 1; different objects: cosine towards <= 0.
+
+    features (B, N, D) on the cluster grid (any scale; compared by cosine); object_masks
+    (B, O, N) area fractions on the same grid (`resize_masks`). Each position takes the
+    object (background included) that covers most of it; positions covered less than
+    `purity` by it (object borders) take no part. Mean of the same-object term over same-object
+    pairs plus the different-object term over different-object pairs, averaged over images
+    that have any such pair.
+
+    Why: Algorithm 1's count is decided by which tokens are density peaks, which no gradient
+    of the mask KL reaches; objects that are tight, mutually distant groups of features are
+    exactly one peak each (measured in benchmarks/bench_token_count.py).
+    """
+    _check_pair(object_masks, object_valid, "object_masks", "object_valid", 3)
+    if features.dim() != 3 or features.shape[:2] != (object_masks.shape[0], object_masks.shape[2]):
+        raise ValueError(
+            f"features must be (B, N, D) with B, N of object_masks {tuple(object_masks.shape)}, "
+            f"got {tuple(features.shape)}"
+        )
+    pi, _ = object_distribution(object_masks, object_valid, background)
+    share, label = pi.max(dim=1)  # (B, N)
+    keep = share >= purity
+    x = F.normalize(features.float(), dim=-1)
+    cos = x @ x.transpose(1, 2)
+    pair = keep[:, :, None] & keep[:, None, :]
+    same = (label[:, :, None] == label[:, None, :]) & pair
+    other = pair & ~same
+    pull = ((1.0 - cos) * same).sum((1, 2)) / same.sum((1, 2)).clamp(min=1)
+    push = (F.relu(cos) * other).sum((1, 2)) / other.sum((1, 2)).clamp(min=1)
+    counted = pair.flatten(1).any(1)
+    if not bool(counted.any()):
+        return features.sum() * 0.0
+    return ((pull + push) * counted).sum() / counted.sum()
 
 
 def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:

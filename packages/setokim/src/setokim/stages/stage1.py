@@ -35,6 +35,8 @@ from setok_decoders import (
     MaskDecoder,
     MaskDecoderConfig,
     mask_loss,
+    object_grouping_loss,
+    resize_masks,
     set_trainable,
     trainable_table,
 )
@@ -71,6 +73,9 @@ class Stage1Config:
     subphase1_batches: with subphase=2, the first N micro-batches of the run are sub-phase 1.
     init_from: a checkpoint step directory of an earlier Stage I run (model weights only).
     train_encoder: sub-phase 2 trains the vision encoder (needed for the KL to act).
+    group_weight: weight of `object_grouping_loss` on the encoder features in sub-phase 2 (ours,
+        not the paper's): it makes each object one density peak, so the adaptive count
+        follows the objects (benchmarks/bench_token_count.py). 0 turns it off.
     kl_mask_floor: added to every valid cluster's mask before the KL. Hard straight-through
         masks are exactly 0/1, where `mask_consistency_kl`'s clamp(min=0) and per-position
         renormalisation give a zero gradient; the floor keeps the KL's gradient alive.
@@ -90,6 +95,7 @@ class Stage1Config:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     match_cost: str = "bce_dice"
+    group_weight: float = 0.0
     kl_mask_floor: float = 1e-4
     cpu_threads: int | None = None
     generate_if_missing: bool = True
@@ -106,7 +112,14 @@ class Stage1Config:
             )
         if self.subphase == 1 and self.subphase1_batches:
             raise ValueError("stage1: subphase1_batches needs subphase=2")
-        weights = ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight")
+        weights = (
+            "diffusion_weight",
+            "mask_weight",
+            "kl_weight",
+            "bce_weight",
+            "dice_weight",
+            "group_weight",
+        )
         for key in (*weights, "kl_mask_floor"):
             if getattr(self, key) < 0:
                 raise ValueError(f"stage1: {key} must be >= 0, got {getattr(self, key)}")
@@ -152,6 +165,16 @@ class Stage1Model(nn.Module):
                 raise ValueError("sub-phase 2 needs object_masks and object_valid in the batch")
             kwargs = dict(mask_kwargs or {})
             floor = float(kwargs.pop("kl_mask_floor", 0.0))
+            if not bool(object_valid.any()):
+                raise ValueError(
+                    "Stage I sub-phase 2: a batch without any object mask (the KL would push "
+                    "every cluster towards background); train sub-phase 2 on data with masks"
+                )
+            b, h, w, _ = out.features.shape
+            grid_objects = resize_masks(object_masks.float(), (h, w)).flatten(2)
+            terms["group"] = object_grouping_loss(
+                self.setok.normalise(out.features.reshape(b, h * w, -1)), grid_objects, object_valid
+            )
             clusters = out.masks + floor * out.token_mask[:, :, None, None].to(out.masks.dtype)
             logits = self.mask_decoder(out.tokens, out.token_mask, out.features)
             ml = mask_loss(
@@ -311,7 +334,7 @@ class Stage1Stage:
         )
         loss = cfg.diffusion_weight * terms["diffusion"]
         if phase == 2:
-            loss = loss + cfg.mask_weight * terms["mask"]
+            loss = loss + cfg.mask_weight * terms["mask"] + cfg.group_weight * terms["group"]
         metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics["subphase"] = float(phase)
         return loss, metrics
