@@ -164,7 +164,10 @@ def test_key_suffix_alone_does_not_make_a_segmentation_sample(base):
     """An edit-like sample whose key ends in the suffix keeps full SeTok tokens in its output
     slot; the same sample with `region_images` set gets one region token instead."""
     pixels = _pixels(2, seed=5)
-    pixels[1] = (pixels[1] > 0.5).float()  # a valid mask too, so only the flag differs
+    # A valid mask too, so only the flag differs: an object (a square) on background, which
+    # adaptive clustering splits into several tokens (binary noise has no structure: one token).
+    pixels[1] = 0.0
+    pixels[1, :, S // 4 : 3 * S // 4, S // 4 : 3 * S // 4] = 1.0
     segments = [Image(0), Text(" make it so "), Image(1, output=True)]
     plain = Sample(segments, pixels, "edit7" + REGION_KEY_SUFFIX)
     layout = base.collate([plain])
