@@ -43,9 +43,10 @@ def test_tool_writes_one_colour_per_token(tmp_path, capsys) -> None:
     assert tool.main([str(src), str(src), "--out", str(out), "--panel-size", str(panel)]) == 0
     stdout = capsys.readouterr().out
     assert "tiny random SeTok" in stdout
+    assert stdout.count("untrained features") == 3  # the notice and both titles
     summary = json.loads(stdout.strip().splitlines()[-1])
     counts = summary["num_tokens"]
-    assert len(counts) == 2 and all(2 <= n <= 32 for n in counts)
+    assert len(counts) == 2 and all(1 <= n <= 32 for n in counts)
     assert counts[0] == counts[1]  # same image, same seeded model
     assert not list(out.parent.glob(".*tmp"))  # atomic write left no temp file
 
@@ -66,7 +67,7 @@ def test_palette_is_distinct_and_avoids_black_and_white() -> None:
     assert not any(tuple(c) in {(0, 0, 0), (255, 255, 255)} for c in colours)
 
 
-def test_tool_cli_help_and_missing_image(tmp_path) -> None:
+def test_tool_cli_help_and_missing_image(tmp_path, capsys) -> None:
     done = subprocess.run(
         [sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=60
     )
@@ -74,5 +75,23 @@ def test_tool_cli_help_and_missing_image(tmp_path) -> None:
     tool = _load_tool()
     with pytest.raises(FileNotFoundError, match="IMAGE not found"):
         tool.main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o.png")])
-    with pytest.raises(ValueError, match="IMAGE or --demo"):
+    with pytest.raises(SystemExit):
         tool.main(["--out", str(tmp_path / "o.png")])
+    assert "IMAGE or --demo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_trains_and_draws_held_out_scenes(tmp_path, capsys) -> None:
+    """--demo trains on the spot; its counts track the scenes' regions better than untrained."""
+    tool = _load_tool()
+    out = tmp_path / "demo.png"
+    assert tool.main(["--demo", "--demo-steps", "150", "--out", str(out), "--panel-size", "64"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    titles = [line for line in lines if line.startswith("held-out scene")]
+    assert len(titles) == tool.DEMO_SCENES and not any("untrained" in t for t in titles)
+    trained = [int(t.split(": ")[1].split()[0]) for t in titles]
+    regions = [int(t.split("(")[1].split()[0]) for t in titles]
+    err = sum(abs(a - b) for a, b in zip(trained, regions, strict=True)) / len(titles)
+    assert err <= 2.0, (trained, regions)
+    sheet = Image.open(out)
+    assert sheet.size == (2 * 64, tool.DEMO_SCENES * (64 + tool.TITLE_HEIGHT))

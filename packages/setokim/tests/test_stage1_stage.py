@@ -116,8 +116,16 @@ def test_subphase1_trains_merger_mapper_cross_kv_only(data_dir: Path, capsys) ->
     assert any(not torch.equal(before[n], after[n]) for n in names if "merger" in n)
 
 
+# A fixed kernel: on a 4x4 grid of untrained features the adaptive one finds one peak, and
+# the KL of a single cluster is 0 (nothing to match), so the KL tests fix the kernel.
+FIXED_KERNEL = {
+    "encoder": {"image_size": 32},
+    "clustering": {"max_clusters": 4, "kernel_scale": 2.8},
+}
+
+
 def test_subphase2_adds_mask_decoder_and_its_losses_fall(data_dir: Path) -> None:
-    stage = _stage(data_dir, subphase=2)
+    stage = _stage(data_dir, subphase=2, tokenizer=FIXED_KERNEL, group_weight=1.0)
     model = stage.build_model()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("mask_decoder.") for n in names)
@@ -125,7 +133,7 @@ def test_subphase2_adds_mask_decoder_and_its_losses_fall(data_dir: Path) -> None
     batch = next(stage.batches(0, 1, 0, 2))
     assert batch["subphase"] == 2
     _, m0 = _eval_loss(stage, model, batch)
-    assert {"mask", "kl", "bce", "dice", "diffusion"} <= set(m0)
+    assert {"mask", "kl", "bce", "dice", "diffusion", "group"} <= set(m0)
     _fit(stage, model, batch, steps=8, lr=1e-2)
     _, m1 = _eval_loss(stage, model, batch)
     for key in ("kl", "bce", "dice", "mask", "diffusion"):
@@ -133,7 +141,14 @@ def test_subphase2_adds_mask_decoder_and_its_losses_fall(data_dir: Path) -> None
 
 
 def test_kl_alone_reaches_the_encoder_through_hard_masks(data_dir: Path) -> None:
-    stage = _stage(data_dir, subphase=2, diffusion_weight=0.0, bce_weight=0.0, dice_weight=0.0)
+    stage = _stage(
+        data_dir,
+        subphase=2,
+        tokenizer=FIXED_KERNEL,
+        diffusion_weight=0.0,
+        bce_weight=0.0,
+        dice_weight=0.0,
+    )
     model = stage.build_model()
     assert model.setok.cfg.clustering.assignment == "hard"
     batch = next(stage.batches(0, 1, 0, 4))
@@ -143,6 +158,29 @@ def test_kl_alone_reaches_the_encoder_through_hard_masks(data_dir: Path) -> None
     grads = [p.grad for p in model.setok.encoder.parameters()]
     assert all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_grouping_term_alone_trains_the_encoder(data_dir: Path) -> None:
+    weights = dict(diffusion_weight=0.0, mask_weight=0.0, group_weight=1.0)
+    stage = _stage(data_dir, subphase=2, **weights)
+    model = stage.build_model()
+    batch = next(stage.batches(0, 1, 0, 4))
+    _, m0 = _eval_loss(stage, model, batch)
+    _fit(stage, model, batch, steps=10, lr=1e-2)
+    _, m1 = _eval_loss(stage, model, batch)
+    assert m1["group"] < m0["group"] and m0["group"] > 0
+    off = _stage(data_dir, subphase=2, diffusion_weight=0.0, mask_weight=0.0, group_weight=0.0)
+    loss, metrics = off.loss(off.build_model(), batch)
+    assert float(loss) == 0.0 and metrics["group"] > 0  # measured, not trained
+
+
+def test_subphase2_batch_without_object_masks_is_an_error(data_dir: Path) -> None:
+    stage = _stage(data_dir, subphase=2)
+    model = stage.build_model()
+    batch = dict(next(stage.batches(0, 1, 0, 2)))
+    batch["object_valid"] = torch.zeros_like(batch["object_valid"])
+    with pytest.raises(ValueError, match="without any object mask"):
+        stage.loss(model, batch)
 
 
 def test_combined_run_tags_batches_and_gates_the_encoder(data_dir: Path) -> None:
