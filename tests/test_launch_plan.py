@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -131,22 +132,57 @@ def test_plan_refuses_a_sweep_over_launchers(tmp_path: Path) -> None:
         build_plan("smoke_toy", [f"run_root={tmp_path}", "launcher.poll_s=1,2"])
 
 
-def test_cluster_profile_maps_to_valid_submitit_slurm_parameters(tmp_path: Path) -> None:
-    import submitit
-
+def _a100_parameters() -> tuple[object, dict[str, object]]:
     from setok_experiments.executors import slurm_parameters
 
     cluster = load_experiment("smoke_toy", ["cluster=gpu_a100", "cluster.nodes=2"]).cluster
-    params = slurm_parameters(cluster, "setok-x")
+    return cluster, slurm_parameters(cluster, "setok-x")
+
+
+def test_cluster_profile_maps_to_valid_submitit_slurm_parameters(tmp_path: Path) -> None:
+    """The profile renders through submitit's own sbatch writer (what SlurmExecutor's
+    update_parameters runs to reject unknown names, and what it submits), so no SLURM needed."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    cluster, params = _a100_parameters()
     assert params["nodes"] == 2
     assert params["ntasks_per_node"] == params["gpus_per_node"] == 8  # one task per GPU
     assert params["mem"] == f"{480 * 1024}MB" and params["constraint"] == "a100"
     assert "account" not in params  # null in the profile: not passed to sbatch
-    executor = submitit.SlurmExecutor(folder=tmp_path)
-    executor.update_parameters(**params)  # raises on any name sbatch/submitit does not know
-    assert executor.parameters["time"] == cluster.time_min
-    assert executor.parameters["setup"] == cluster.setup
+    script = _make_sbatch_string(command="python -m job", folder=tmp_path / "%j", **params)
+    flags = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in script.splitlines()
+             if line.startswith("#SBATCH --")}  # fmt: skip
+    assert flags["#SBATCH --nodes"] == "2"
+    assert flags["#SBATCH --ntasks-per-node"] == flags["#SBATCH --gpus-per-node"] == "8"
+    assert flags["#SBATCH --time"] == str(cluster.time_min)
+    assert flags["#SBATCH --mem"] == f"{480 * 1024}MB"
+    assert flags["#SBATCH --constraint"] == "a100"
+    assert flags["#SBATCH --signal"].endswith(f"@{cluster.signal_delay_s}")
+    assert "#SBATCH --account" not in flags
+    lines = script.splitlines()
+    assert lines[lines.index("# setup") + 1 :][: len(cluster.setup)] == list(cluster.setup)
+    with pytest.raises(TypeError, match="no_such_flag"):  # the writer refuses unknown names
+        _make_sbatch_string(command="x", folder=tmp_path, **params, no_such_flag=1)
+
+    from setok_experiments.executors import slurm_parameters
 
     dev = slurm_parameters(load_experiment("smoke_toy", ["cluster=dev"]).cluster, "setok-x")
     assert dev["ntasks_per_node"] == 1 and "gpus_per_node" not in dev
     assert dev["partition"] == "dev"
+
+
+@pytest.mark.slurm
+def test_cluster_profile_is_accepted_by_a_real_slurm_executor(tmp_path: Path) -> None:
+    import shutil
+
+    import submitit
+
+    if shutil.which("srun") is None:  # like tests/test_slurm_launch.py: CI has the dev cluster
+        if os.environ.get("CI") == "true":
+            pytest.fail("srun not on PATH (run slurm/dev-cluster/up.sh)")
+        pytest.skip("srun not on PATH (run slurm/dev-cluster/up.sh)")
+    cluster, params = _a100_parameters()
+    executor = submitit.SlurmExecutor(folder=tmp_path)
+    executor.update_parameters(**params)  # raises on any name sbatch/submitit does not know
+    assert executor.parameters["time"] == cluster.time_min
+    assert executor.parameters["setup"] == cluster.setup
