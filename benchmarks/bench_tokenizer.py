@@ -8,8 +8,8 @@ Time: variants run interleaved in rounds (one call of each per round); the best 
 rounds is reported (a shared CPU only ever adds time) with the median beside it. The slow
 loop references run once.
 - floor: one batched x·xᵀ (B, N, N), the least any exact density-peak method must do;
-- clustering: density_peak_scores(keep_d2=True) + semantic_clustering(d2=...), soft
-  (the API default) and hard (SeTok's default) assignment;
+- clustering: density_peak_scores(keep_d2=True) + semantic_clustering(d2=...) with the
+  adaptive kernel (the default), soft (the API default) and hard (SeTok's default) assignment;
 - loop: clustering_reference, written from the formulas: per image, per token distance rows
   sum((x - x_i)²), per token rho/delta, per step Algorithm 1;
 - loop_gemm: the same loops with one matmul distance matrix per image;
@@ -87,7 +87,7 @@ def clustering(x: torch.Tensor, shape: Shape, assignment: str = "soft"):
     from setok_tokenizer.clustering import density_peak_scores, semantic_clustering
 
     scores = density_peak_scores(x, shape.knn_k, keep_d2=True)
-    return semantic_clustering(x, scores.score, shape.clusters, assignment=assignment, d2=scores.d2)
+    return semantic_clustering(x, scores, shape.clusters, assignment=assignment, d2=scores.d2)
 
 
 def floor(x: torch.Tensor, shape: Shape) -> torch.Tensor:
@@ -101,7 +101,7 @@ def loop(x: torch.Tensor, shape: Shape, gemm: bool = False):
     )
 
     scores = reference_density_peak_scores(x, shape.knn_k, gemm=gemm)
-    return reference_semantic_clustering(x, scores.score, shape.clusters, gemm=gemm)
+    return reference_semantic_clustering(x, scores, shape.clusters, gemm=gemm)
 
 
 def merger_dense_flops(tokens: int, dim: int, hidden: int, blocks: int) -> int:

@@ -1,6 +1,6 @@
 """SeTok clustering: density-peak seed scores and Algorithm 1 (paper Section 2.1, Appendix C).
 
-Pure functions on padded batches, exactly the contract of docs/design.md. Images carry
+Pure functions on padded batches (the dataclasses below are the contract). Images carry
 their own token counts through `valid` (B, N) bool; every step is batched over images and
 the only Python loop is the at most `max_clusters - 1` stick-breaking steps.
 
@@ -191,7 +191,7 @@ def sq_dists_to(x: Tensor, index: Tensor) -> Tensor:
 def density_peak_scores(
     x: Tensor, knn_k: int, valid: Tensor | None = None, *, keep_d2: bool = False
 ) -> DensityPeakScores:
-    """rho, delta and score = rho * delta of every token (paper Eq. 1-2, DESIGN.md §5).
+    """rho, delta and score = rho * delta of every token (paper Eq. 1-2, Appendix C).
 
     rho_i = exp(-mean d2 to the knn_k nearest valid j != i) (all valid others if fewer, 1.0 if
     none); delta_i = min d2 to a valid j with rho_j > rho_i, else the max d2 to any valid j.

@@ -1,8 +1,9 @@
 """Plain reference of the clustering: one image, one token, one step at a time.
 
-Written straight from the formulas of DESIGN.md section 5 (distances as sum((a - b)²), no
-padding tricks, Python loops), so the batched `clustering` module can be checked against
-it in tests and timed against it in benchmarks/bench_tokenizer.py. Slow by design.
+Written straight from the formulas (paper Eq. 1-2 and Algorithm 1, and the adaptive kernel
+of `clustering`): distances as sum((a - b)²), no padding tricks, Python loops, so the
+batched module can be checked against it in tests and timed against it in
+benchmarks/bench_tokenizer.py. Slow by design.
 """
 
 from __future__ import annotations
