@@ -144,13 +144,34 @@ def test_dry_run_prints_the_plan(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The weights live on the cluster: --dry-run plans anyway and warns about each path it
+    cannot read here; the same launch without --dry-run refuses before queueing."""
     root = tmp_path / "runs"
-    args = [f"+exp={exp}", "launcher=slurm", "cluster=gpu_a100", "cluster.nodes=2"]
-    assert main([*args, _init_override(init_key, init_dirs), f"run_root={root}", "--dry-run"]) == 0
+    llm = tmp_path / "cluster_only" / "vicuna"  # the cluster's weights, not on this machine
+    args = [
+        f"+exp={exp}",
+        "launcher=slurm",
+        "cluster=gpu_a100",
+        "cluster.nodes=2",
+        f"mllm.llm.pretrained_path={llm}",
+        _init_override(init_key, init_dirs),
+        f"run_root={root}",
+    ]
+    assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"exp={exp} launcher=slurm cluster=gpu_a100 jobs=1" in out
     assert f"stage.params.steps.0.params.{init_key}=" in out
+    warning = (
+        f"warning: stage.params.steps.0.params.model.llm.pretrained_path: {llm} does not exist"
+    )
+    assert warning in out and "(a launch refuses this)" in out
     assert "dry run: nothing written, nothing queued" in out
+    assert not root.exists()
+
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "refused before queueing: " in captured.err and f"{llm} does not exist" in captured.err
+    assert "jobs=1" not in captured.out
     assert not root.exists()
 
 

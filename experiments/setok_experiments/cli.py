@@ -124,7 +124,7 @@ def launch(argv: Sequence[str]) -> int:
         from setok_experiments.plan import check_before_queue
 
         try:
-            plan, notes = check_before_queue(plan, exp, overrides, only=only)
+            plan, notes = check_before_queue(plan, exp, overrides, only=only, dry_run=args.dry_run)
         except ConfigError as err:
             print(f"refused before queueing: {err}", file=sys.stderr)
             return 2

@@ -194,12 +194,17 @@ def check_before_queue(
     only: Sequence[str] | None = None,
     resources: bool = True,
     utilisation: float | None = None,
+    dry_run: bool = False,
 ) -> tuple[Plan, list[str]]:
     """Preflight every job, then (for SLURM launches) size it; (plan, lines to print).
 
     Raises ConfigError naming the key or the memory term when a job would fail after
     queueing. wandb online on a cluster marked `offline` is switched to offline (the plan
     is rebuilt with `wandb.mode=offline`, a launch-only key: the run dirs do not change).
+    With `dry_run` (`launch.py --dry-run`, often run where the cluster's weights are not),
+    a path that cannot be read here is a warning line instead, and the plan is then not
+    sized (sizing reads the model configs under those paths); a real launch and
+    `launch.py plan` refuse it.
     """
     from setok_experiments import preflight
     from setok_experiments.resources import DEFAULT_UTILISATION, format_plan, plan_resources
@@ -215,16 +220,25 @@ def check_before_queue(
             plan = build_plan(exp, [*overrides, switch], only=only)
     on_cluster = plan.launcher.kind == "slurm"
     world = plan.cluster.nodes * plan.cluster.tasks_per_node if on_cluster else 1
+    unreadable: list[str] = []
     for job in plan.jobs:
         where = f"job {job.name!r}: " if len(plan.jobs) > 1 else ""
         try:
             preflight.check_required(exp, job.config)
-            preflight.check_paths(job.config)
+            if dry_run:
+                _, problems = preflight.path_problems(job.config)
+                unreadable += [f"{where}{p}" for p in problems if f"{where}{p}" not in unreadable]
+            else:
+                preflight.check_paths(job.config)
             if on_cluster:
                 preflight.check_resume_world_size(job.run_dir, world)
         except ConfigError as err:
             raise ConfigError(f"{where}{err}") from None
-    if resources and plan.jobs:
+    if unreadable:
+        lines += [f"warning: {p} (a launch refuses this)" for p in unreadable]
+        if resources:
+            lines.append("note: not sized: the plan reads the model configs under these paths")
+    elif resources and plan.jobs:
         shown: set[str] = set()
         for job in plan.jobs:
             for step in plan_resources(job.config, utilisation=utilisation or DEFAULT_UTILISATION):

@@ -117,37 +117,54 @@ def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, str, Any, Any]]:
             yield from _walk(value, f"{prefix}{i}.")
 
 
-def _readable(path: Path, key: str, inside: tuple[str, ...]) -> None:
+def _path_problem(path: Path, key: str, inside: tuple[str, ...]) -> str | None:
+    """Why `path` (the value of `key`) cannot be read here, or None when it can."""
     if not path.exists():
-        raise PreflightError(
+        return (
             f"{key}: {path} does not exist (an unset SETOK_WEIGHTS / SETOK_DATA leaves a "
             "relative path); nothing downloads at run time"
         )
     if not os.access(path, os.R_OK):
-        raise PreflightError(f"{key}: {path} is not readable")
+        return f"{key}: {path} is not readable"
     for name in inside:
         if path.is_dir() and not (path / name).is_file():
-            raise PreflightError(f"{key}: {path} has no {name}")
+            return f"{key}: {path} has no {name}"
+    return None
 
 
-def check_paths(cfg: ExperimentConfig) -> list[str]:
-    """Every path the stage params read exists and is readable; returns the paths checked.
+def path_problems(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(keys checked, one line per path that cannot be read here) for every path the stage
+    params read.
 
     Shard dirs are checked where the stage does not generate its data
     (`generate_if_missing: false`); the top-level groups are only the recipe's sources
     for the stage params and are not read by the job themselves.
     """
     checked: list[str] = []
+    problems: list[str] = []
     params = {"stage": {"params": cfg.stage.params}}
     for key, leaf, value, _parent in _walk(params):
         if not isinstance(value, str) or not value:
             continue
         if leaf in _PATH_KEYS:
-            _readable(Path(value), key, _PATH_KEYS[leaf])
-            checked.append(key)
+            inside = _PATH_KEYS[leaf]
         elif leaf == "shard_dir" and _generates(params, key) is False:
-            _readable(Path(value), key, ())
-            checked.append(key)
+            inside = ()
+        else:
+            continue
+        checked.append(key)
+        problem = _path_problem(Path(value), key, inside)
+        if problem is not None:
+            problems.append(problem)
+    return checked, problems
+
+
+def check_paths(cfg: ExperimentConfig) -> list[str]:
+    """Every path the stage params read exists and is readable (PreflightError naming the
+    first that is not); returns the keys checked."""
+    checked, problems = path_problems(cfg)
+    if problems:
+        raise PreflightError(problems[0])
     return checked
 
 
