@@ -246,3 +246,53 @@ def test_bad_configs_name_the_key(data_dir: Path) -> None:
     batch = next(stage.batches(0, 1, 0, 2))
     with pytest.raises(ValueError, match="object_masks"):
         stage.loss(model, {**batch, "object_masks": None})
+
+
+def _two_object_batch(n: int = 4, size: int = 32) -> dict[str, Any]:
+    """Left and right halves in two random colours per image: two objects, no background."""
+    g = torch.Generator().manual_seed(0)
+    colours = torch.rand(n, 2, 3, generator=g)
+    pixels = torch.empty(n, 3, size, size)
+    pixels[..., : size // 2] = colours[:, 0, :, None, None]
+    pixels[..., size // 2 :] = colours[:, 1, :, None, None]
+    masks = torch.zeros(n, 2, size, size)
+    masks[:, 0, :, : size // 2] = 1.0
+    masks[:, 1, :, size // 2 :] = 1.0
+    valid = torch.ones(n, 2, dtype=torch.bool)
+    return {"pixels": pixels, "object_masks": masks, "object_valid": valid, "subphase": 2}
+
+
+@pytest.mark.slow
+def test_two_object_toy_keeps_two_clusters_over_many_steps(data_dir: Path) -> None:
+    """The sub-phase-2 encoder objective of +exp=stage1_shapes never merges the two objects."""
+    tokenizer = {
+        "encoder": {"image_size": 32, "overrides": {"patch_size": 4}},
+        "clustering": {"max_clusters": 6, "knn_k": 3},
+    }
+    stage = _stage(
+        data_dir,
+        subphase=2,
+        tokenizer=tokenizer,
+        diffusion_weight=0.0,
+        mask_weight=0.0,
+        kl_weight=0.0,
+        group_weight=1.0,
+    )
+    model = stage.build_model()
+    batch = _two_object_batch()
+    opt = torch.optim.AdamW(stage.trainable(model), lr=2e-3)
+    counts = []
+    for step in range(1, 121):
+        loss, _ = stage.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 40 == 0:
+            with torch.no_grad():
+                out = model.setok(model.setok.preprocess(batch["pixels"]))
+            counts.append(out.num_tokens.tolist())
+            left = out.masks[:, :, :, :4].argmax(1).flatten(1)
+            right = out.masks[:, :, :, 4:].argmax(1).flatten(1)
+            assert (left == left[:, :1]).all() and (right == right[:, :1]).all()
+            assert (left[:, 0] != right[:, 0]).all()
+    assert counts == [[2, 2, 2, 2]] * 3, counts
