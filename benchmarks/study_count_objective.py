@@ -2,7 +2,7 @@
 
     uv run python benchmarks/study_count_objective.py VARIANT [--steps 800] [--every 200]
 
-Trains only the tiny encoder of `+exp=stage1_shapes` (16x16 grid, adaptive clustering,
+Trains only the tiny encoder of `+exp=stage1_shapes` (16x16 grid, or `--patch`; adaptive clustering,
 knn_k 3, up to 12 clusters) on 1,024 Shapes World scenes with one objective, and every
 `--every` steps measures on 256 held-out scenes: mean tokens, |tokens - regions|,
 Spearman(tokens, regions), FG-ARI and mean best overlap. Variants:
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("variant", choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--every", type=int, default=200)
+    parser.add_argument("--patch", type=int, default=4, help="encoder patch size (64 px images)")
     parser.add_argument("--out-dir", default="runs/study_count_objective")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     kernel = MAX_CLUSTERS * math.log(2.0) if args.variant == "old_kl" else None
     setok = SeTok(
         SeTokConfig(
-            encoder=EncoderConfig(freeze=False, overrides={"patch_size": 4}),
+            encoder=EncoderConfig(freeze=False, overrides={"patch_size": args.patch}),
             clustering=ClusteringConfig(
                 max_clusters=MAX_CLUSTERS, assignment="hard", knn_k=3, kernel_scale=kernel
             ),
@@ -141,7 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             if step >= args.steps:
                 break
         epoch += 1
-    print(json.dumps({"variant": args.variant, "seconds": time.perf_counter() - t0, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "patch": args.patch,
+                "seconds": time.perf_counter() - t0,
+                "rows": rows,
+            }
+        )
+    )
     return 0
 
 
