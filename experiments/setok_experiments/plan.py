@@ -239,8 +239,14 @@ def check_before_queue(
         if resources:
             lines.append("note: not sized: the plan reads the model configs under these paths")
     elif resources and plan.jobs:
+        from setok_experiments.resources import unplanned_steps
+
         shown: set[str] = set()
         for job in plan.jobs:
+            for name in unplanned_steps(job.config):
+                note = f"note: step {name!r} is not sized (the plan covers stage1-3)"
+                if note not in lines:
+                    lines.append(note)
             for step in plan_resources(job.config, utilisation=utilisation or DEFAULT_UTILISATION):
                 table = format_plan(step)
                 if table not in shown:

@@ -676,10 +676,17 @@ def plan_step(
     )
 
 
+PLANNED_STAGES = ("stage1", "stage2", "stage3")
+
+
 def plan_resources(
     cfg: ExperimentConfig, *, utilisation: float = DEFAULT_UTILISATION
 ) -> list[StepPlan]:
-    """Every training step's plan (the cluster's hardware when launcher.kind is slurm)."""
+    """Every training step's plan (the cluster's hardware when launcher.kind is slurm).
+
+    Steps of the tiny objectives (toy, quickstart) have no plan: they are not sized (see
+    `unplanned_steps`), rather than refused.
+    """
     on_cluster = cfg.launcher.kind == "slurm"
     try:
         steps = list(training_steps(cfg))
@@ -688,7 +695,15 @@ def plan_resources(
     return [
         plan_step(n, s, t, cfg.cluster, on_cluster=on_cluster, utilisation=utilisation)
         for n, s, t in steps
+        if n in PLANNED_STAGES
     ]
+
+
+def unplanned_steps(cfg: ExperimentConfig) -> list[str]:
+    """Names of the experiment's training steps that the resource plan does not size."""
+    name, params = cfg.stage.name, dict(cfg.stage.params)
+    names = [s["name"] for s in params.get("steps") or []] if name == "pipeline" else [name]
+    return [n for n in names if n not in PLANNED_STAGES and n != "eval"]
 
 
 def format_plan(plan: StepPlan) -> str:

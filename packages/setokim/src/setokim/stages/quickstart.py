@@ -13,6 +13,7 @@ dataset is generated there first (rank 0, atomically: temp dir then rename).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,15 @@ from setokim.stages.common import (
 
 _DEFAULT_TOKENIZER: dict[str, Any] = {
     "encoder": {"family": "vit", "preset": "tiny", "image_size": 64, "freeze": False},
-    "clustering": {"mechanism": "dynamic", "assignment": "soft", "max_clusters": 8},
+    # The fixed kernel 8 ln 2: the KL acts through the seeds' kernels only, and on untrained
+    # patch-8 features the adaptive default finds 1-2 peaks that the KL cannot split
+    # (benchmarks/RESULTS.md, "Token count"); Stage I's grouping term is what makes peaks.
+    "clustering": {
+        "mechanism": "dynamic",
+        "assignment": "soft",
+        "max_clusters": 8,
+        "kernel_scale": 8 * math.log(2.0),
+    },
     "merger": {"num_blocks": 1, "num_heads": 2},
 }
 _DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_quickstart", "task": "caption"}
