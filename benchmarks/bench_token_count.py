@@ -212,8 +212,8 @@ def measure_shapes(
     drift = abs(final["mean_tokens"] - rows["early"]["mean_tokens"]) if "early" in rows else None
     plot = out_dir / "tokens_vs_regions.png"
     scatter_png(final["tokens"], final["regions"], plot,
-                f"Stage I, {len(final['tokens'])} held-out scenes: Spearman "
-                f"{final['spearman']:.2f}, |tokens - regions| {final['mae']:.2f}")  # fmt: skip
+                f"+exp=stage1_shapes, {len(final['tokens'])} held-out scenes\nSpearman "
+                f"{final['spearman']:.2f}, mean |tokens - regions| {final['mae']:.2f}")  # fmt: skip
     return {
         "shapes_rows": {
             k: {m: v for m, v in r.items() if m not in ("tokens", "regions")}
