@@ -1,4 +1,4 @@
-"""density_peak_scores against values worked out by hand from the formulas (DESIGN.md §5)."""
+"""density_peak_scores against values worked out by hand from the formulas (docs/design.md §1.3)."""
 
 import math
 
