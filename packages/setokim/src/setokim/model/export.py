@@ -237,13 +237,14 @@ def _build(
     parts: dict[str, Any],
 ) -> SeTokIM:
     """The model from a saved config, LLM rebuilt from its HF config (nothing downloads)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from setokim.model.local import load_text_tokenizer
     from setokim.model.setokim import _DTYPES
 
     parts = dict(parts)
-    text_tokenizer = parts.pop("text_tokenizer", None) or AutoTokenizer.from_pretrained(
-        str(tokenizer_dir)
+    text_tokenizer = parts.pop("text_tokenizer", None) or load_text_tokenizer(
+        tokenizer_dir, "export text tokenizer"
     )
     vision = parts.pop("vision_tokenizer", None)
     if vision is None and setok_dir.is_dir():

@@ -84,12 +84,10 @@ class SeTokLlava(nn.Module):
         text_tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> SeTokLlava:
         """Load a LLaVA-format checkpoint (and its tokenizer) from a local directory."""
-        from transformers import AutoTokenizer
+        from setokim.model.local import load_local, load_text_tokenizer
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"LLaVA checkpoint path {str(path)!r} is not a directory")
-        llava = LlavaForConditionalGeneration.from_pretrained(path)
-        tok = text_tokenizer or AutoTokenizer.from_pretrained(path)
+        llava = load_local(LlavaForConditionalGeneration, path, "LLaVA checkpoint path")
+        tok = text_tokenizer or load_text_tokenizer(path, "LLaVA checkpoint path")
         return cls(llava, tok, cfg)
 
     # ------------------------------------------------------------ visual tokens

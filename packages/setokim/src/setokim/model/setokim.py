@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -30,6 +29,7 @@ from setokim.model.config import (
     LoRAConfig,
     SeTokIMConfig,
 )
+from setokim.model.local import load_local, load_text_tokenizer
 from setokim.model.packing import (
     Packed,
     Sample,
@@ -82,11 +82,9 @@ def _build_llm(cfg: LLMConfig, vocab_size: int, seed: int) -> PreTrainedModel:
     if dtype is None:
         raise ValueError(f"llm.dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
     if cfg.pretrained_path is not None:
-        if not Path(cfg.pretrained_path).is_dir():
-            raise FileNotFoundError(
-                f"llm.pretrained_path {cfg.pretrained_path!r} is not a directory"
-            )
-        return AutoModelForCausalLM.from_pretrained(cfg.pretrained_path, dtype=dtype)
+        return load_local(
+            AutoModelForCausalLM, cfg.pretrained_path, "llm.pretrained_path", dtype=dtype
+        )
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -194,7 +192,9 @@ class SeTokIM(nn.Module):
         """Build every part from `cfg` (local paths only); pass parts to reuse them."""
         if text_tokenizer is None:
             if cfg.text_tokenizer_path is not None:
-                text_tokenizer = AutoTokenizer.from_pretrained(cfg.text_tokenizer_path)
+                text_tokenizer = load_text_tokenizer(
+                    cfg.text_tokenizer_path, "text_tokenizer_path"
+                )
             else:
                 text_tokenizer = build_text_tokenizer()
         add_special_tokens(text_tokenizer, cls.special_token_strings(cfg))

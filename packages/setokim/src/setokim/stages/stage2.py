@@ -109,13 +109,12 @@ def special_ids(tokenizer: Any, cfg: SeTokIMConfig) -> SpecialIds:
 def text_tokenizer_for(cfg: SeTokIMConfig, path: str | os.PathLike[str] | None = None) -> Any:
     """The text tokenizer (from `path`, `cfg.text_tokenizer_path`, or the tiny built one)
     with SeTokIM's special tokens added — the stage collates with the model's own one."""
-    from transformers import AutoTokenizer
-
+    from setokim.model.local import load_text_tokenizer
     from setokim.model.setokim import SeTokIM
     from setokim.model.text_tokenizer import add_special_tokens, build_text_tokenizer
 
     path = path if path is not None else cfg.text_tokenizer_path
-    tok = AutoTokenizer.from_pretrained(str(path)) if path is not None else build_text_tokenizer()
+    tok = load_text_tokenizer(path) if path is not None else build_text_tokenizer()
     add_special_tokens(tok, SeTokIM.special_token_strings(cfg))
     return tok
 
