@@ -75,8 +75,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _stage2(world: Path, *extra: str) -> list[str]:
     return [
         f"run_root={world / 'runs'}",
-        "cluster=gpu_a100",
-        "cluster.nodes=2",
+        "cluster=gpu_a100",  # 2 nodes: the recipe's own (paper: 16 GPUs)
         f"stage.params.steps.0.params.init_tokenizer={world / 'stage1_export'}",
         *extra,
     ]
