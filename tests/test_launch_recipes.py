@@ -113,6 +113,8 @@ def test_stage1_recipes_use_the_ratio_and_epochs(tmp_path: Path) -> None:
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text("{}")
     s2 = load_experiment("stage1_phase2", [f"stage.params.init_from={step}"])
+    assert s2.trainer.lr_groups == {"setok.encoder.*": pytest.approx(1e-3)}
+    assert s1.lr_groups == {}  # sub-phase 1: the encoder is frozen
     assert (s2.trainer.epochs, s2.trainer.warmup_ratio, s2.trainer.lr) == (1.0, 0.1, 4e-3)
 
 

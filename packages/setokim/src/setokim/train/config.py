@@ -79,6 +79,9 @@ class TrainerConfig:
     save_final: bool = True  # checkpoint at max_steps so a relaunch finishes at once
     epochs: float | None = None  # passes over the stage's data; replaces max_steps
     warmup_ratio: float | None = None  # fraction of max_steps; replaces warmup_steps
+    # Learning rate per parameter group: glob over trainable parameter names -> lr (e.g.
+    # {"setok.encoder.*": 1e-3}); the rest train at `lr`, all on the same warmup/cosine.
+    lr_groups: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # OmegaConf hands back a list
@@ -90,6 +93,11 @@ class TrainerConfig:
         )
         _require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be > 0, got {self.lr}")
+        self.lr_groups = {str(k): float(v) for k, v in dict(self.lr_groups).items()}
+        for glob, lr in self.lr_groups.items():
+            _require(
+                lr > 0 and math.isfinite(lr), f"lr_groups[{glob!r}]", f"must be > 0, got {lr}"
+            )
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),

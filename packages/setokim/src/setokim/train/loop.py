@@ -35,6 +35,7 @@ from setokim.train.distributed import (
     shutdown_distributed,
 )
 from setokim.train.metrics import MetricsLogger
+from setokim.train.optim import build_optimizer
 from setokim.train.parallel import (
     allreduce_gradients,
     apply_activation_checkpointing,
@@ -226,9 +227,7 @@ def _train(
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("stage: the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
+    optimizer = build_optimizer(model, params, cfg)
     init_optimizer_state(optimizer)  # every parameter's state exists in every checkpoint
     scheduler = build_scheduler(
         optimizer,
