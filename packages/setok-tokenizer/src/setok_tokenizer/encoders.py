@@ -113,7 +113,7 @@ def _load_model(family: str, path: str) -> nn.Module:
         )
     _, model_cls = _classes(family)
     kwargs = {"add_pooling_layer": False} if family == "vit" else {}
-    return model_cls.from_pretrained(path, **kwargs)
+    return model_cls.from_pretrained(path, local_files_only=True, **kwargs)
 
 
 def _read_normalisation(family: str, path: str | None) -> tuple[list[float], list[float]]:
