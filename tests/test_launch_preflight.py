@@ -134,3 +134,35 @@ def test_checkpoints_of_another_world_size_are_refused(tmp_path: Path) -> None:
     check_resume_world_size(tmp_path, 8)
     with pytest.raises(ConfigError, match=r"written by 8 rank\(s\), this launch has 16"):
         check_resume_world_size(tmp_path, 16)
+
+
+def _stage2_export(world: Path, name: str, llm: str) -> Path:
+    """A Stage II export's config file only (what the check reads), holding `llm`'s config."""
+    export = world / name
+    export.mkdir(parents=True)
+    llm_config = json.loads((world / "weights" / llm / "config.json").read_text())
+    (export / "setokim_config.json").write_text(json.dumps({"llm_config": llm_config}))
+    return export
+
+
+def test_13b_stage3_refuses_a_7b_stage2_export(world: Path) -> None:
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from setok_experiments import preflight
+    from setok_experiments.compose import compose_experiment
+
+    def recipe(export: Path) -> SimpleNamespace:
+        """The 13B Stage III recipe's values (a full validation would load the export)."""
+        key = "stage.params.steps.0.params.init_from"
+        c = OmegaConf.to_container(
+            compose_experiment("setokim_vicuna13b_stage3", [f"{key}={export}"]), resolve=True
+        )
+        return SimpleNamespace(mllm=c["mllm"], stage=SimpleNamespace(params=c["stage"]["params"]))
+
+    seven = _stage2_export(world, "export_7b", "vicuna-7b-v1.5")
+    thirteen = _stage2_export(world, "export_13b", "vicuna-13b-v1.5")
+    preflight.check_export_llm(recipe(thirteen))  # the same LLM: accepted
+    with pytest.raises(ConfigError, match=r"hidden_size=4096.*has 5120"):
+        preflight.check_export_llm(recipe(seven))

@@ -230,6 +230,7 @@ def check_before_queue(
                 unreadable += [f"{where}{p}" for p in problems if f"{where}{p}" not in unreadable]
             else:
                 preflight.check_paths(job.config)
+            preflight.check_export_llm(job.config)
             if on_cluster:
                 preflight.check_resume_world_size(job.run_dir, world)
         except ConfigError as err:

@@ -168,6 +168,36 @@ def check_paths(cfg: ExperimentConfig) -> list[str]:
     return checked
 
 
+EXPORT_CONFIG = "setokim_config.json"  # setokim.model.export.CONFIG_FILE
+LLM_SHAPE = ("hidden_size", "num_hidden_layers")
+
+
+def check_export_llm(cfg: ExperimentConfig) -> None:
+    """A step that starts from a SeTokIM export (`init_from`) must hold the LLM the recipe
+    names: the export's LLM config and `mllm.llm.pretrained_path`'s config.json agree on
+    hidden size and depth (a 7B Stage II export under the 13B Stage III recipe would
+    otherwise train the 7B model). Checked where both files can be read here."""
+    llm = (cfg.mllm or {}).get("llm") or {}
+    path = llm.get("pretrained_path")
+    if not isinstance(path, str) or not (Path(path) / "config.json").is_file():
+        return
+    want = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    for key, leaf, value, _parent in _walk({"stage": {"params": cfg.stage.params}}):
+        if leaf != "init_from" or not isinstance(value, str):
+            continue
+        export = Path(value) / EXPORT_CONFIG
+        if not export.is_file():
+            continue
+        got = json.loads(export.read_text(encoding="utf-8")).get("llm_config") or {}
+        for name in LLM_SHAPE:
+            if name in want and got.get(name) != want[name]:
+                raise PreflightError(
+                    f"{key}: the export {value} holds an LLM with {name}={got.get(name)}, "
+                    f"but the recipe's mllm.llm.pretrained_path ({path}) has {want[name]}: "
+                    "start from a Stage II export of the same LLM"
+                )
+
+
 def _generates(root: Mapping[str, Any], key: str) -> bool | None:
     """`generate_if_missing` of the stage params holding `key` (None if none says)."""
     parts = key.split(".")
