@@ -26,7 +26,7 @@ _REGISTRY: dict[str, str | StageFactory] = {
 
 
 def register_stage(name: str, factory: str | StageFactory) -> None:
-    """Add a stage (later issues add Stage I-III here); a name may not be registered twice."""
+    """Add a stage to the registry; a name may not be registered twice."""
     if name in _REGISTRY:
         raise ValueError(f"stage name {name!r} is already registered")
     _REGISTRY[name] = factory
