@@ -127,13 +127,25 @@ def test_a_required_value_that_composes_to_null_is_refused(world: Path) -> None:
 
 def test_checkpoints_of_another_world_size_are_refused(tmp_path: Path) -> None:
     from setok_experiments.preflight import check_resume_world_size
+    from setokim.train import TrainerConfig
 
     step = tmp_path / "stage2" / "train" / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
-    (step / "trainer_state.json").write_text(json.dumps({"world_size": 8, "step": 10}))
+    state = {
+        "step": 10, "data_position": 10, "skipped_steps": 0, "nonfinite_in_row": 0,
+        "world_size": 8, "scheduler": {}, "micro_batch_size": 32, "grad_accum": 1,
+    }  # fmt: skip
+    (step / "trainer_state.json").write_text(json.dumps(state))
     check_resume_world_size(tmp_path, 8)
-    with pytest.raises(ConfigError, match=r"written by 8 rank\(s\), this launch has 16"):
+    with pytest.raises(ConfigError, match=r"written by 8 rank\(s\), this run has 16"):
         check_resume_world_size(tmp_path, 16)
+    # Resharding is allowed when the global batch (32 x 1 x 8 = 256) is kept ...
+    reshard = TrainerConfig(micro_batch_size=16, world_size_change="reshard")
+    check_resume_world_size(tmp_path, 16, reshard)
+    # ... and refused naming both batches when it is not.
+    reshard = TrainerConfig(micro_batch_size=32, world_size_change="reshard")
+    with pytest.raises(ConfigError, match=r"was 256 .* would be 512"):
+        check_resume_world_size(tmp_path, 16, reshard)
 
 
 def _stage2_export(world: Path, name: str, llm: str) -> Path:

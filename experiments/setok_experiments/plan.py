@@ -232,7 +232,7 @@ def check_before_queue(
                 preflight.check_paths(job.config)
             preflight.check_export_llm(job.config)
             if on_cluster:
-                preflight.check_resume_world_size(job.run_dir, world)
+                preflight.check_resume_world_size(job.run_dir, world, job.config.trainer)
         except ConfigError as err:
             raise ConfigError(f"{where}{err}") from None
     if unreadable:

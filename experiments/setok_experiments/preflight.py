@@ -20,6 +20,8 @@ import yaml
 from setok_experiments.compose import ConfigError
 from setok_experiments.paths import CONF_DIR
 from setokim.config import ExperimentConfig
+from setokim.train import TrainerConfig
+from setokim.train.checkpoint import CheckpointError, read_trainer_state, resume_data_position
 
 MISSING = "???"
 # Keys whose value is a path a job reads, and what must be inside it.
@@ -208,27 +210,33 @@ def _generates(root: Mapping[str, Any], key: str) -> bool | None:
     return None
 
 
-def check_resume_world_size(run_dir: Path, world_size: int) -> None:
-    """A run dir's checkpoints from another world size: refused before queueing.
+def check_resume_world_size(
+    run_dir: Path, world_size: int, trainer: TrainerConfig | None = None
+) -> None:
+    """A run dir's checkpoints from another world size: refused before queueing, unless
+    `trainer.world_size_change=reshard` with the global batch kept (the rule the job
+    applies at resume: `setokim.train.checkpoint.resume_data_position`).
 
     Each rank's data position counts its own micro-batches, so another world size would
     read different samples and another schedule. Relaunch with the saved node count, or
     start a fresh run dir (another `run_root`, or `trainer.resume=false`).
     """
+    trainer = trainer or TrainerConfig()
     for state_file in sorted(Path(run_dir).glob("**/checkpoints/step_*/trainer_state.json")):
         if state_file.parent.name.endswith((".tmp", ".rejected")):
             continue
         try:
-            saved = int(json.loads(state_file.read_text(encoding="utf-8"))["world_size"])
-        except (OSError, ValueError, KeyError, TypeError):
+            state = read_trainer_state(state_file.parent)
+        except CheckpointError:
             continue
-        if saved != world_size:
-            raise PreflightError(
-                f"cluster: {state_file.parent} was written by {saved} rank(s), this launch has "
-                f"{world_size}; resuming would change every rank's data position and the "
-                "schedule. Relaunch with the same cluster.nodes / gpus_per_node, or use a "
-                "fresh run_root"
-            )
+        try:
+            resume_data_position(
+                state, state_file.parent, world_size=world_size,
+                micro_batch_size=trainer.micro_batch_size, grad_accum=trainer.grad_accum,
+                policy=trainer.world_size_change,
+            )  # fmt: skip
+        except CheckpointError as err:
+            raise PreflightError(f"cluster: {err}") from None
 
 
 def wandb_override(cfg: ExperimentConfig) -> str | None:

@@ -19,7 +19,10 @@ read with an allow-list unpickler / `torch.load(weights_only=True)`.
 The optimizer holds state for every trainable parameter from step 0 (`init_optimizer_state`),
 so a checkpoint taken before some parameters first received a gradient (Stage I sub-phase 1
 of a combined run) has the same keys as one taken after. DCP reshards on load, so a 2-rank
-checkpoint loads on 1 rank.
+checkpoint loads on 1 rank: `load_model_state` (exports, evaluation) at any world size;
+training resumes on another world size only with `TrainerConfig.world_size_change="reshard"`
+and the global batch kept, and is refused otherwise naming both world sizes
+(`resume_data_position`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,9 @@ class TrainerState:
     nonfinite_in_row: int
     world_size: int
     scheduler: dict[str, Any]
+    # Absent in checkpoints written before world-size resharding existed (None then).
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
 
 
 @contextlib.contextmanager
@@ -441,10 +447,68 @@ def read_trainer_state(path: Path) -> TrainerState:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file} is unreadable: {err}") from err
     names = {f.name for f in fields(TrainerState)}
-    if not isinstance(raw, dict) or set(raw) != names:
+    required = {f.name for f in fields(TrainerState) if f.default is MISSING}
+    if not isinstance(raw, dict) or not required <= set(raw) <= names:
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{file}: expected keys {sorted(names)}, got {got}")
     return TrainerState(**raw)
+
+
+def resume_data_position(
+    state: TrainerState,
+    path: Path,
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    policy: str,
+) -> int:
+    """This rank's data position (micro-batches) for resuming `state` on `world_size` ranks.
+
+    Same world size: the saved position. Another world size is refused (policy "refuse",
+    the error names both world sizes) or resharded (policy "reshard"): DCP reshards weights
+    and optimizer on load, and the position keeps the samples consumed globally
+    (position x micro_batch_size x world_size). Resharding needs the global batch
+    (micro_batch_size x grad_accum x world_size) unchanged, so every step, the learning
+    rate schedule and the epoch length in steps stay what they were; adjust
+    micro_batch_size or grad_accum to keep it. Which samples each rank reads in the current
+    epoch depends on the world size (shard split, per-rank shuffle), so the rest of that
+    epoch is not the one the uninterrupted run would have read.
+    """
+    old_world = state.world_size
+    if old_world == world_size:
+        return state.data_position
+    where = f"checkpoint {path} was written by {old_world} rank(s), this run has {world_size}"
+    if policy != "reshard":
+        raise CheckpointError(
+            f"{where}; resuming would change every rank's data position and the schedule. "
+            f"Relaunch on {old_world} rank(s), or set trainer.world_size_change=reshard "
+            "(keeping micro_batch_size x grad_accum x world_size), or start a fresh run dir"
+        )
+    if state.micro_batch_size is None or state.grad_accum is None:
+        raise CheckpointError(
+            f"{where}; it does not record its micro_batch_size / grad_accum (an older "
+            "checkpoint), so it cannot be resharded: relaunch on "
+            f"{old_world} rank(s)"
+        )
+    old_batch = state.micro_batch_size * state.grad_accum * old_world
+    new_batch = micro_batch_size * grad_accum * world_size
+    if old_batch != new_batch:
+        raise CheckpointError(
+            f"{where}; resharding keeps the global batch, which was {old_batch} "
+            f"(micro_batch_size {state.micro_batch_size} x grad_accum {state.grad_accum} x "
+            f"{old_world}) and would be {new_batch} (micro_batch_size {micro_batch_size} x "
+            f"grad_accum {grad_accum} x {world_size}): choose micro_batch_size and grad_accum "
+            f"with a product of {old_batch / world_size:g}"
+        )
+    samples = state.data_position * state.micro_batch_size * old_world
+    per_micro = micro_batch_size * world_size
+    if samples % per_micro:
+        raise CheckpointError(
+            f"{where}; its {samples} samples consumed are not a whole number of "
+            f"micro-batches of {micro_batch_size} x {world_size} ranks"
+        )
+    return samples // per_micro
 
 
 def load_checkpoint(

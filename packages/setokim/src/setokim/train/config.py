@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 MIXED_PRECISION_CHOICES = ("auto", "bf16", "fp32")
 FSDP_CHOICES = ("auto", "on", "off")
+WORLD_SIZE_CHANGE_CHOICES = ("refuse", "reshard")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -82,6 +83,10 @@ class TrainerConfig:
     # Learning rate per parameter group: glob over trainable parameter names -> lr (e.g.
     # {"setok.encoder.*": 1e-3}); the rest train at `lr`, all on the same warmup/cosine.
     lr_groups: dict[str, float] = field(default_factory=dict)
+    # Resuming a checkpoint written by another number of ranks: "refuse" (an error naming
+    # both world sizes) or "reshard" (DCP reshards weights and optimizer; allowed only when
+    # the global batch is unchanged; see checkpoint.resume_data_position).
+    world_size_change: str = "refuse"
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # OmegaConf hands back a list
@@ -133,6 +138,11 @@ class TrainerConfig:
             self.fsdp in FSDP_CHOICES,
             "fsdp",
             f"expected one of {FSDP_CHOICES}, got {self.fsdp!r}",
+        )
+        _require(
+            self.world_size_change in WORLD_SIZE_CHANGE_CHOICES,
+            "world_size_change",
+            f"expected one of {WORLD_SIZE_CHANGE_CHOICES}, got {self.world_size_change!r}",
         )
         if self.epochs is not None:
             self.epochs = float(self.epochs)

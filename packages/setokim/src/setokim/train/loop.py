@@ -23,7 +23,9 @@ from setokim.train.checkpoint import (
     init_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
+    read_trainer_state,
     resume_checkpoint,
+    resume_data_position,
     save_checkpoint,
 )
 from setokim.train.config import TrainerConfig, WandbConfig, resolve_schedule
@@ -240,9 +242,14 @@ def _train(
     resumed_from = 0
     ckpt_path, rejected = resume_checkpoint(run_dir) if cfg.resume else (None, [])
     if ckpt_path is not None:
+        data_position = resume_data_position(
+            read_trainer_state(ckpt_path), ckpt_path, world_size=world,
+            micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+            policy=cfg.world_size_change,
+        )  # fmt: skip
         state = load_checkpoint(ckpt_path, model, optimizer, seed=cfg.seed)
         scheduler.load_state_dict(state.scheduler)
-        step, data_position = state.step, state.data_position
+        step = state.step
         skipped, in_row = state.skipped_steps, state.nonfinite_in_row
         resumed_from = step
     else:
@@ -273,6 +280,8 @@ def _train(
             nonfinite_in_row=in_row,
             world_size=world,
             scheduler=scheduler.state_dict(),
+            micro_batch_size=cfg.micro_batch_size,
+            grad_accum=cfg.grad_accum,
         )
         return save_checkpoint(run_dir, model, optimizer, state, cfg.keep_last)
 
