@@ -27,6 +27,7 @@ Launch an experiment (Hydra configs in experiments/conf) as one job array.
   launch.py +exp=NAME [key=value ...] [--dry-run] [--wait] [--only NAME,...]
   launch.py status RUN_DIR_OR_EXP_DIR [--json]
   launch.py plan +exp=NAME [key=value ...]     (memory, FLOPs, wall time; preflight)
+  launch.py report EXP_DIR                      (a paper analysis's table, from its rows)
 
 Overrides use Hydra syntax (group=choice, a.b=value, +new=value, a=1,2 adds a sweep axis).
 Config errors exit with status 2 before anything is queued. Run dirs are
@@ -171,6 +172,7 @@ def launch(argv: Sequence[str]) -> int:
         _record(plan, launch_id, kind, command, job_ids, None)
         print(_plan_table(plan, job_ids), flush=True)
         submissions = run_inline(specs, [job_ids[j.index] for j in to_run])
+        report_job = _report(plan, kind, submissions, folder)
     else:
         submissions = submit_array(
             kind, specs, folder, plan.launcher, plan.cluster, job_name=f"setok-{plan.exp}"
@@ -178,6 +180,7 @@ def launch(argv: Sequence[str]) -> int:
         job_ids = {job.index: sub.job_id for job, sub in zip(to_run, submissions, strict=True)}
         _record(plan, launch_id, kind, command, job_ids, folder)
         print(_plan_table(plan, job_ids))
+        report_job = _report(plan, kind, submissions, folder)
 
     if kind == "inline" or args.wait:
         if kind != "inline":
@@ -189,10 +192,19 @@ def launch(argv: Sequence[str]) -> int:
         )
         by_index = {job.index: out for job, out in zip(to_run, outcomes, strict=True)}
         print(_outcome_table(plan, by_index))
+        if report_job is not None:
+            print(f"report: {report_job.result()}")
         bad = [o for o in outcomes if o.state != "COMPLETED"]
         return 1 if bad else 0
     print(f"submitted; follow with: launch.py status {_rel(plan.exp_dir)}")
     return 0
+
+
+def _report(plan: Plan, kind: str, submissions: list[Any], folder: Path) -> Any:
+    """Paper-analysis arrays (study rows) end with their report (setok_experiments.report)."""
+    from setok_experiments.report import submit_report, wants_report
+
+    return submit_report(plan, kind, submissions, folder) if wants_report(plan) else None
 
 
 def _record(
@@ -317,4 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status(argv[1:])
     if argv and argv[0] == "plan":
         return plan_command(argv[1:])
+    if argv and argv[0] == "report":
+        from setok_experiments.report import main as report_main
+
+        return report_main(argv[1:])
     return launch(argv)

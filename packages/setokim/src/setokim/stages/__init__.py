@@ -22,6 +22,7 @@ _REGISTRY: dict[str, str | StageFactory] = {
     "stage3": "setokim.stages.stage3:build",
     "pipeline": "setokim.stages.pipeline:build",  # not a Stage: a launcher calls .run
     "eval": "setokim.stages.evaluate:build",  # not a Stage: a launcher calls .run
+    "study": "setokim.stages.study:build",  # a paper-analysis row: pipeline + eval + row.json
 }
 
 

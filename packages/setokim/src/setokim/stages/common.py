@@ -109,7 +109,7 @@ class GenerateSpec(Protocol):
 
 
 def ensure_dataset(
-    shard_dir: str | os.PathLike[str], *, train: int, image_size: int, seed: int
+    shard_dir: str | os.PathLike[str], *, train: int, image_size: int, seed: int, test: int = 8
 ) -> Path:
     """Generate a Shapes World dataset into `shard_dir` unless it has a manifest already.
 
@@ -128,7 +128,7 @@ def ensure_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        generate_dataset(tmp, train=train, val=8, test=8, image_size=image_size, seed=seed)
+        generate_dataset(tmp, train=train, val=8, test=test, image_size=image_size, seed=seed)
         if target.exists():
             target.rmdir()  # empty (checked above)
         os.rename(tmp, target)
