@@ -50,7 +50,7 @@ def validate(cfg: DictConfig) -> ExperimentConfig:
     try:
         obj = OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, ValueError, TypeError) as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(_with_key_path(cfg, _describe(err))) from None
     if not isinstance(obj, ExperimentConfig):
         raise ConfigError(f"config root: expected ExperimentConfig, got {type(obj).__name__}")
     from setokim.stages import available_stages, build_stage
@@ -83,6 +83,28 @@ def from_yaml(text: str) -> ExperimentConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from None
     return validate(merged)  # type: ignore[arg-type]
+
+
+def _failing_node(cfg: DictConfig, path: str = "") -> tuple[str, type | None]:
+    """The deepest structured node under `cfg` that does not build, and its dataclass."""
+    for key in cfg:
+        node = cfg._get_node(key)  # type: ignore[union-attr]
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+            try:
+                OmegaConf.to_object(node)
+            except Exception:  # noqa: BLE001 - any failure: look inside this node
+                return _failing_node(node, f"{path}{key}.")
+    return path, OmegaConf.get_type(cfg)
+
+
+def _with_key_path(cfg: DictConfig, message: str) -> str:
+    """A dataclass check names "ClassName.field"; give the field's path in the experiment
+    instead ("tokenizer.clustering.mechanism: ...")."""
+    path, cls = _failing_node(cfg)
+    prefix = f"{cls.__name__}." if cls is not None else ""
+    if path and prefix and message.startswith(prefix):
+        return path + message[len(prefix) :]
+    return message
 
 
 def _describe(err: BaseException) -> str:

@@ -293,12 +293,13 @@ def _read_json(path: Path, key: str) -> dict[str, Any]:
 def _setok_on_meta(tokenizer: Any, export: str | None, key: str) -> nn.Module:
     """SeTok from a save_pretrained/Stage I export dir's JSON, or from its config (+ the
     encoder's config.json when `encoder.pretrained_path` is set)."""
-    from setok_tokenizer.setok import CONFIG_NAME, ENCODER_CONFIG_NAME, SeTok, config_from_dict
+    from setok_tokenizer.config import SeTokConfig, from_dict
+    from setok_tokenizer.setok import CONFIG_NAME, ENCODER_CONFIG_NAME, SeTok
 
     if export is not None:
         root = Path(export)
         folder = root / "tokenizer" if (root / "tokenizer").is_dir() else root
-        cfg = config_from_dict(_read_json(folder / CONFIG_NAME, key))
+        cfg = from_dict(SeTokConfig, _read_json(folder / CONFIG_NAME, key))
         hf = _read_json(folder / ENCODER_CONFIG_NAME, key)
     else:
         cfg = tokenizer
@@ -414,7 +415,7 @@ def _stage1_step(stage: Any) -> MetaStep:
 
     from setok_decoders import DiffusionDecoder, MaskDecoder
     from setok_decoders.config import DiffusionDecoderConfig, MaskDecoderConfig
-    from setok_decoders.config import config_from_dict as decoder_config_from_dict
+    from setok_tokenizer.config import from_dict
     from setokim.stages.stage1 import Stage1Model
 
     spec = dict(stage.cfg.decoder.get("diffusion", {}))
@@ -441,11 +442,11 @@ def _stage1_step(stage: Any) -> MetaStep:
     small = {k: v for k, v in small.items() if not k.startswith("_")}
     if unet_cfg is not None:
         small.update(in_channels=3, out_channels=3)
-    diff_cfg = decoder_config_from_dict(
+    diff_cfg = from_dict(
         DiffusionDecoderConfig,
         {**spec, "mapper": mapper, "unet": small, "unet_path": None, "vae_path": None},
     )
-    mask_cfg = decoder_config_from_dict(
+    mask_cfg = from_dict(
         MaskDecoderConfig,
         {"token_dim": width, "feature_dim": feat, **dict(stage.cfg.decoder.get("mask", {}))},
     )

@@ -7,11 +7,13 @@ checkpoints (never a download).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from setok_tokenizer.config import require, require_choice, require_min
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm", "euler")
+UNET_TRAINING = ("all", "cross_kv", "none")
 
 
 def tiny_unet_kwargs(**overrides: Any) -> dict[str, Any]:
@@ -52,6 +54,11 @@ class MapperConfig:
     dropout: float = 0.0
     bert_path: str | None = None
 
+    def __post_init__(self) -> None:
+        require_min(self, 1, "token_dim", "num_queries", "hidden_size", "num_layers", "num_heads")
+        require_min(self, 1, "intermediate_size", "cross_attention_frequency")
+        require(0 <= self.dropout < 1, self, "dropout", f"must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class NoiseScheduleConfig:
@@ -61,6 +68,9 @@ class NoiseScheduleConfig:
     beta_schedule: str = "squaredcos_cap_v2"  # SD 1.5: scaled_linear
     beta_start: float = 0.00085
     beta_end: float = 0.012
+
+    def __post_init__(self) -> None:
+        require_min(self, 1, "num_train_timesteps")
 
 
 @dataclass
@@ -91,6 +101,13 @@ class DiffusionDecoderConfig:
     train_mapper: bool = True
     train_unet: str = "cross_kv"
 
+    def __post_init__(self) -> None:
+        ok = 0.0 <= self.cond_dropout < 1.0
+        require(ok, self, "cond_dropout", f"must be in [0, 1), got {self.cond_dropout}")
+        require_choice(self, "sampler", SAMPLER_NAMES)
+        require_choice(self, "train_unet", UNET_TRAINING)
+        require_min(self, 1, "image_size", "num_inference_steps")
+
 
 @dataclass
 class MaskDecoderConfig:
@@ -108,19 +125,8 @@ class MaskDecoderConfig:
     mlp_ratio: float = 4.0
     mask_scale: int = 4
 
-
-def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a (nested) config dataclass from a plain dict; unknown keys raise with their name."""
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
-    kwargs: dict[str, Any] = {}
-    nested = {"mapper": MapperConfig, "schedule": NoiseScheduleConfig}
-    for name, value in data.items():
-        if name in nested and isinstance(value, dict) and cls is DiffusionDecoderConfig:
-            value = config_from_dict(nested[name], value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    def __post_init__(self) -> None:
+        require_min(self, 1, "token_dim", "feature_dim", "hidden_dim", "num_layers", "num_heads")
+        scale = self.mask_scale
+        ok = scale >= 1 and not scale & (scale - 1)
+        require(ok, self, "mask_scale", f"must be a power of two >= 1, got {scale}")

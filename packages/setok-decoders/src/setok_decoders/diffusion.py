@@ -27,10 +27,11 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from setok_decoders.config import DiffusionDecoderConfig, config_from_dict
+from setok_decoders.config import DiffusionDecoderConfig
 from setok_decoders.io import load_config, load_weights, module_device, save_module
 from setok_decoders.qformer import FeatureMapper
 from setok_decoders.trainable import UNET_PATTERNS, set_trainable, trainable_table
+from setok_tokenizer.config import from_dict
 
 KIND = "diffusion_decoder"
 SAMPLERS: dict[str, type] = {
@@ -79,8 +80,6 @@ class DiffusionDecoder(nn.Module):
 
     def __init__(self, config: DiffusionDecoderConfig) -> None:
         super().__init__()
-        if not 0.0 <= config.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {config.cond_dropout}")
         self.unet = _build_unet(config)
         cross_dim = self.unet.config.cross_attention_dim
         self.mapper = FeatureMapper(config.mapper, out_dim=cross_dim)
@@ -262,7 +261,7 @@ class DiffusionDecoder(nn.Module):
         cls, directory: str | os.PathLike[str], vae_path: Any = _KEEP
     ) -> DiffusionDecoder:
         """Rebuild from `save_pretrained`; `vae_path` overrides the saved VAE location."""
-        config = config_from_dict(DiffusionDecoderConfig, load_config(directory, KIND))
+        config = from_dict(DiffusionDecoderConfig, load_config(directory, KIND))
         if vae_path is not _KEEP:
             config = dataclasses.replace(config, vae_path=vae_path)
         model = cls(config)

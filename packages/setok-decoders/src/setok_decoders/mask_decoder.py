@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from setok_decoders.config import MaskDecoderConfig, config_from_dict
+from setok_decoders.config import MaskDecoderConfig
 from setok_decoders.io import load_config, load_weights, save_module
 from setok_decoders.qformer import check_tokens
 
 KIND = "mask_decoder"
+from setok_tokenizer.config import from_dict
 PAD_LOGIT = -1e4  # logit written into padded token slots (sigmoid ~ 0, finite for losses)
 
 
@@ -69,8 +70,6 @@ class MaskDecoder(nn.Module):
     def __init__(self, config: MaskDecoderConfig) -> None:
         super().__init__()
         scale = config.mask_scale
-        if scale < 1 or scale & (scale - 1):
-            raise ValueError(f"mask_scale must be a power of two >= 1, got {scale}")
         self.config = config
         dim = config.hidden_dim
         self.token_proj = nn.Linear(config.token_dim, dim)
@@ -127,6 +126,6 @@ class MaskDecoder(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> MaskDecoder:
         """Rebuild a decoder saved by `save_pretrained`."""
-        model = cls(config_from_dict(MaskDecoderConfig, load_config(directory, KIND)))
+        model = cls(from_dict(MaskDecoderConfig, load_config(directory, KIND)))
         load_weights(model, directory)
         return model

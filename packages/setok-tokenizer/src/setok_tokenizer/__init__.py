@@ -11,12 +11,18 @@ from setok_tokenizer.clustering import (
     density_peak_scores,
     semantic_clustering,
 )
-from setok_tokenizer.config import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
+from setok_tokenizer.config import (
+    ClusteringConfig,
+    EncoderConfig,
+    MergerConfig,
+    SeTokConfig,
+    from_dict,
+)
 from setok_tokenizer.encoders import VisionEncoder
 from setok_tokenizer.mechanisms import Resampler, cluster_features
 from setok_tokenizer.merger import ClusterMerger
 from setok_tokenizer.position import sincos_2d
-from setok_tokenizer.setok import SeTok, SeTokOutput, config_from_dict
+from setok_tokenizer.setok import SeTok, SeTokOutput
 
 __all__ = [
     "ClusterMerger",
@@ -31,8 +37,8 @@ __all__ = [
     "SeTokOutput",
     "VisionEncoder",
     "cluster_features",
-    "config_from_dict",
     "density_peak_scores",
+    "from_dict",
     "semantic_clustering",
     "sincos_2d",
 ]

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-ASSIGNMENTS = ("soft", "hard")
+from setok_tokenizer.config import ASSIGNMENTS
+
 STOPS = ("dynamic", "fixed")
 LN2 = math.log(2.0)
 # The adaptive kernel (kernel_scale=None with stop="dynamic"); chosen on planted-group scenes,

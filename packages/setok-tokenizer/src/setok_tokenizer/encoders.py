@@ -137,10 +137,6 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, hf_config: Any | None = None) -> None:
         super().__init__()
-        if cfg.layer not in ("last", "penultimate"):
-            raise ValueError(f"layer must be 'last' or 'penultimate', got {cfg.layer!r}")
-        if cfg.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {cfg.image_size}")
         config_cls, _ = _classes(cfg.family)
         self.cfg = cfg
         self.family = cfg.family

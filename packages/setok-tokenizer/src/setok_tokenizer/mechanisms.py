@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from setok_tokenizer.clustering import (
-    ASSIGNMENTS,
     LN2,
     ClusterOutput,
     check_features,
@@ -25,8 +24,10 @@ from setok_tokenizer.clustering import (
     semantic_clustering,
     sq_dists_to,
 )
+from setok_tokenizer.config import ASSIGNMENTS, MECHANISMS
 
-MECHANISMS = ("dynamic", "fixed", "threshold", "patch")
+# The mechanisms without parameters (the resampler is a module the caller owns).
+FUNCTIONAL = tuple(m for m in MECHANISMS if m != "resampler")
 
 
 def threshold_clustering(
@@ -186,9 +187,9 @@ def cluster_features(
     density-peak mechanisms the distance matrix is computed once and shared, and the scores
     come back in `ClusterOutput.scores` (without the matrix).
     """
-    if mechanism not in MECHANISMS:
+    if mechanism not in FUNCTIONAL:
         hint = " (the resampler is the Resampler module)" if mechanism == "resampler" else ""
-        raise ValueError(f"mechanism must be one of {MECHANISMS}{hint}, got {mechanism!r}")
+        raise ValueError(f"mechanism must be one of {FUNCTIONAL}{hint}, got {mechanism!r}")
     if mechanism == "patch":
         valid, _ = check_features(x, valid)
         return patch_clustering(valid)

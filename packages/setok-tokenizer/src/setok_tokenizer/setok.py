@@ -21,7 +21,7 @@ from torch import nn
 
 from setok_tokenizer.atomic import write_dir_atomically
 from setok_tokenizer.clustering import ClusterOutput, DensityPeakScores
-from setok_tokenizer.config import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
+from setok_tokenizer.config import SeTokConfig, from_dict
 from setok_tokenizer.encoders import VisionEncoder
 from setok_tokenizer.mechanisms import Resampler, cluster_features
 from setok_tokenizer.merger import ClusterMerger
@@ -29,9 +29,6 @@ from setok_tokenizer.merger import ClusterMerger
 CONFIG_NAME = "setok_config.json"
 ENCODER_CONFIG_NAME = "encoder_config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-MECHANISMS = ("dynamic", "fixed", "threshold", "resampler", "patch")
-FEATURE_NORMS = ("l2", "layernorm", "none")
 
 
 @dataclass
@@ -54,37 +51,11 @@ class SeTokOutput:
     seeds: torch.Tensor
 
 
-def config_from_dict(data: dict[str, Any]) -> SeTokConfig:
-    """Inverse of dataclasses.asdict for SeTokConfig (unknown keys are an error)."""
-    return SeTokConfig(
-        encoder=EncoderConfig(**data.get("encoder", {})),
-        clustering=ClusteringConfig(**data.get("clustering", {})),
-        merger=MergerConfig(**data.get("merger", {})),
-    )
-
-
-def _check_config(cfg: SeTokConfig) -> None:
-    c = cfg.clustering
-    if c.mechanism not in MECHANISMS:
-        raise ValueError(f"clustering.mechanism must be one of {MECHANISMS}, got {c.mechanism!r}")
-    if c.feature_norm not in FEATURE_NORMS:
-        raise ValueError(
-            f"clustering.feature_norm must be one of {FEATURE_NORMS}, got {c.feature_norm!r}"
-        )
-    if c.assignment not in ("soft", "hard"):
-        raise ValueError(f"clustering.assignment must be 'soft' or 'hard', got {c.assignment!r}")
-    if c.max_clusters < 2:
-        raise ValueError(f"clustering.max_clusters must be >= 2, got {c.max_clusters}")
-    if c.knn_k < 1:
-        raise ValueError(f"clustering.knn_k must be >= 1, got {c.knn_k}")
-
-
 class SeTok(nn.Module):
     """The semantic-equivalent vision tokenizer."""
 
     def __init__(self, cfg: SeTokConfig, encoder_hf_config: Any | None = None) -> None:
         super().__init__()
-        _check_config(cfg)
         self.cfg = cfg
         self.encoder = VisionEncoder(cfg.encoder, hf_config=encoder_hf_config)
         dim = self.encoder.feature_dim
@@ -214,7 +185,7 @@ class SeTok(nn.Module):
         for name in (CONFIG_NAME, ENCODER_CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{name} missing in SeTok checkpoint directory {directory}")
-        cfg = config_from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        cfg = from_dict(SeTokConfig, json.loads((directory / CONFIG_NAME).read_text()))
         hf = json.loads((directory / ENCODER_CONFIG_NAME).read_text())
         model = cls(cfg, encoder_hf_config=hf)
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), device=device)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from setok_tokenizer.config import SeTokConfig
+from setok_decoders.config import DiffusionDecoderConfig, MaskDecoderConfig
+from setok_tokenizer.config import SeTokConfig, from_dict
 from setokim.data.config import DataConfig
 from setokim.train.config import TrainerConfig, WandbConfig
 
@@ -158,6 +159,9 @@ class ExperimentConfig:
                 _fail(
                     key, f"only eval experiments read it (+exp=eval), stage is {self.stage.name!r}"
                 )
+        for part, cls in (("diffusion", DiffusionDecoderConfig), ("mask", MaskDecoderConfig)):
+            if part in self.decoder:  # the Stage I stage builds them later; checked now
+                from_dict(cls, self.decoder[part], where=f"decoder.{part}")
         for key, values in self.sweep.items():
             if not isinstance(values, list | tuple) or not values:
                 _fail(f"sweep.{key}", f"must be a non-empty list of values, got {values!r}")

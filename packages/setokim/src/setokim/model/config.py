@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from setok_tokenizer.config import SeTokConfig
+from setok_tokenizer.config import SeTokConfig, require, require_choice, require_min
+
+LLM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -29,6 +31,11 @@ class LLMConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     freeze: bool = False  # Stage III freezes it (LoRA trains adapters only)
 
+    def __post_init__(self) -> None:
+        require_choice(self, "dtype", LLM_DTYPES)
+        require_min(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+        require_min(self, 1, "intermediate_size", "max_position_embeddings")
+
 
 @dataclass
 class LoRAConfig:
@@ -41,6 +48,10 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # SeTokIM heads that keep training next to the adapters (full weights, not LoRA).
     train_heads: list[str] = field(default_factory=list)  # e.g. ["projector", "regression_head"]
+
+    def __post_init__(self) -> None:
+        require_min(self, 1, "rank", "alpha")
+        require(0 <= self.dropout < 1, self, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -96,3 +107,7 @@ class SeTokIMConfig:
     chat: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_min(self, 1, "projector_depth", "regression_head_depth", "max_visual_tokens")
+        require_min(self, 0, "lm_loss_weight", "regression_loss_weight")

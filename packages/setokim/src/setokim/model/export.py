@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from setok_tokenizer.config import from_dict
+from setokim.model.config import SeTokIMConfig
 from setokim.utils.io import write_dir_atomically
 
 if TYPE_CHECKING:
@@ -217,15 +219,14 @@ def save_adapter(
 
 
 # ---- reading -------------------------------------------------------------------------------
-def _read_config(directory: Path) -> tuple[Any, dict[str, Any]]:
-    from setokim.model.setokim import config_from_dict
-
+def read_config(directory: Path) -> tuple[SeTokIMConfig, dict[str, Any]]:
+    """An export's SeTokIMConfig and its LLM's transformers config (no weights read)."""
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a SeTokIM export (no {CONFIG_FILE})")
     raw = json.loads(path.read_text(encoding="utf-8"))
     llm_config = raw.pop("llm_config")
-    return config_from_dict(raw), llm_config
+    return from_dict(SeTokIMConfig, raw), llm_config
 
 
 def _build(
@@ -274,7 +275,7 @@ def _load_weights(model: SeTokIM, path: Path) -> None:
 
 def load_full(cls: type[SeTokIM], directory: Path, parts: dict[str, Any]) -> SeTokIM:
     """Inverse of `save_full`; remembers `directory` as the base for a later adapter export."""
-    cfg, llm_config = _read_config(directory)
+    cfg, llm_config = read_config(directory)
     model = _build(
         cls, cfg, llm_config, directory / TEXT_TOKENIZER_DIR, directory / SETOK_DIR, parts
     )
@@ -309,7 +310,7 @@ def load_adapter(
             f"not the ones it was trained on: sha256 {found} != recorded "
             f"{info['weights_sha256']}"
         )
-    cfg, llm_config = _read_config(directory)
+    cfg, llm_config = read_config(directory)
     plain = replace(cfg, lora=replace(cfg.lora, enabled=False))
     model = _build(
         cls, plain, llm_config, directory / TEXT_TOKENIZER_DIR, base_dir / SETOK_DIR, parts

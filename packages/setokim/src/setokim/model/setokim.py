@@ -24,9 +24,7 @@ from transformers import (
 )
 
 from setokim.model.config import (
-    ChatTemplateConfig,
     LLMConfig,
-    LoRAConfig,
     SeTokIMConfig,
 )
 from setokim.model.local import load_local, load_text_tokenizer
@@ -192,9 +190,7 @@ class SeTokIM(nn.Module):
         """Build every part from `cfg` (local paths only); pass parts to reuse them."""
         if text_tokenizer is None:
             if cfg.text_tokenizer_path is not None:
-                text_tokenizer = load_text_tokenizer(
-                    cfg.text_tokenizer_path, "text_tokenizer_path"
-                )
+                text_tokenizer = load_text_tokenizer(cfg.text_tokenizer_path, "text_tokenizer_path")
             else:
                 text_tokenizer = build_text_tokenizer()
         add_special_tokens(text_tokenizer, cls.special_token_strings(cfg))
@@ -414,27 +410,3 @@ class SeTokIM(nn.Module):
         if base is not None:
             raise ValueError(f"base= applies to adapter exports; {str(path)!r} is a full export")
         return export.load_full(cls, path, parts)
-
-
-def config_from_dict(raw: dict[str, Any]) -> SeTokIMConfig:
-    """Rebuild nested config dataclasses from `asdict` output."""
-    from setok_tokenizer.config import (
-        ClusteringConfig,
-        EncoderConfig,
-        MergerConfig,
-        SeTokConfig,
-    )
-
-    raw = dict(raw)
-    tok = raw.pop("tokenizer")
-    return SeTokIMConfig(
-        llm=LLMConfig(**raw.pop("llm")),
-        tokenizer=SeTokConfig(
-            encoder=EncoderConfig(**tok["encoder"]),
-            clustering=ClusteringConfig(**tok["clustering"]),
-            merger=MergerConfig(**tok["merger"]),
-        ),
-        chat=ChatTemplateConfig(**raw.pop("chat")),
-        lora=LoRAConfig(**raw.pop("lora")),
-        **raw,
-    )

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from setok_tokenizer.config import from_dict
 from setokim.data.config import DataConfig
 
 if TYPE_CHECKING:
@@ -31,17 +32,6 @@ log = logging.getLogger("setokim.stages")
 
 
 # ---- config ------------------------------------------------------------------------------------
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`, recursing into nested mappings."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def check_keys(cls: type, cfg: Mapping[str, Any], where: str, what: str = "config") -> None:
     """Raise naming the keys of `cfg` that are not fields of dataclass `cls`."""
     known = {f.name for f in fields(cls)}
@@ -54,23 +44,16 @@ def data_config(
     spec: Mapping[str, Any] | DataConfig, defaults: Mapping[str, Any], where: str
 ) -> DataConfig:
     """A full DataConfig as is; a partial mapping over the stage's defaults (keys checked)."""
-    if isinstance(spec, DataConfig):
-        return spec
-    merged = {**defaults, **spec}
-    check_keys(DataConfig, merged, where, "data")
-    return DataConfig(**merged)
+    return from_dict(DataConfig, spec, from_dict(DataConfig, defaults), f"{where}: data")
 
 
 def tokenizer_config(
     spec: Mapping[str, Any] | SeTokConfig, defaults: Mapping[str, Any]
 ) -> SeTokConfig:
     """A full SeTokConfig as is; a partial mapping overrides the stage's default, key by key."""
-    from setok_tokenizer import SeTokConfig
-    from setok_tokenizer.setok import config_from_dict
+    from setok_tokenizer.config import SeTokConfig
 
-    if isinstance(spec, SeTokConfig):
-        return spec
-    return config_from_dict(deep_merge(defaults, spec))
+    return from_dict(SeTokConfig, spec, from_dict(SeTokConfig, defaults), "tokenizer")
 
 
 def describe_config(name: str, cfg: Any, **resolved: Any) -> dict[str, Any]:
@@ -240,7 +223,6 @@ __all__ = [
     "GenerateSpec",
     "check_keys",
     "data_config",
-    "deep_merge",
     "describe_config",
     "endless_batches",
     "ensure_dataset",

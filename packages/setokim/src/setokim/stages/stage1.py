@@ -40,8 +40,8 @@ from setok_decoders import (
     set_trainable,
     trainable_table,
 )
-from setok_decoders.config import config_from_dict as decoder_config_from_dict
 from setok_tokenizer import SeTok, SeTokConfig
+from setok_tokenizer.config import from_dict
 from setokim.stages.common import (
     check_keys,
     data_config,
@@ -204,14 +204,14 @@ def build_parts(
         raise ValueError(
             f"decoder.diffusion.mapper.token_dim={mapper['token_dim']} != tokenizer width {width}"
         )
-    diff_cfg = decoder_config_from_dict(DiffusionDecoderConfig, {**diff_spec, "mapper": mapper})
+    diff_cfg = from_dict(DiffusionDecoderConfig, {**diff_spec, "mapper": mapper})
     mask_spec = {"token_dim": width, "feature_dim": feat, **dict(decoder.get("mask", {}))}
     if (mask_spec["token_dim"], mask_spec["feature_dim"]) != (width, feat):
         raise ValueError(
             f"decoder.mask token_dim/feature_dim must be {width}/{feat}, "
             f"got {mask_spec['token_dim']}/{mask_spec['feature_dim']}"
         )
-    mask_cfg = decoder_config_from_dict(MaskDecoderConfig, mask_spec)
+    mask_cfg = from_dict(MaskDecoderConfig, mask_spec)
     return setok, DiffusionDecoder(diff_cfg), MaskDecoder(mask_cfg)
 
 

@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from setok_tokenizer.config import from_dict
 from setokim.data.config import DataConfig
 from setokim.model.config import SeTokIMConfig
 from setokim.model.packing import SequenceLayout, SpecialIds, collate_sequences
 from setokim.stages.common import (
     check_keys,
     data_config,
-    deep_merge,
     describe_config,
     endless_batches,
     epoch_batches,
@@ -61,15 +61,7 @@ BatchHook = Callable[[dict[str, Any]], dict[str, Any]]
 # ---- config helpers (shared with Stage III) ----------------------------------------------------
 def mllm_config(spec: Mapping[str, Any] | SeTokIMConfig, where: str) -> SeTokIMConfig:
     """A partial SeTokIMConfig mapping (the experiment's `mllm` group) over the defaults."""
-    from setokim.model.setokim import config_from_dict
-
-    if isinstance(spec, SeTokIMConfig):
-        return spec
-    merged = deep_merge(asdict(SeTokIMConfig()), spec)
-    try:
-        return config_from_dict(merged)
-    except TypeError as err:
-        raise ValueError(f"{where}: model: {err}") from None
+    return from_dict(SeTokIMConfig, spec, where=f"{where}: model")
 
 
 @dataclass(frozen=True)
@@ -295,6 +287,16 @@ class Stage2Stage(MLLMStage):
             "decoder_path": None if dec is None else str(Path(dec).resolve()),
             "mask_decoder_path": None if mask is None else str(Path(mask).resolve()),
         }
+
+    def frozen_sources(self) -> dict[str, Path]:
+        """The frozen SeTok's export (none for the seeded random one, which the config
+        rebuilds) and a frozen pretrained LLM's folder (`llm.freeze`): checkpoints reference
+        them by path and SHA-256 instead of storing them."""
+        out = {} if self.source is None else {"setok": self.source.tokenizer}
+        llm = self.model_cfg.llm
+        if llm.freeze and llm.pretrained_path is not None:
+            out["llm"] = Path(llm.pretrained_path)
+        return out
 
     def build_model(self) -> nn.Module:
         """SeTokIM with the frozen SeTok; decoders are left out (only the export names them)."""

@@ -18,6 +18,7 @@ With `init_from` None there is no base, so the export is full (adapters unmerged
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from setokim.model.config import LoRAConfig
+from setok_tokenizer.config import from_dict
+from setokim.model.config import LoRAConfig, SeTokIMConfig
 from setokim.stages.common import (
     check_keys,
     data_config,
@@ -100,8 +102,6 @@ class Stage3Stage(MLLMStage):
     mode = "instruct"
 
     def __init__(self, cfg: Stage3Config) -> None:
-        from setokim.model.setokim import config_from_dict
-
         self.cfg = cfg
         if cfg.init_from is not None:
             path = Path(cfg.init_from)
@@ -110,11 +110,9 @@ class Stage3Stage(MLLMStage):
                     f"stage3: init_from {str(path)!r} is not a SeTokIM.save_pretrained dir "
                     "(no setokim_config.json)"
                 )
-            import json
-
             raw = json.loads((path / "setokim_config.json").read_text(encoding="utf-8"))
             raw.pop("llm_config", None)
-            base = config_from_dict(raw)
+            base = from_dict(SeTokIMConfig, raw, where="stage3: init_from")
         else:
             base = mllm_config(cfg.model, self.name)
             if cfg.init_tokenizer is None:
@@ -134,6 +132,16 @@ class Stage3Stage(MLLMStage):
 
     def export_fields(self) -> dict[str, Any]:
         return {"lora": self.model_cfg.lora}
+
+    def frozen_sources(self) -> dict[str, Path]:
+        """What the frozen weights are built from: the Stage II export (LLM, projector, its
+        SeTok), or the SeTok of `init_tokenizer` under a seeded random LLM (none for a fully
+        random model). Checkpoints hold the LoRA adapters and train_heads only."""
+        if self.cfg.init_from is not None:
+            return {"base": Path(self.cfg.init_from)}
+        if self.cfg.init_tokenizer is not None:
+            return {"setok": resolve_tokenizer_source(self.cfg.init_tokenizer).tokenizer}
+        return {}
 
     def build_model(self) -> nn.Module:
         """The Stage II model (or a random tiny one) with LoRA injected; all else frozen."""

@@ -1,0 +1,102 @@
+"""Every experiment composes into typed configs that build their objects (no training), and a
+bad value fails at compose time naming its key, before anything is planned or queued."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from setok_experiments.cli import main  # noqa: E402
+from setok_experiments.compose import ConfigError, compose_experiment, validate  # noqa: E402
+from setok_tokenizer import SeTok, SeTokConfig  # noqa: E402
+from setokim.data.config import DataConfig  # noqa: E402
+from setokim.model.config import SeTokIMConfig  # noqa: E402
+from setokim.stages import build_stage  # noqa: E402
+from setokim.train.config import TrainerConfig  # noqa: E402
+
+EXPERIMENTS = sorted(
+    p.stem for p in (REPO / "experiments/conf/exp").glob("*.yaml") if not p.stem.startswith("_")
+)
+
+
+def _required(exp: str, tmp_path: Path) -> list[str]:
+    """The values an experiment leaves to the command line (`???`): previous stages' exports."""
+    if exp == "eval":
+        return ["stage.params.tiny_random=true"]
+    if exp.startswith("setokim_vicuna") and exp.endswith("stage2"):
+        (tmp_path / "stage1" / "tokenizer").mkdir(parents=True)
+        return [f"stage.params.steps.0.params.init_tokenizer={tmp_path / 'stage1'}"]
+    if exp.startswith("setokim_vicuna") and exp.endswith("stage3"):
+        (tmp_path / "stage2").mkdir()
+        config = asdict(SeTokIMConfig())
+        (tmp_path / "stage2" / "setokim_config.json").write_text(json.dumps(config))
+        return [f"stage.params.steps.0.params.init_from={tmp_path / 'stage2'}"]
+    return []
+
+
+def _typed_parts(stage: Any) -> dict[str, Any]:
+    """The typed configs a built objective holds (a pipeline: those of each step)."""
+    parts = {
+        name: getattr(stage, name)
+        for name in ("tokenizer_cfg", "data_cfg", "model_cfg")
+        if hasattr(stage, name)
+    }
+    for index, (name, params, _trainer) in enumerate(getattr(stage, "steps", ())):
+        for key, value in _typed_parts(build_stage(name, params)).items():
+            parts[f"steps.{index}.{key}"] = value
+    return parts
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes_and_builds_its_objects(exp: str, tmp_path: Path) -> None:
+    composed = compose_experiment(exp, _required(exp, tmp_path))
+    cfg = validate(composed)
+    assert isinstance(cfg.tokenizer, SeTokConfig)
+    assert isinstance(cfg.data, DataConfig) and isinstance(cfg.trainer, TrainerConfig)
+    stage = build_stage(cfg.stage.name, OmegaConf.to_container(composed.stage.params, resolve=True))
+    expected = {"tokenizer_cfg": SeTokConfig, "data_cfg": DataConfig, "model_cfg": SeTokIMConfig}
+    for key, value in _typed_parts(stage).items():
+        assert isinstance(value, expected[key.rsplit(".", 1)[-1]]), (exp, key, value)
+    if cfg.tokenizer.encoder.pretrained_path is None:  # a tiny tokenizer: build the module
+        assert SeTok(cfg.tokenizer).output_dim > 0
+
+
+@pytest.mark.parametrize(
+    ("exp", "override", "key"),
+    [
+        ("quickstart", "tokenizer.clustering.mechanism=dynmic", "tokenizer.clustering.mechanism"),
+        ("quickstart", "tokenizer.clustering.max_clusters=1", "tokenizer.clustering.max_clusters"),
+        ("quickstart", "tokenizer.encoder.layer=middle", "tokenizer.encoder.layer"),
+        ("quickstart", "tokenizer.merger.num_heads=0", "tokenizer.merger.num_heads"),
+        ("quickstart", "trainer.lr=-1", "trainer.lr"),
+        ("quickstart", "data.batch_size=0", "data.batch_size"),
+        ("quickstart", "launcher.kind=pbs", "launcher.kind"),
+        ("stage1_shapes", "decoder.diffusion.sampler=bogus", "sampler"),
+        ("stage1_shapes", "decoder.mask.mask_scale=3", "mask_scale"),
+        ("setokim_shapes", "mllm.llm.dtype=float64", "dtype"),
+        ("setokim_shapes", "mllm.lora.dropout=1.5", "dropout"),
+    ],
+)
+def test_bad_value_fails_at_compose_naming_the_key(exp: str, override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_experiment(exp, [override]))
+    assert key in str(info.value)
+
+
+def test_dry_run_with_a_bad_value_exits_2_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["+exp=quickstart", "tokenizer.clustering.mechanism=dynmic", f"run_root={tmp_path}"]
+    assert main([*argv, "--dry-run"]) == 2
+    assert "tokenizer.clustering.mechanism" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
