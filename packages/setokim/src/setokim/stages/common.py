@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,25 @@ log = logging.getLogger("setokim.stages")
 
 
 # ---- config ------------------------------------------------------------------------------------
+# The tiny seeded tokenizer a stage builds when the experiment gives no other (CPU runs).
+TINY_TOKENIZER: dict[str, Any] = {
+    "encoder": {"family": "vit", "preset": "tiny", "image_size": 64},
+    "clustering": {"mechanism": "dynamic", "assignment": "hard", "max_clusters": 8},
+    "merger": {"num_blocks": 1, "num_heads": 2},
+}
+
+
+@dataclass
+class GenerateFields:
+    """The Shapes World dataset a stage writes into data.shard_dir when it holds none
+    (`prepare_data`); every stage config that reads data has these fields."""
+
+    generate_if_missing: bool = True
+    generate_train: int = 256
+    generate_image_size: int = 64
+    generate_seed: int = 0
+
+
 def check_keys(cls: type, cfg: Mapping[str, Any], where: str, what: str = "config") -> None:
     """Raise naming the keys of `cfg` that are not fields of dataclass `cls`."""
     known = {f.name for f in fields(cls)}
@@ -44,16 +63,19 @@ def data_config(
     spec: Mapping[str, Any] | DataConfig, defaults: Mapping[str, Any], where: str
 ) -> DataConfig:
     """A full DataConfig as is; a partial mapping over the stage's defaults (keys checked)."""
+
     return from_dict(DataConfig, spec, from_dict(DataConfig, defaults), f"{where}: data")
 
 
 def tokenizer_config(
-    spec: Mapping[str, Any] | SeTokConfig, defaults: Mapping[str, Any]
+    spec: Mapping[str, Any] | SeTokConfig,
+    defaults: Mapping[str, Any] | SeTokConfig = TINY_TOKENIZER,
 ) -> SeTokConfig:
     """A full SeTokConfig as is; a partial mapping overrides the stage's default, key by key."""
     from setok_tokenizer.config import SeTokConfig
 
-    return from_dict(SeTokConfig, spec, from_dict(SeTokConfig, defaults), "tokenizer")
+    base = from_dict(SeTokConfig, defaults)
+    return from_dict(SeTokConfig, spec, base, "tokenizer")
 
 
 def describe_config(name: str, cfg: Any, **resolved: Any) -> dict[str, Any]:
@@ -82,15 +104,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 # ---- data --------------------------------------------------------------------------------------
-class GenerateSpec(Protocol):
-    """The `generate_*` fields of a stage config: the dataset written when none exists."""
-
-    generate_if_missing: bool
-    generate_train: int
-    generate_image_size: int
-    generate_seed: int
-
-
 def ensure_dataset(
     shard_dir: str | os.PathLike[str], *, train: int, image_size: int, seed: int, test: int = 8
 ) -> Path:
@@ -124,7 +137,7 @@ def ensure_dataset(
     return target
 
 
-def prepare_data(data: DataConfig, rank: int, gen: GenerateSpec) -> None:
+def prepare_data(data: DataConfig, rank: int, gen: GenerateFields) -> None:
     """Rank 0 generates Shapes World into data.shard_dir when it has no manifest; all wait."""
     shard_dir = Path(data.shard_dir)
     if rank == 0 and not (shard_dir / "manifest.json").is_file():
@@ -197,7 +210,7 @@ def endless_batches(
 
 
 def epoch_batches(
-    data: DataConfig, rank: int, world_size: int, micro_batch_size: int, gen: GenerateSpec
+    data: DataConfig, rank: int, world_size: int, micro_batch_size: int, gen: GenerateFields
 ) -> int:
     """Full micro-batches each rank reads in one epoch of `endless_batches` over `data` (the
     first, `data.epoch`; TrainerConfig.epochs). The data is generated first when missing.
@@ -220,7 +233,8 @@ def epoch_batches(
 
 
 __all__ = [
-    "GenerateSpec",
+    "TINY_TOKENIZER",
+    "GenerateFields",
     "check_keys",
     "data_config",
     "describe_config",

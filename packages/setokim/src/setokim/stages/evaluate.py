@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from setokim.stages.common import check_keys
+from setokim.stages.common import GenerateFields, check_keys
 from setokim.train.result import TrainResult
 
 EVAL_SUBDIR = "eval"
@@ -52,7 +52,7 @@ SHAPES_TASKS: tuple[str, ...] = (
 
 
 @dataclass
-class EvalStageConfig:
+class EvalStageConfig(GenerateFields):
     """`stage.params` of the eval stage (unknown keys are rejected by `build`).
 
     checkpoint wins over tiny_random (so one override turns the smoke exp into a real eval).
@@ -79,10 +79,8 @@ class EvalStageConfig:
     n_resamples: int = 1000
     generation: dict[str, dict[str, Any]] = field(default_factory=dict)
     extractors: dict[str, str] = field(default_factory=dict)
-    generate_if_missing: bool = False
+    generate_if_missing: bool = False  # GenerateFields, with an eval's defaults
     generate_train: int = 64
-    generate_image_size: int = 64
-    generate_seed: int = 0
     wait_timeout_s: float = 3600.0
     progress: bool = True
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,9 @@ def trainer_config(
     spec: TrainerConfig | Mapping[str, Any], base: Mapping[str, Any]
 ) -> TrainerConfig:
     """A TrainerConfig, or a partial mapping over `base` (the pipeline's trainer defaults)."""
-    if isinstance(spec, TrainerConfig):
-        return spec
-    known = {f.name for f in fields(TrainerConfig)}
-    merged = {**base, **dict(spec)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ValueError(f"trainer: unknown key(s) {unknown}; known: {sorted(known)}")
-    return TrainerConfig(**merged)
+    from setok_tokenizer.config import from_dict
+
+    return from_dict(TrainerConfig, spec, from_dict(TrainerConfig, base), "trainer")
 
 
 def _rank() -> int:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from setok_decoders.losses import mask_consistency_kl, resize_masks
 from setok_tokenizer import SeTok
 from setokim.stages.common import (
+    GenerateFields,
     check_keys,
     data_config,
     describe_config,
@@ -33,24 +34,21 @@ from setokim.stages.common import (
     trainable_parameters,
 )
 
-_DEFAULT_TOKENIZER: dict[str, Any] = {
-    "encoder": {"family": "vit", "preset": "tiny", "image_size": 64, "freeze": False},
+_DEFAULT_TOKENIZER: dict[str, Any] = {  # over TINY_TOKENIZER
+    "encoder": {"freeze": False},
     # The fixed kernel 8 ln 2: the KL acts through the seeds' kernels only, and on untrained
     # patch-8 features the adaptive default finds 1-2 peaks that the KL cannot split
     # (benchmarks/RESULTS.md, "Token count"); Stage I's grouping term is what makes peaks.
     "clustering": {
-        "mechanism": "dynamic",
         "assignment": "soft",
-        "max_clusters": 8,
         "kernel_scale": 8 * math.log(2.0),
     },
-    "merger": {"num_blocks": 1, "num_heads": 2},
 }
 _DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_quickstart", "task": "caption"}
 
 
 @dataclass
-class QuickstartConfig:
+class QuickstartConfig(GenerateFields):
     """tokenizer / data: SeTokConfig / DataConfig as nested mappings (Hydra interpolations);
     a partial mapping overrides the defaults below, key by key.
 
@@ -58,12 +56,8 @@ class QuickstartConfig:
     dataset written when data.shard_dir has none.
     """
 
-    tokenizer: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_TOKENIZER))
+    tokenizer: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_DATA))
-    generate_if_missing: bool = True
-    generate_train: int = 256
-    generate_image_size: int = 64
-    generate_seed: int = 0
     kl_eps: float = 1e-6
     background: bool = True
 
@@ -95,7 +89,7 @@ class QuickstartStage:
 
     def __init__(self, cfg: QuickstartConfig) -> None:
         self.cfg = cfg
-        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
+        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer, tokenizer_config(_DEFAULT_TOKENIZER))
         self.data_cfg = data_config(cfg.data, _DEFAULT_DATA, "quickstart stage")
         if self.tokenizer_cfg.encoder.freeze:
             raise ValueError(

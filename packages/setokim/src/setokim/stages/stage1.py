@@ -43,6 +43,7 @@ from setok_decoders import (
 from setok_tokenizer import SeTok, SeTokConfig
 from setok_tokenizer.config import from_dict
 from setokim.stages.common import (
+    GenerateFields,
     check_keys,
     data_config,
     endless_batches,
@@ -55,16 +56,11 @@ from setokim.stages.common import (
 )
 
 SUBPHASES = (1, 2)
-_DEFAULT_TOKENIZER: dict[str, Any] = {
-    "encoder": {"family": "vit", "preset": "tiny", "image_size": 64},
-    "clustering": {"mechanism": "dynamic", "assignment": "hard", "max_clusters": 8},
-    "merger": {"num_blocks": 1, "num_heads": 2},
-}
 _DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_stage1", "task": "image"}
 
 
 @dataclass
-class Stage1Config:
+class Stage1Config(GenerateFields):
     """tokenizer / data: partial SeTokConfig / DataConfig mappings over the defaults above.
 
     decoder: {"diffusion": DiffusionDecoderConfig fields, "mask": MaskDecoderConfig fields};
@@ -82,7 +78,7 @@ class Stage1Config:
     cpu_threads: torch.set_num_threads on CPU-only hosts (1 is fastest for the tiny U-Net).
     """
 
-    tokenizer: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_TOKENIZER))
+    tokenizer: dict[str, Any] = field(default_factory=dict)
     decoder: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_DATA))
     subphase: int = 1
@@ -98,10 +94,6 @@ class Stage1Config:
     group_weight: float = 0.0
     kl_mask_floor: float = 1e-4
     cpu_threads: int | None = None
-    generate_if_missing: bool = True
-    generate_train: int = 256
-    generate_image_size: int = 64
-    generate_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.subphase not in SUBPHASES:
@@ -234,7 +226,7 @@ class Stage1Stage:
 
     def __init__(self, cfg: Stage1Config) -> None:
         self.cfg = cfg
-        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
+        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer)
         if self.tokenizer_cfg.clustering.mechanism in ("resampler", "patch") and cfg.subphase == 2:
             raise ValueError(
                 f"stage1: tokenizer.clustering.mechanism {self.tokenizer_cfg.clustering.mechanism!r}"

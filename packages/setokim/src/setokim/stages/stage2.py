@@ -32,6 +32,8 @@ from setokim.data.config import DataConfig
 from setokim.model.config import SeTokIMConfig
 from setokim.model.packing import SequenceLayout, SpecialIds, collate_sequences
 from setokim.stages.common import (
+    TINY_TOKENIZER,
+    GenerateFields,
     check_keys,
     data_config,
     describe_config,
@@ -45,11 +47,7 @@ from setokim.stages.common import (
 )
 
 MODES = ("pretrain", "instruct")
-_DEFAULT_TOKENIZER: dict[str, Any] = {
-    "encoder": {"family": "vit", "preset": "tiny", "image_size": 64},
-    "clustering": {"mechanism": "dynamic", "assignment": "hard", "max_clusters": 8},
-    "merger": {"num_blocks": 1, "num_heads": 2},
-}
+_DEFAULT_TOKENIZER = TINY_TOKENIZER  # the name an earlier test imports
 _STAGE2_DATA: dict[str, Any] = {
     "shard_dir": "data/shapes_world_setokim",
     "task": "mix",
@@ -232,7 +230,7 @@ class MLLMStage:
 
 # ---- Stage II ----------------------------------------------------------------------------------
 @dataclass
-class Stage2Config:
+class Stage2Config(GenerateFields):
     """model: partial SeTokIMConfig (Hydra's `mllm` group); tokenizer: partial SeTokConfig
     for the random tokenizer used when `init_tokenizer` is None; data: partial DataConfig.
 
@@ -243,17 +241,13 @@ class Stage2Config:
     """
 
     model: dict[str, Any] = field(default_factory=dict)
-    tokenizer: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_TOKENIZER))
+    tokenizer: dict[str, Any] = field(default_factory=dict)
     init_tokenizer: str | None = None
     decoder_path: str | None = None
     mask_decoder_path: str | None = None
     data: dict[str, Any] = field(default_factory=lambda: dict(_STAGE2_DATA))
     max_text_tokens: int | None = None
     cpu_threads: int | None = None
-    generate_if_missing: bool = True
-    generate_train: int = 256
-    generate_image_size: int = 64
-    generate_seed: int = 0
 
 
 class Stage2Stage(MLLMStage):
@@ -269,7 +263,7 @@ class Stage2Stage(MLLMStage):
         self.model_cfg.lora = replace(self.model_cfg.lora, enabled=False)
         self.source = resolve_tokenizer_source(cfg.init_tokenizer) if cfg.init_tokenizer else None
         if self.source is None:
-            self.model_cfg.tokenizer = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
+            self.model_cfg.tokenizer = tokenizer_config(cfg.tokenizer)
         self.data_cfg = data_config(cfg.data, self.data_defaults, self.name)
         self._tokenizer: Any = None
 

@@ -29,6 +29,7 @@ from torch import nn
 from setok_tokenizer.config import from_dict
 from setokim.model.config import LoRAConfig, SeTokIMConfig
 from setokim.stages.common import (
+    GenerateFields,
     check_keys,
     data_config,
     is_main,
@@ -36,7 +37,6 @@ from setokim.stages.common import (
     tokenizer_config,
 )
 from setokim.stages.stage2 import (
-    _DEFAULT_TOKENIZER,
     BatchHook,
     MLLMStage,
     mllm_config,
@@ -59,7 +59,7 @@ _STAGE3_DATA: dict[str, Any] = {
 
 
 @dataclass
-class Stage3Config:
+class Stage3Config(GenerateFields):
     """init_from: a Stage II export (None: a random tiny model from `model`/`tokenizer`,
     or with the SeTok of `init_tokenizer`). lora: partial LoRAConfig (rank, alpha, dropout,
     target_modules, train_heads) over `model.lora`. data: partial DataConfig.
@@ -72,7 +72,7 @@ class Stage3Config:
 
     init_from: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
-    tokenizer: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_TOKENIZER))
+    tokenizer: dict[str, Any] = field(default_factory=dict)
     init_tokenizer: str | None = None
     lora: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=lambda: dict(_STAGE3_DATA))
@@ -80,10 +80,6 @@ class Stage3Config:
     caption_prompt: str | None = None
     max_text_tokens: int | None = None
     cpu_threads: int | None = None
-    generate_if_missing: bool = True
-    generate_train: int = 256
-    generate_image_size: int = 64
-    generate_seed: int = 0
 
 
 def lora_config(spec: Mapping[str, Any], base: LoRAConfig) -> LoRAConfig:
@@ -116,7 +112,7 @@ class Stage3Stage(MLLMStage):
         else:
             base = mllm_config(cfg.model, self.name)
             if cfg.init_tokenizer is None:
-                base.tokenizer = tokenizer_config(cfg.tokenizer, _DEFAULT_TOKENIZER)
+                base.tokenizer = tokenizer_config(cfg.tokenizer)
         lora_spec = {**dict(cfg.model.get("lora") or {}), **cfg.lora}
         self.model_cfg = replace(base, lora=lora_config(lora_spec, base.lora))
         self.data_cfg = data_config(cfg.data, _STAGE3_DATA, self.name)
