@@ -185,7 +185,12 @@ def score_cell(row: Row, base: Row, col: Mapping[str, Any], n_resamples: int, se
     if not ids:
         return Cell("—")
     value = reduce_states(states, reducer)
-    ci = states_ci(states, reducer, n_resamples=n_resamples, seed=seed)
+    stored = _stored_metric(row, col)
+    if stored is not None and stored.get("ci95") and not col.get("subset"):
+        # The eval's own value and interval (CIDEr-D resamples its corpus statistics).
+        value, ci = float(stored["value"]), tuple(stored["ci95"])
+    else:
+        ci = states_ci(states, reducer, n_resamples=n_resamples, seed=seed)
     cell = Cell("", value, ci, len(ids))
     if row is not base:
         b = _item_states(base, col["task"], col["metric"])
@@ -202,6 +207,13 @@ def score_cell(row: Row, base: Row, col: Mapping[str, Any], n_resamples: int, se
                 cell.delta, cell.p, cell.test = res.delta, res.p_value, res.method
     cell.text = _score_text(cell)
     return cell
+
+
+def _stored_metric(row: Row, col: Mapping[str, Any]) -> dict[str, Any] | None:
+    if row.results is None:
+        return None
+    entry = row.results["tasks"].get(col["task"], {})
+    return entry.get("metrics", {}).get(col["metric"])
 
 
 def _fmt(x: float) -> str:
