@@ -19,6 +19,8 @@ from setokim.data.converters.common import (
     Converted,
     Records,
     load_json,
+    numbers,
+    optional,
     read_image,
     require,
     write_split,
@@ -48,12 +50,11 @@ def coco_objects(
     for a in anns:
         where = f"annotation id {a.get('id')!r}" if isinstance(a, dict) else "annotation"
         try:
-            bbox = require(a, "bbox", list)
-            if len(bbox) != 4 or not all(isinstance(v, int | float) for v in bbox):
-                raise ValueError(f"field 'bbox': expected [x, y, w, h], got {bbox!r:.60}")
-            x, y, w, h = bbox
+            x, y, w, h = numbers(require(a, "bbox", list), 4, "bbox")
             seg = require(a, "segmentation", (list, dict))
             cat = require(a, "category_id", int)
+            area = optional(a, "area", (int, float))
+            optional(a, "iscrowd", int)
             if cat not in cats:
                 raise ValueError(
                     f"field 'category_id': {cat} is not in the file's categories "
@@ -71,7 +72,7 @@ def coco_objects(
                 mask=mask,
                 name=name,
                 category=name,
-                area=float(a.get("area", w * h)),
+                area=float(w * h if area is None else area),
             )
         )
     return out
@@ -88,30 +89,50 @@ def iter_coco(
     caps_d, inst_d = load_json(captions_json), load_json(instances_json)
     if caps_d is None and inst_d is None:
         raise ValueError("give captions_json and/or instances_json")
-    images: dict[int, dict[str, Any]] = {}
-    for d, path in ((caps_d, captions_json), (inst_d, instances_json)):
-        for im in _list(d, "images", path):
-            with records.record(path, f"images[id={im.get('id') if isinstance(im, dict) else im}]"):
-                require(im, "file_name", str)
-                images[require(im, "id", int)] = im
+    images = read_images(caps_d, captions_json, records)
     captions: dict[int, list[str]] = defaultdict(list)
     for a in _list(caps_d, "annotations", captions_json):
         with records.record(captions_json, f"annotation id {_id(a)}"):
             caption = require(a, "caption", str)
             captions[require(a, "image_id", int)].append(caption.strip())
-    instances: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for a in _list(inst_d, "annotations", instances_json):
-        with records.record(instances_json, f"annotation id {_id(a)}"):
-            require(a, "id", int)
-            instances[require(a, "image_id", int)].append(a)
-    cats: dict[int, str] = {}
-    for c in _list(inst_d, "categories", instances_json):
-        with records.record(instances_json, f"category id {_id(c)}"):
-            cats[require(c, "id", int)] = require(c, "name", str)
+    inst_images, instances, cats = read_instances(inst_d, instances_json, records)
+    images.update(inst_images)
     for image_id in sorted(images):
         im = images[image_id]
         with records.record(instances_json or captions_json, f"image id {image_id}"):
             yield _coco_sample(image_dir, im, image_id, instances, cats, captions, key_prefix)
+
+
+def read_images(d: Any, path: str | Path | None, records: Records) -> dict[int, dict[str, Any]]:
+    """image id -> image record of an official COCO-format file (`id`, `file_name`; `width`
+    and `height` typed when present); bad records are named (or skipped) by `records`."""
+    images: dict[int, dict[str, Any]] = {}
+    for im in _list(d, "images", path):
+        with records.record(path or "", f"images[id={_id(im)}]"):
+            require(im, "file_name", str)
+            for name in ("width", "height"):
+                optional(im, name, int)
+            images[require(im, "id", int)] = im
+    return images
+
+
+def read_instances(
+    d: Any, path: str | Path | None, records: Records
+) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, str]]:
+    """(images, image id -> its instance annotations, category id -> name) of an official
+    `instances_*.json`; each annotation's `id` and `image_id` and each category's `id` and
+    `name` are checked here, the mask fields when its image is converted (`coco_objects`)."""
+    images = read_images(d, path, records)
+    instances: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for a in _list(d, "annotations", path):
+        with records.record(path or "", f"annotation id {_id(a)}"):
+            require(a, "id", int)
+            instances[require(a, "image_id", int)].append(a)
+    cats: dict[int, str] = {}
+    for c in _list(d, "categories", path):
+        with records.record(path or "", f"category id {_id(c)}"):
+            cats[require(c, "id", int)] = require(c, "name", str)
+    return images, instances, cats
 
 
 def _id(record: Any) -> Any:

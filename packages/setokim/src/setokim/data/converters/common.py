@@ -89,9 +89,12 @@ class RecordError(ValueError):
         super().__init__(f"{self.file}: record {record!r}: {reason}")
 
 
-def _reason(exc: BaseException) -> str:
+def record_reason(exc: BaseException) -> str:
+    """An exception raised while checking a record, as the reason a RecordError gives."""
     if isinstance(exc, KeyError):
         return f"missing field {exc.args[0]!r}" if exc.args else "missing field"
+    if type(exc) in (ValueError, TypeError):  # the checks' own messages name the field
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -111,7 +114,7 @@ class Records:
         except RecordError as err:
             self._bad(err)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError) as exc:
-            self._bad(RecordError(file, record_id, _reason(exc)))
+            self._bad(RecordError(file, record_id, record_reason(exc)))
 
     def _bad(self, err: RecordError) -> None:
         if not self.skip_bad:
@@ -137,19 +140,43 @@ def load_json(path: str | Path | None) -> Any:
         raise ValueError(f"annotation file {str(p)!r} is not valid JSON: {exc}") from None
 
 
-def require(record: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    """`record[name]` checked against the official type (KeyError / TypeError name it)."""
+def require(
+    record: dict[str, Any], name: str, kind: type | tuple[type, ...], *, prefix: str = ""
+) -> Any:
+    """`record[name]` checked against the official type (KeyError / TypeError name it as
+    `prefix + name`, e.g. "image.width")."""
     if not isinstance(record, dict):
-        raise TypeError(f"record must be a JSON object, got {type(record).__name__}")
+        where = f"{prefix.rstrip('.')} " if prefix else "record "
+        raise TypeError(f"{where}must be a JSON object, got {type(record).__name__}")
     if name not in record:
-        raise KeyError(name)
+        raise KeyError(f"{prefix}{name}")
     value = record[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = "/".join(k.__name__ for k in kinds)
+        names = "/".join("null" if k is type(None) else k.__name__ for k in kinds)
         raise TypeError(
-            f"field {name!r}: expected {names}, got {type(value).__name__} {value!r:.60}"
+            f"field {prefix + name!r}: expected {names}, got {type(value).__name__} {value!r:.60}"
         )
+    return value
+
+
+def optional(
+    record: dict[str, Any], name: str, kind: type | tuple[type, ...], *, prefix: str = ""
+) -> Any:
+    """`record[name]` when the record has it (checked like `require`), else None."""
+    if isinstance(record, dict) and name not in record:
+        return None
+    return require(record, name, kind, prefix=prefix)
+
+
+def numbers(value: Any, count: int, name: str) -> list[float]:
+    """A list of `count` JSON numbers (a box, a size), or ValueError naming the field."""
+    if (
+        not isinstance(value, list)
+        or len(value) != count
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"field {name!r}: expected a list of {count} numbers, got {value!r:.60}")
     return value
 
 

@@ -4,8 +4,10 @@ InstructPix2Pix (the released generated dataset): one folder per prompt with
 ``prompt.json`` ({"input", "edit", "output"} captions/instruction) and image pairs
 ``{seed}_0.jpg`` (before) / ``{seed}_1.jpg`` (after); every seed becomes one sample.
 MagicBrush (the released dev/test archive): ``edit_sessions.json`` =
-{img_id: [{"input": file, "output": file, "instruction": str}, ...]} and images under
-``images/{img_id}/``; every turn becomes one sample.
+{img_id: [{"input": file, "mask": file, "output": file, "instruction": str}, ...]} and images
+under ``images/{img_id}/``; every turn becomes one sample. Every field is checked against
+these schemas; a bad record names the file, the record (folder's prompt / seed, image id and
+turn) and the field, or is counted and skipped with `skip_bad`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from setokim.data.converters.common import Converted, Records, load_json, read_image, write_split
+from setokim.data.converters.common import (
+    Converted,
+    Records,
+    load_json,
+    optional,
+    read_image,
+    require,
+    write_split,
+)
 from setokim.data.schema import EditItem, SampleAnnotation
 from setokim.data.shards import safe_key
 
@@ -51,20 +61,30 @@ def iter_instructpix2pix(root: str | Path, records: Records | None = None) -> It
     if not folders:
         raise ValueError(f"root {str(root)!r} has no */prompt.json (InstructPix2Pix layout)")
     for folder in folders:
-        prompt = load_json(folder / "prompt.json")
-        for before in sorted(folder.glob("*_0.jpg")):
-            seed = before.name[: -len("_0.jpg")]
-            after = folder / f"{seed}_1.jpg"
+        prompt_path = folder / "prompt.json"
+        seeds = sorted(p.name[: -len("_0.jpg")] for p in folder.glob("*_0.jpg"))
+        ok = False
+        with records.record(prompt_path, "prompt"):  # the folder's record: all its seeds
+            prompt = load_json(prompt_path)
+            for name in ("input", "edit", "output"):  # official: all three captions
+                require(prompt, name, str)
+            if not seeds:
+                raise ValueError("no {seed}_0.jpg / {seed}_1.jpg image pair next to it")
+            ok = True
+        if not ok:
+            continue  # skipped (skip_bad): counted and reported
+        for seed in seeds:
+            before, after = folder / f"{seed}_0.jpg", folder / f"{seed}_1.jpg"
             key = safe_key(f"ip2p-{folder.relative_to(root).as_posix()}-{seed}")
-            with records.record(folder / "prompt.json", f"seed {seed}"):
+            with records.record(prompt_path, f"seed {seed}"):
                 yield _pair(
                     key,
                     before,
                     after,
                     prompt["edit"],
                     "instructpix2pix",
-                    [prompt.get("input", "")],
-                    {"output_caption": prompt.get("output", "")},
+                    [prompt["input"]],
+                    {"output_caption": prompt["output"]},
                 )
 
 
@@ -75,11 +95,27 @@ def iter_magicbrush(root: str | Path, records: Records | None = None) -> Iterato
     if not sessions_path.is_file():
         raise FileNotFoundError(f"root {str(root)!r} has no edit_sessions.json (MagicBrush layout)")
     sessions = load_json(sessions_path)
+    if not isinstance(sessions, dict):
+        raise ValueError(
+            f"{sessions_path}: expected an object {{img_id: [turns]}}, got {type(sessions).__name__}"
+        )
     for img_id in sorted(sessions):
-        for turn, t in enumerate(sessions[img_id]):
+        turns = sessions[img_id]
+        ok = False
+        with records.record(sessions_path, img_id):
+            if not isinstance(turns, list):
+                raise TypeError(f"field {img_id!r}: expected a list of turns, got {turns!r:.60}")
+            ok = True
+        if not ok:
+            continue  # skipped (skip_bad): counted and reported
+        for turn, t in enumerate(turns):
             folder = root / "images" / img_id
             key = safe_key(f"magicbrush-{img_id}-{turn}")
             with records.record(sessions_path, f"{img_id} turn {turn}"):
+                prefix = f"{img_id}[{turn}]."
+                for name in ("input", "output", "instruction"):
+                    require(t, name, str, prefix=prefix)
+                optional(t, "mask", str, prefix=prefix)
                 yield _pair(
                     key,
                     folder / t["input"],

@@ -45,7 +45,15 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from setokim.data.converters.common import Converted, Records, image_size, write_split
+from setokim.data.converters.common import (
+    Converted,
+    Records,
+    image_size,
+    numbers,
+    record_reason,
+    require,
+    write_split,
+)
 from setokim.data.rle import decode_mask, encode_mask
 from setokim.data.schema import ObjectAnn, SampleAnnotation
 from setokim.data.shards import iter_tar_samples
@@ -148,6 +156,38 @@ def _object(rle: dict[str, Any]) -> ObjectAnn:
     )
 
 
+def check_sa1b_record(d: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An SA-1B JSON against the release's schema, field by field: image {image_id, width,
+    height (int), file_name (str)}; each annotation {id (int), segmentation {size [h, w],
+    counts (compressed RLE str)}, bbox [x, y, w, h], area, predicted_iou, stability_score,
+    crop_box, point_coords}. Errors name the annotation id and the field."""
+    info = require(d, "image", dict)
+    require(info, "image_id", int, prefix="image.")
+    for name in ("width", "height"):
+        if require(info, name, int, prefix="image.") < 1:
+            raise ValueError(f"field 'image.{name}': must be >= 1, got {info[name]}")
+    require(info, "file_name", str, prefix="image.")
+    anns = require(d, "annotations", list)
+    for i, a in enumerate(anns):
+        ann_id = a.get("id") if isinstance(a, dict) else None
+        try:
+            require(a, "id", int)
+            seg = require(a, "segmentation", dict)
+            numbers(require(seg, "size", list, prefix="segmentation."), 2, "segmentation.size")
+            require(seg, "counts", str, prefix="segmentation.")
+            numbers(require(a, "bbox", list), 4, "bbox")
+            for name in ("area", "predicted_iou", "stability_score"):
+                require(a, name, (int, float))
+            numbers(require(a, "crop_box", list), 4, "crop_box")
+            for point in require(a, "point_coords", list):
+                numbers(point, 2, "point_coords")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"annotation {f'id {ann_id}' if ann_id is not None else f'#{i}'}: {record_reason(exc)}"
+            ) from None
+    return info, anns
+
+
 def sa1b_sample(
     where: str, image: bytes, annotation: bytes, sel: Selection, max_side: int | None = None
 ) -> tuple[Converted, int]:
@@ -156,40 +196,37 @@ def sa1b_sample(
         d = json.loads(annotation)
     except ValueError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc})") from exc
-    if not isinstance(d, dict) or not isinstance(d.get("image"), dict):
-        raise ValueError(f"{where}: has no 'image' object")
-    if not isinstance(d.get("annotations"), list):
-        raise ValueError(f"{where}: has no 'annotations' list")
-    info = d["image"]
-    image_id = info.get("image_id")
-    if not isinstance(image_id, int):
-        raise ValueError(f"{where}: image.image_id must be an int, got {image_id!r}")
+    try:
+        info, anns = check_sa1b_record(d)
+    except (KeyError, TypeError, ValueError) as exc:
+        image = d.get("image") if isinstance(d, dict) else None
+        iid = image.get("image_id") if isinstance(image, dict) else None
+        named = f"image_id {iid}: " if isinstance(iid, int) else ""
+        raise ValueError(f"{where}: {named}{record_reason(exc)}") from None
+    image_id = info["image_id"]
     try:
         w, h = image_size(image)
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad bytes
         raise ValueError(f"{where}: its image cannot be read ({exc})") from exc
-    if (info.get("width"), info.get("height")) != (w, h):
+    if (info["width"], info["height"]) != (w, h):
         raise ValueError(
-            f"{where}: image.width/height {info.get('width')}x{info.get('height')} differ from "
-            f"the JPEG's {w}x{h}"
+            f"{where}: fields 'image.width'/'image.height' {info['width']}x{info['height']} "
+            f"differ from the JPEG's {w}x{h}"
         )
     rles, ids = [], []
-    for a in d["annotations"]:
-        seg = a.get("segmentation") if isinstance(a, dict) else None
-        ann_id = a.get("id") if isinstance(a, dict) else None
-        if not isinstance(seg, dict) or not isinstance(seg.get("counts"), str):
-            raise ValueError(f"{where}: annotation {ann_id} has no compressed RLE segmentation")
-        if list(seg.get("size", ())) != [h, w]:
+    for a in anns:
+        seg = a["segmentation"]
+        if list(seg["size"]) != [h, w]:
             raise ValueError(
-                f"{where}: annotation {ann_id} mask size {seg.get('size')} differs from the "
-                f"image's [h, w] = [{h}, {w}]"
+                f"{where}: annotation id {a['id']}: field 'segmentation.size' {seg['size']} "
+                f"differs from the image's [h, w] = [{h}, {w}]"
             )
         rles.append({"size": [h, w], "counts": seg["counts"].encode("ascii")})
-        ids.append(ann_id)
+        ids.append(a["id"])
     kept = select_masks(rles, w * h, sel)
     new_size = _resized_size(w, h, max_side)
     masks = [{"size": [h, w], "counts": rles[i]["counts"].decode("ascii")} for i in kept]
-    meta: dict[str, Any] = {"image_id": image_id, "file_name": info.get("file_name", "")}
+    meta: dict[str, Any] = {"image_id": image_id, "file_name": info["file_name"]}
     if new_size is not None:
         image = _resize_jpeg(image, new_size)
         masks = [_resize_mask(m, new_size) for m in masks]
