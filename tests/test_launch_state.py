@@ -157,9 +157,14 @@ def test_local_array_runs_one_lane_at_parallelism_one(
 
 @pytest.mark.slow
 def test_threshold_row_of_the_clustering_ablation_trains(tmp_path: Path) -> None:
+    # A row is the whole SeTokIM pipeline, its eval and row.json (budget=smoke: minutes).
     args = ["+exp=ablation_clustering", f"run_root={tmp_path}", "launcher=inline",
-            "--only", "threshold", "trainer.max_steps=2", "data.generate=true"]  # fmt: skip
+            "--only", "threshold", "budget=smoke"]  # fmt: skip
     assert main(args) == 0
     (status_file,) = (tmp_path / "ablation_clustering").glob("*/job_status.json")
     status = json.loads(status_file.read_text())
     assert status["state"] == "COMPLETED" and math.isfinite(status["last_loss"])
+    row = json.loads((status_file.parent / "row.json").read_text())
+    assert row["mechanism"] == "threshold" and row["tokens_min"] >= 1
+    assert list(row["steps"]) == ["stage1", "stage2", "stage3"]
+    assert (tmp_path / "ablation_clustering" / "report" / "table.md").is_file()

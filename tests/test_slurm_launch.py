@@ -95,27 +95,34 @@ def test_ablation_array_runs_to_completion_through_sbatch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "runs"
+    # Two Table 5 rows (each the SeTokIM pipeline at budget=smoke) as one array, then the
+    # report job that SLURM starts after the array (afterany), without --wait.
     args = [
         "+exp=ablation_clustering",
         f"run_root={root}",
         "--only",
-        "dynamic_soft,fixed_8",
-        "trainer.max_steps=2",
-        "trainer.micro_batch_size=4",
-        "trainer.ckpt_every=1",
-        "stage.params.generate_train=16",
+        "dynamic_hard,fixed_8",
+        "budget=smoke",
         "wandb=disabled",
         *SLURM,
-        "--wait",
     ]
     assert main(args) == 0, capsys.readouterr()
-    jobs = _jobs(root / "ablation_clustering")
-    assert sorted(j["name"] for j in jobs.values()) == ["dynamic_soft", "fixed_8"]
+    out = capsys.readouterr().out
+    exp = root / "ablation_clustering"
+    jobs = _jobs(exp)
+    assert sorted(j["name"] for j in jobs.values()) == ["dynamic_hard", "fixed_8"]
     ids = [j["job_id"] for j in jobs.values()]
-    _wait_for(lambda: set(slurm_states(ids).values()) == {"COMPLETED"}, 60, f"sacct {ids}")
+    report_id = out.split("report job ", 1)[1].split(":", 1)[0]
+    assert "_" not in report_id and report_id != ids[0].split("_")[0]
+    done = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+    _wait_for(lambda: set(slurm_states([report_id]).values()) <= done, 900, "the report job")
+    assert set(slurm_states(ids).values()) == {"COMPLETED"}
+    assert slurm_states([report_id]) == {report_id: "COMPLETED"}
     for run_dir in jobs:
         assert read_status(run_dir)["state"] == "COMPLETED"  # type: ignore[index]
-        assert (Path(run_dir) / "metrics.jsonl").is_file()
+        assert (Path(run_dir) / "row.json").is_file()
+    md = (exp / "report" / "table.md").read_text()
+    assert "dynamic_hard (baseline)" in md and "fixed_8" in md
 
 
 def _start_slow_toy(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, Path]:
