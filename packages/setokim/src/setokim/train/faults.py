@@ -3,7 +3,11 @@ checkpoint files, compare final weights bit for bit.
 
 The reliability tests and `benchmarks/fault_injection.py` share it. A job runs as
 `python -m setokim.train.cli` in a fresh process (one thread), so a killed run, its resume
-and the uninterrupted reference all start from the same import and thread state.
+and the uninterrupted reference all start from the same import and thread state. With
+`FaultJob.fork` the process is instead forked from the calling interpreter once it has
+imported the stage (`ForkedRun`): still a separate process that a real SIGTERM or SIGKILL
+ends, but without the ~15 s of imports per run, which is what makes hundreds of kill points
+affordable on a CPU box. The caller must be single-threaded (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +38,24 @@ class FaultJob:
     params: dict[str, Any]
     settings: dict[str, Any]
     env: dict[str, str] = field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+    fork: bool = False
 
-    def command(self, run_dir: Path) -> list[str]:
+    def cli_args(self, run_dir: Path) -> list[str]:
+        """The arguments of `python -m setokim.train.cli` that run this job in `run_dir`."""
         sets = [f"{k}={json.dumps(v)}" for k, v in self.settings.items()]
         params = [f"{k}={json.dumps(v)}" for k, v in self.params.items()]
         return [
-            sys.executable, "-m", "setokim.train.cli", self.stage, str(run_dir),
-            "--set", *sets, "progress=false", "log_every=1", "--param", *params,
+            self.stage, str(run_dir), "--set", *sets, "progress=false", "log_every=1",
+            "--param", *params,
         ]  # fmt: skip
 
-    def spawn(self, run_dir: Path) -> subprocess.Popen[str]:
+    def command(self, run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "setokim.train.cli", *self.cli_args(run_dir)]
+
+    def spawn(self, run_dir: Path) -> subprocess.Popen[str] | ForkedRun:
         """Start the job (training or resuming in `run_dir`) in a child process."""
+        if self.fork:
+            return ForkedRun(self.cli_args(run_dir))
         env = {**os.environ, **self.env}
         return subprocess.Popen(
             self.command(run_dir),
@@ -75,6 +89,89 @@ class FaultJob:
         }
 
 
+class _Output:
+    """The child's captured stream, read back as text (the `Popen.stderr` a caller reads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> str:
+        if not self.path.is_file():
+            return ""
+        return self.path.read_text(encoding="utf-8", errors="replace")
+
+
+class ForkedRun:
+    """`setokim.train.cli.main(args)` in a child forked from this interpreter; the subset of
+    `subprocess.Popen` that `kill_at_step` and `FaultJob.run` use (stdout and stderr go to
+    temporary files). The child inherits the imports, not the training: it builds the stage,
+    loads its checkpoint and trains as a fresh launch would, and ends with `os._exit`."""
+
+    def __init__(self, args: list[str]) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="forked_run_"))
+        out_path, err_path = self._dir / "stdout", self._dir / "stderr"
+        self.stdout, self.stderr = _Output(out_path), _Output(err_path)
+        self.returncode: int | None = None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for fd, path in ((1, out_path), (2, err_path)):
+                    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    os.dup2(target, fd)
+                    os.close(target)
+                from setokim.train.cli import main
+
+                code = main(args)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+                if not isinstance(exc.code, int | None):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - the child reports every failure
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code or 0)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"forked run {self.pid}", timeout or 0)
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the child; (its stdout, its stderr), and the temporary files removed."""
+        self.wait(timeout)
+        out, err = self.stdout.read(), self.stderr.read()
+        for path in (self.stdout.path, self.stderr.path):
+            path.unlink(missing_ok=True)
+        self._dir.rmdir()
+        return out, err
+
+
 def tiny_stage1_params(data_dir: Path, **overrides: Any) -> dict[str, Any]:
     """Stage I params small enough for one CPU core: 32 px images, a 16 px diffusion
     decoder with cross-attention at 8x8, a one-layer mask decoder; data generated on use."""
@@ -103,10 +200,30 @@ def tiny_stage1_params(data_dir: Path, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def tiny_jobs(data_root: Path, settings: dict[str, Any]) -> dict[str, FaultJob]:
+def tiny_mllm_params(data_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Stage II / III params for one CPU core: the tiny random SeTok and LLM, 8 generated
+    64 px Shapes World images (every task view; Stage II and III can share them)."""
+    return {"data": {"shard_dir": str(data_dir)}, "generate_train": 8, "cpu_threads": 1,
+            **overrides}  # fmt: skip
+
+
+TINY_LORA = {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+
+
+def tiny_jobs(
+    data_root: Path,
+    settings: dict[str, Any],
+    *,
+    stage3_init: Path | None = None,
+    fork: bool = False,
+) -> dict[str, FaultJob]:
     """One small job per objective and phase layout, data under `data_root`:
-    `stage1` is a combined run (4 sub-phase-1 micro-batches, then sub-phase 2)."""
-    return {
+    `stage1` is a combined run (4 sub-phase-1 micro-batches, then sub-phase 2); `stage3`
+    trains LoRA over `stage3_init` (a Stage II export) or, None, over a seeded random model."""
+    s3 = tiny_mllm_params(data_root / "s23", lora=TINY_LORA)
+    if stage3_init is not None:
+        s3["init_from"] = str(stage3_init)
+    jobs = {
         "quickstart": FaultJob(
             "quickstart",
             {"data": {"shard_dir": str(data_root / "qs")}, "generate_train": 16},
@@ -117,7 +234,14 @@ def tiny_jobs(data_root: Path, settings: dict[str, Any]) -> dict[str, FaultJob]:
             tiny_stage1_params(data_root / "s1", subphase=2, subphase1_batches=4),
             {**settings, "micro_batch_size": 2},
         ),
+        "stage2": FaultJob(
+            "stage2", tiny_mllm_params(data_root / "s23"), {**settings, "micro_batch_size": 2}
+        ),
+        "stage3": FaultJob("stage3", s3, {**settings, "micro_batch_size": 2}),
     }
+    for job in jobs.values():
+        job.fork = fork
+    return jobs
 
 
 def logged_step(run_dir: Path) -> int:
@@ -197,11 +321,14 @@ def differing(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> li
 
 __all__ = [
     "DAMAGES",
+    "TINY_LORA",
     "FaultJob",
+    "ForkedRun",
     "damage",
     "differing",
     "kill_at_step",
     "logged_step",
     "tiny_jobs",
+    "tiny_mllm_params",
     "tiny_stage1_params",
 ]
