@@ -2,9 +2,11 @@
 """SeTokIM on Shapes World: run (or reuse) the Stage I -> II -> III pipeline of
 `+exp=setokim_shapes`, then evaluate the Stage III export with the eval suite.
 
-Measured: VQA accuracy vs the blind (question-only) baseline of the dataset card, caption
-CIDEr-D, REC Acc@0.5, ReasonSeg gIoU, editing L1, visual tokens per image of SeTok vs the
-`patch` mechanism (same trained encoder and merger, clustering.mechanism=patch), and the
+Measured: VQA accuracy per question type beside the blind (question-only) baseline and the
+shifted-image control (each document with another test scene's image; also for CIDEr-D),
+both from `setok_eval.controls` on exactly the evaluated documents; caption CIDEr-D, REC
+Acc@0.5, ReasonSeg gIoU, editing L1, visual tokens per image of SeTok vs the `patch`
+mechanism (same trained encoder and merger, clustering.mechanism=patch), and the
 LLM's prefill FLOPs per VQA sample for both (setok_eval.metrics.flops; also for a
 Vicuna-7B-sized LLM with the same token counts). Also the segmentation ceiling that Stage I
 sets: gIoU when the mask decoder gets the true region embedding (the frozen SeTok token
@@ -23,7 +25,6 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,26 +57,34 @@ def compose(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     return obj, params  # type: ignore[return-value]
 
 
-def blind_from_card(shard_dir: Path, docs: list[dict[str, Any]]) -> dict[str, float]:
+def blind_from_card(shard_dir: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
     """Question-only baselines: the card's figure for the test split, and the card's train
-    majority answer per question type scored on exactly the evaluated documents."""
-    from setokim.data.card import vqa_accuracy
+    majority answer per question type scored on exactly the evaluated documents
+    (`blind_scores`: per-document scores by id, for the per-type table)."""
+    from setok_eval.controls import blind_scores, majority_answers
 
     card = json.loads((shard_dir / "dataset_card.json").read_text(encoding="utf-8"))
     per = card["blind_baseline"]["test"]
     n = sum(v["n"] for v in per.values())
     full = sum(v["by_type"] * v["n"] for v in per.values()) / n
     full_q = sum(v["by_question"] * v["n"] for v in per.values()) / n
-    majority = {
-        qtype: Counter(answers).most_common(1)[0][0]
-        for qtype, answers in card["splits"]["train"]["vqa_answers"].items()
-    }
-    scored = [vqa_accuracy(majority.get(d["question_type"], ""), d["answers"]) for d in docs]
+    scores = blind_scores(docs, majority_answers(card["splits"]["train"]["vqa_answers"]))
     return {
         "blind_by_type_test": full,
         "blind_by_question_test": full_q,
-        "blind_by_type_evaluated": sum(scored) / max(len(scored), 1),
+        "blind_by_type_evaluated": sum(scores.values()) / len(scores),
+        "blind_scores": scores,
     }
+
+
+def evaluated(results: dict[str, Any], task: Any, data_root: Path, metric: str) -> tuple:
+    """The documents a task was scored on (by the result's item ids) and their scores by id."""
+    from setok_eval.documents import load_documents
+    from setok_eval.results import item_states
+
+    ids, states, _ = item_states(results["tasks"][task.name], metric)
+    by_id = {d["id"]: d for d in load_documents(task, data_root)[0]}
+    return [by_id[i] for i in ids], dict(zip(ids, states[:, 0].tolist(), strict=True))
 
 
 def token_budget(model: Any, docs: list[dict[str, Any]], data_root: Path) -> dict[str, Any]:
@@ -191,8 +200,10 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=24, help="documents per task")
     parser.add_argument("--edit-steps", type=int, default=10, help="diffusion steps for edit")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="shifted-image pairing, bootstrap")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
+    from setok_eval.controls import ShiftedImageAdapter, grouped_scores, shifted_image_map
     from setok_eval.runner import run_eval
     from setokim.data import generate_dataset
     from setokim.data.eval_export import export_eval_data, shapes_tasks
@@ -235,11 +246,25 @@ def main() -> int:
     )  # fmt: skip
     eval_s = time.perf_counter() - t1
     assert results is not None
-    docs = [
-        json.loads(line)
-        for line in (data_root / "data" / "eval" / "shapes_vqa.jsonl").read_text().splitlines()
-    ][: args.eval_limit]
+    by_name = {t.name: t for t in tasks}
+    docs, model_scores = evaluated(results, by_name["shapes_vqa"], data_root, "vqa_accuracy")
+    caption_docs, _ = evaluated(results, by_name["shapes_caption"], data_root, "cider_d")
     blind = blind_from_card(shard_dir, docs)
+    blind_per_doc = blind.pop("blind_scores")
+    mapping = shifted_image_map([d["image"] for d in docs + caption_docs], seed=args.seed)
+    shifted = run_eval(
+        ShiftedImageAdapter(adapter, mapping), [by_name["shapes_vqa"], by_name["shapes_caption"]],
+        run_dir / "eval_shifted", data_root=data_root, batch_size=args.batch_size,
+        limit=args.eval_limit, n_resamples=200, progress=True,
+    )  # fmt: skip
+    assert shifted is not None
+    _, shifted_scores = evaluated(shifted, by_name["shapes_vqa"], data_root, "vqa_accuracy")
+    per_type = {
+        name: grouped_scores(scores, docs, n_resamples=200, seed=args.seed)
+        for name, scores in (
+            ("model", model_scores), ("blind", blind_per_doc), ("shifted", shifted_scores)
+        )
+    }  # fmt: skip
     budget = token_budget(adapter.model, docs, data_root)
 
     def score(task: str, metric: str) -> float:
@@ -248,7 +273,9 @@ def main() -> int:
     figures = {
         "vqa_accuracy": score("shapes_vqa", "vqa_accuracy"),
         **blind,
+        "vqa_shifted": per_type["shifted"]["all"]["value"],
         "caption_cider_d": score("shapes_caption", "cider_d"),
+        "cider_shifted": float(shifted["tasks"]["shapes_caption"]["metrics"]["cider_d"]["value"]),
         "rec_acc_at_0.5": score("shapes_rec", "rec_accuracy"),
         "reasonseg_giou": score("shapes_reasonseg", "giou"),
         **oracle_segmentation(adapter.model, data_root, args.eval_limit),
@@ -263,6 +290,11 @@ def main() -> int:
     print(f"{'figure':32s} value")
     for key, value in figures.items():
         print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
+    print(f"\n{'VQA by question type':24s} {'n':>4s}  model / blind / shifted (95% CI)")
+    for qtype, cell in per_type["model"].items():
+        row = [per_type[k][qtype] for k in ("model", "blind", "shifted")]
+        text = " / ".join(f"{c['value']:.3f} [{c['ci95'][0]:.2f},{c['ci95'][1]:.2f}]" for c in row)
+        print(f"{qtype:24s} {cell['n']:4d}  {text}")
     print(
         f"{'visual tokens setok/patch':32s} {budget['tokens_setok_mean'] / budget['tokens_patch']:.3f}"
     )
@@ -271,6 +303,7 @@ def main() -> int:
         "benchmark": "measure_setokim", "run_dir": str(run_dir), "stages": losses,
         "eval_limit": args.eval_limit, "test_images": args.test_images,
         "edit_steps": args.edit_steps, "train_s": train_s, "eval_s": eval_s, **figures,
+        "vqa_by_type": {k: {n: c["value"] for n, c in v.items()} for k, v in per_type.items()},
     }))  # fmt: skip
     return 0
 
