@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from scipy.stats import spearmanr
 
 from setok_tokenizer.mechanisms import cluster_features
 from setok_tokenizer.planted import planted_scene, swallowed_groups
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # measure_stage1's helpers
 
 TIGHTNESS = {
     "loose": (0.75, 0.8),

@@ -43,7 +43,6 @@ VICUNA_7B = {
 
 def compose(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The experiment config (validated) and its resolved pipeline spec."""
-    sys.path.insert(0, str(ROOT / "experiments"))
     from omegaconf import OmegaConf
 
     from setok_experiments.compose import compose_experiment, validate

@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def stage1_shapes_settings(overrides: list[str]) -> tuple[dict[str, Any], Any]:
     """(stage params, TrainerConfig) of `+exp=stage1_shapes`, composed like the launcher does."""
-    sys.path.insert(0, str(ROOT / "experiments"))
     from omegaconf import OmegaConf
 
     from setok_experiments.compose import compose_experiment, validate

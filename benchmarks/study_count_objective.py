@@ -22,16 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_token_count import count_agreement  # noqa: E402
-from measure_stage1 import held_out, object_labels  # noqa: E402
+from bench_token_count import count_agreement
+from measure_stage1 import held_out, object_labels
 
 VARIANTS = ("kl", "kl_soft", "group", "group_kl", "old_kl")
 MAX_CLUSTERS = 12

@@ -11,18 +11,16 @@ commands. Also: the launch-time data check refuses the recipe unchanged on this 
 from __future__ import annotations
 
 import json
-import sys
 from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
+from setok_experiments.cli import main as launch
+from setokim.data.converters.fake_vqav2 import write_fake_vqav2
 
-from setok_experiments.cli import main as launch  # noqa: E402
-from setokim.data.converters.fake_vqav2 import write_fake_vqav2  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tool(rel: str) -> Any:

@@ -4,25 +4,22 @@ bad value fails at compose time naming its key, before anything is planned or qu
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
+
+from setok_experiments.cli import main
+from setok_experiments.compose import ConfigError, compose_experiment, validate
+from setok_tokenizer import SeTok, SeTokConfig
+from setokim.data.config import DataConfig
+from setokim.model.config import SeTokIMConfig
+from setokim.stages import build_stage
+from setokim.train.config import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.compose import ConfigError, compose_experiment, validate  # noqa: E402
-from setok_tokenizer import SeTok, SeTokConfig  # noqa: E402
-from setokim.data.config import DataConfig  # noqa: E402
-from setokim.model.config import SeTokIMConfig  # noqa: E402
-from setokim.stages import build_stage  # noqa: E402
-from setokim.train.config import TrainerConfig  # noqa: E402
 
 EXPERIMENTS = sorted(
     p.stem for p in (REPO / "experiments/conf/exp").glob("*.yaml") if not p.stem.startswith("_")

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.job import read_status  # noqa: E402
-from setokim.stages import build_stage  # noqa: E402
+from setok_experiments.cli import main
+from setok_experiments.job import read_status
+from setokim.stages import build_stage
 
 TASKS = ["shapes_vqa", "shapes_pope", "shapes_tokens"]
 LIMIT = 2

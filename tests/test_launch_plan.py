@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from setok_experiments.compose import ConfigError, load_experiment  # noqa: E402
-from setok_experiments.overrides import (  # noqa: E402
+from setok_experiments.compose import ConfigError, load_experiment
+from setok_experiments.overrides import (
     OverrideError,
     canonical,
     format_value,
     identity_overrides,
     parse_overrides,
 )
-from setok_experiments.plan import build_plan, split_exp  # noqa: E402
-from setok_experiments.rundir import override_hash, run_dir_for  # noqa: E402
-from setok_experiments.sweep import expand_sweep  # noqa: E402
+from setok_experiments.plan import build_plan, split_exp
+from setok_experiments.rundir import override_hash, run_dir_for
+from setok_experiments.sweep import expand_sweep
 
 
 def test_canonical_sorts_and_last_override_wins() -> None:

@@ -4,18 +4,14 @@ device from config files only), and the preflight refusals (missing path, `???`,
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.compose import ConfigError  # noqa: E402
-from setok_experiments.plan import build_plan, check_before_queue  # noqa: E402
+from setok_experiments.cli import main
+from setok_experiments.compose import ConfigError
+from setok_experiments.plan import build_plan, check_before_queue
 
 
 def _vit_g() -> dict:

@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.compose import (  # noqa: E402
+from setok_experiments.cli import main
+from setok_experiments.compose import (
     ConfigError,
     compose_experiment,
     load_experiment,
     validate,
 )
-from setokim.config import ExperimentConfig  # noqa: E402
-from setokim.model.config import SeTokIMConfig  # noqa: E402
-from setokim.stages import build_stage  # noqa: E402
-from setokim.stages.pipeline import trainer_config  # noqa: E402
-from setokim.train.config import TrainerConfig, resolve_schedule  # noqa: E402
+from setok_experiments.schema import ExperimentConfig
+from setokim.model.config import SeTokIMConfig
+from setokim.stages import build_stage
+from setokim.stages.pipeline import trainer_config
+from setokim.train.config import TrainerConfig, resolve_schedule
 
 # (exp, stage, Table 7 lr, LLM width, the init key the user must give)
 RECIPES = [

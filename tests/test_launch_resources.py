@@ -3,23 +3,17 @@ CPU peak, FLOPs, and the refusal of a plan that does not fit."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from setok_experiments.resources import (  # noqa: E402
+from setok_experiments.resources import (
     FusedAttention,
     measure_step,
     memory_terms,
 )
-from setokim.train.parallel import apply_activation_checkpointing  # noqa: E402
+from setokim.train.parallel import apply_activation_checkpointing
 
 VOCAB, HIDDEN, LAYERS, BATCH, SEQ = 256, 64, 3, 4, 96
 

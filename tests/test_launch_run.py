@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
+from setok_experiments.cli import main
+from setok_experiments.job import read_status
+from setok_experiments.record import read_record
 
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.job import read_status  # noqa: E402
-from setok_experiments.record import read_record  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Tiny, fast toy runs: 4 steps, a checkpoint every 2.
 TOY = [

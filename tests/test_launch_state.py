@@ -14,13 +14,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.executors import local_lanes  # noqa: E402
-from setok_experiments.job import read_status  # noqa: E402
-from setok_experiments.record import read_record  # noqa: E402
+from setok_experiments.cli import main
+from setok_experiments.executors import local_lanes
+from setok_experiments.job import read_status
+from setok_experiments.record import read_record
 
 TOY = ["+exp=smoke_toy", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1",
        "trainer.micro_batch_size=4"]  # fmt: skip

@@ -11,20 +11,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.job import read_status  # noqa: E402
-from setok_experiments.record import latest_jobs, read_record  # noqa: E402
-from setok_experiments.scheduler import slurm_states  # noqa: E402
+from setok_experiments.cli import main
+from setok_experiments.job import read_status
+from setok_experiments.record import latest_jobs, read_record
+from setok_experiments.scheduler import slurm_states
 
 pytestmark = pytest.mark.slurm
 

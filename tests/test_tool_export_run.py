@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from export_run import export_run  # noqa: E402

@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path:
     """Rebuild the run's stage from its config.yaml and export `checkpoint` (default latest)."""
-    sys.path.insert(0, str(ROOT / "experiments"))
     from omegaconf import OmegaConf
 
     from setok_experiments.compose import from_yaml

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from setok_experiments.overrides import format_value
 from setok_experiments.paths import CLUSTER_PROFILES_DIR, CONF_DIR
-from setokim.config import ExperimentConfig, register_configs
+from setok_experiments.schema import ExperimentConfig, register_configs
 
 
 class ConfigError(ValueError):

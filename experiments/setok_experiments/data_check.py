@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from setok_experiments.compose import ConfigError
-from setokim.config import ExperimentConfig
+from setok_experiments.schema import ExperimentConfig
 
 # stages that train against object masks (Stage I only in sub-phase 2)
 _MASK_STAGES = {"quickstart"}

@@ -11,7 +11,7 @@ from typing import Any
 
 from setok_experiments.job import JobSpec, LaneJob, TrainJob, short_error
 from setok_experiments.paths import EXPERIMENTS_DIR
-from setokim.config import ClusterConfig, LauncherConfig
+from setok_experiments.schema import ClusterConfig, LauncherConfig
 
 
 @dataclass

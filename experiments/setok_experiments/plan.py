@@ -23,8 +23,8 @@ from setok_experiments.overrides import (
 from setok_experiments.record import latest_jobs, read_record
 from setok_experiments.rundir import exp_dir_for, run_dir_for
 from setok_experiments.scheduler import ACTIVE_SLURM_STATES, pid_alive, slurm_states
+from setok_experiments.schema import ClusterConfig, ExperimentConfig, LauncherConfig
 from setok_experiments.sweep import expand_sweep, swept_keys
-from setokim.config import ClusterConfig, ExperimentConfig, LauncherConfig
 
 
 @dataclass

@@ -19,7 +19,7 @@ import yaml
 
 from setok_experiments.compose import ConfigError
 from setok_experiments.paths import CONF_DIR
-from setokim.config import ExperimentConfig
+from setok_experiments.schema import ExperimentConfig
 from setokim.train import TrainerConfig
 from setokim.train.checkpoint import CheckpointError, read_trainer_state, resume_data_position
 

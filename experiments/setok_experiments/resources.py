@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from setok_experiments.compose import ConfigError
-from setokim.config import ClusterConfig, ExperimentConfig
+from setok_experiments.schema import ClusterConfig, ExperimentConfig
 from setokim.train.config import TrainerConfig
 
 GIB = 2**30

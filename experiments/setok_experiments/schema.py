@@ -1,6 +1,7 @@
 """The root experiment schema: what `experiments/launch.py` composes and validates.
 
-`ExperimentConfig` composes the packages' own config dataclasses. Registered in Hydra's
+`ExperimentConfig` composes the packages' own config dataclasses with the launcher's own
+(`StageConfig`, `LauncherConfig`, `ClusterConfig`: only the launcher reads them). Registered in Hydra's
 ConfigStore as `setok_experiment` (the first entry of `experiments/conf/config.yaml`'s
 defaults), so a typo in an override fails at compose time with the key's name, and
 `OmegaConf.to_object` (which runs every `__post_init__`) rejects bad values before anything
