@@ -167,6 +167,11 @@ class StudyStage:
 
     cfg: StudyConfig
 
+    @property
+    def steps(self) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """The recipe's pipeline steps, as `Pipeline.steps` lists them (before the budget)."""
+        return _steps_spec(self.cfg.steps)
+
     def run(self, run_dir: str | os.PathLike[str], wandb: Any = None) -> TrainResult:
         from setokim.stages.common import ensure_dataset
         from setokim.stages.evaluate import EvalStage, EvalStageConfig
