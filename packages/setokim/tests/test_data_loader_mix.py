@@ -1,4 +1,4 @@
-"""Task mixes over data where samples carry different tasks (issue #6 follow-up).
+"""Task mixes over data where samples carry different tasks.
 
 The shards are Shapes World samples written with the project's own ShardWriter after
 stripping tasks by index: i % 4 == 0 keeps only captions, 1 only a conversation, 2 captions
