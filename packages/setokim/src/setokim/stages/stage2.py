@@ -24,13 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from setok_tokenizer.config import from_dict
 from setokim.data.config import DataConfig
 from setokim.model.config import SeTokIMConfig
-from setokim.model.packing import SequenceLayout, SpecialIds, collate_sequences
+from setokim.model.packing import SequenceLayout, collate_sequences
+from setokim.model.setokim import special_ids, text_tokenizer_for
 from setokim.stages.common import (
     TINY_TOKENIZER,
     GenerateFields,
@@ -82,31 +82,6 @@ def resolve_tokenizer_source(path: str | os.PathLike[str]) -> TokenizerSource:
     if not root.is_dir():
         raise FileNotFoundError(f"init_tokenizer: {root} is not a directory")
     return TokenizerSource(root)
-
-
-def special_ids(tokenizer: Any, cfg: SeTokIMConfig) -> SpecialIds:
-    """The ids SeTokIM uses for packing (the same rule as `SeTokIM.__init__`)."""
-    from setokim.model.text_tokenizer import token_id
-
-    return SpecialIds(
-        img_start=token_id(tokenizer, cfg.img_start),
-        img_end=token_id(tokenizer, cfg.img_end),
-        pad=int(tokenizer.pad_token_id),
-        bos=tokenizer.bos_token_id,
-    )
-
-
-def text_tokenizer_for(cfg: SeTokIMConfig, path: str | os.PathLike[str] | None = None) -> Any:
-    """The text tokenizer (from `path`, `cfg.text_tokenizer_path`, or the tiny built one)
-    with SeTokIM's special tokens added — the stage collates with the model's own one."""
-    from setokim.model.local import load_text_tokenizer
-    from setokim.model.setokim import SeTokIM
-    from setokim.model.text_tokenizer import add_special_tokens, build_text_tokenizer
-
-    path = path if path is not None else cfg.text_tokenizer_path
-    tok = load_text_tokenizer(path) if path is not None else build_text_tokenizer()
-    add_special_tokens(tok, SeTokIM.special_token_strings(cfg))
-    return tok
 
 
 # ---- data (shared with Stage III) --------------------------------------------------------------
@@ -294,19 +269,15 @@ class Stage2Stage(MLLMStage):
 
     def build_model(self) -> nn.Module:
         """SeTokIM with the frozen SeTok; decoders are left out (only the export names them)."""
-        from setok_tokenizer import SeTok
         from setokim.model.lora import trainable_summary
-        from setokim.model.setokim import SeTokIM
+        from setokim.model.setokim import SeTokIM, build_vision_tokenizer
 
         set_cpu_threads(self.cfg.cpu_threads)
         cfg = replace(self.model_cfg, decoder_path=None, mask_decoder_path=None)
         if self.source is not None:
-            vision = SeTok.from_pretrained(self.source.tokenizer)
-            cfg = replace(cfg, tokenizer=vision.cfg, tokenizer_path=str(self.source.tokenizer))
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                vision = SeTok.from_config(cfg.tokenizer)
+            cfg = replace(cfg, tokenizer_path=str(self.source.tokenizer))
+        vision = build_vision_tokenizer(cfg)
+        cfg = replace(cfg, tokenizer=vision.cfg)
         model = SeTokIM.from_config(
             cfg, vision_tokenizer=vision, text_tokenizer=self.text_tokenizer()
         )
@@ -332,5 +303,4 @@ __all__ = [
     "llm_layers",
     "mllm_config",
     "resolve_tokenizer_source",
-    "text_tokenizer_for",
 ]

@@ -28,6 +28,7 @@ from torch import nn
 
 from setok_tokenizer.config import from_dict
 from setokim.model.config import LoRAConfig, SeTokIMConfig
+from setokim.model.setokim import text_tokenizer_for
 from setokim.stages.common import (
     GenerateFields,
     check_keys,
@@ -41,7 +42,6 @@ from setokim.stages.stage2 import (
     MLLMStage,
     mllm_config,
     resolve_tokenizer_source,
-    text_tokenizer_for,
 )
 
 _STAGE3_DATA: dict[str, Any] = {

@@ -36,7 +36,7 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.optim.optimizer import _get_scalar_dtype
 
 from setokim.train.rng import load_rng_file, save_rng_file, seed_all, set_rng_state
@@ -61,6 +66,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "setokim-checkpoint-1"
+FROZEN_FILE = "frozen_sources.json"
 REJECTED_SUFFIX = ".rejected"
 _HASH_CHUNK = 8 << 20
 
@@ -396,6 +402,91 @@ def _root_cause(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
+# ---- frozen sources -----------------------------------------------------------------------------
+def tree_sha256(path: str | os.PathLike[str]) -> str:
+    """One SHA-256 over a file, or over every file under a directory (relative name + each
+    file's SHA-256, sorted): what a frozen module was built from."""
+    root = Path(path)
+    if root.is_file():
+        return file_digest(root)["sha256"]
+    if not root.is_dir():
+        raise CheckpointError(f"frozen source {root} does not exist")
+    digest = hashlib.sha256()
+    for name in sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{name}={file_digest(root / name)['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def frozen_record(sources: Mapping[str, str | os.PathLike[str]]) -> dict[str, dict[str, str]]:
+    """Collective: {name: {"path", "sha256"}} of the files a stage's frozen modules are built
+    from (`Stage.frozen_sources`). Rank 0 reads and hashes them once; every rank gets it."""
+    record: dict[str, dict[str, str]] | None = None
+    if _rank() == 0:
+        record = {
+            name: {"path": str(Path(src).resolve()), "sha256": tree_sha256(src)}
+            for name, src in sorted(sources.items())
+        }
+    if dist.is_initialized():
+        box = [record]
+        dist.broadcast_object_list(box, src=0)
+        record = box[0]
+    assert record is not None
+    return record
+
+
+def read_frozen_record(step_dir: Path) -> dict[str, dict[str, str]] | None:
+    """A checkpoint's frozen-source record, or None when it stores every weight."""
+    path = Path(step_dir) / FROZEN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable: {err}") from err
+    if not isinstance(record, dict) or not all(
+        isinstance(v, dict) and {"path", "sha256"} <= v.keys() for v in record.values()
+    ):
+        raise CheckpointError(f"{path}: expected {{name: {{path, sha256}}}}")
+    return record
+
+
+def check_frozen_sources(
+    step_dir: Path, current: Mapping[str, Mapping[str, str]] | None = None
+) -> None:
+    """Refuse a checkpoint whose frozen modules would come from other bytes than at save.
+
+    `current`: the record of what the model was built from now (`frozen_record`); None
+    re-hashes the recorded paths. A changed file under a recorded path (a SeTok export
+    retrained or overwritten in place) or another source is a CheckpointError naming it.
+    """
+    saved = read_frozen_record(step_dir)
+    if saved is None:
+        return
+    if current is None:
+        current = {}
+        for name, entry in saved.items():
+            try:
+                current[name] = {"path": entry["path"], "sha256": tree_sha256(entry["path"])}
+            except CheckpointError as err:
+                raise CheckpointError(
+                    f"checkpoint {step_dir} needs its frozen {name} from {entry['path']}: {err}"
+                ) from None
+    if set(saved) != set(current):
+        raise CheckpointError(
+            f"checkpoint {step_dir} was trained over frozen source(s) {sorted(saved)}, the "
+            f"model now is built from {sorted(current)}"
+        )
+    for name, entry in saved.items():
+        now = current[name]
+        if now["sha256"] != entry["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {step_dir} was trained over the frozen {name} at {entry['path']} "
+                f"(SHA-256 {entry['sha256'][:16]}...); {now['path']} now hashes to "
+                f"{now['sha256'][:16]}...: the frozen {name} changed since. Restore it, or "
+                "start a fresh run dir (the checkpoint does not store frozen weights)"
+            )
+
+
 # ---- save / load --------------------------------------------------------------------------------
 def save_checkpoint(
     run_dir: Path,
@@ -403,8 +494,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     keep_last: int,
+    frozen: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final step directory."""
+    """Collective: every rank calls it. Returns the final step directory.
+
+    `frozen` (a `frozen_record`): the model's frozen parameters are not stored; the record
+    of the files they are rebuilt from is (frozen_sources.json, covered by the manifest).
+    """
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(state.step)
     tmp = root / (step_dir_name(state.step) + ".tmp")
@@ -416,12 +512,15 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = StateDictOptions(ignore_frozen_params=frozen is not None)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     save_rng_file(tmp / f"rng_rank{rank}.safetensors")
     if rank == 0:
         atomic_write_json(tmp / STATE_FILE, state.__dict__)
+        if frozen is not None:
+            atomic_write_json(tmp / FROZEN_FILE, dict(frozen))
     _barrier()
     write_manifest(tmp, state.step)
     _barrier()
@@ -512,16 +611,31 @@ def resume_data_position(
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, seed: int
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    seed: int,
+    frozen: Mapping[str, Mapping[str, str]] | None = None,
 ) -> TrainerState:
     """Collective: load weights + optimizer (resharding as needed) and this rank's RNG.
 
     A rank that has no RNG file of its own (the job grew) is re-seeded from (seed, rank, step).
-    Verify first (`resume_checkpoint`); this only reads.
+    `frozen`: what the model's frozen parameters were built from now (`frozen_record`);
+    they are not read from the checkpoint, and a checkpoint trained over other frozen
+    bytes is refused (`check_frozen_sources`). Verify first (`resume_checkpoint`).
     """
     path = Path(path)
     state = read_trainer_state(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if frozen is not None:
+        check_frozen_sources(path, frozen)
+    elif read_frozen_record(path) is not None:
+        raise CheckpointError(
+            f"checkpoint {path} does not store its frozen parameters (frozen_sources.json); "
+            "this model declares no frozen sources to rebuild them from"
+        )
+    options = StateDictOptions(ignore_frozen_params=frozen is not None, strict=frozen is None)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     bundle = {"model": model_sd, "optim": optim_sd}
     _dcp_load(bundle, path)
     set_state_dict(
@@ -529,6 +643,7 @@ def load_checkpoint(
         optimizer,
         model_state_dict=bundle["model"],
         optim_state_dict=bundle["optim"],
+        options=options,
     )
     rank = _rank()
     rng_file = path / f"rng_rank{rank}.safetensors"
@@ -547,7 +662,9 @@ def load_model_state(path: Path, model: nn.Module, *, verify: bool = True) -> nn
 
     For evaluation, exports and the next stage's init: no optimizer, no RNG, no process
     group needed. The checkpoint is verified against its manifest first (collective when a
-    process group exists: every rank of it must call this).
+    process group exists: every rank of it must call this). A checkpoint without frozen
+    weights (frozen_sources.json) loads the trained ones only; the model's frozen
+    parameters must then come from the recorded sources, which are re-hashed here.
     """
     path = Path(path)
     if not (path / STATE_FILE).is_file():
@@ -556,7 +673,20 @@ def load_model_state(path: Path, model: nn.Module, *, verify: bool = True) -> nn
         problems = verify_checkpoint(path)
         if problems:
             raise CheckpointError(f"checkpoint {path} failed verification: " + "; ".join(problems))
-    bundle = {"model": model.state_dict()}
+    if read_frozen_record(path) is None:
+        bundle = {"model": model.state_dict()}
+        _dcp_load(bundle, path)
+        model.load_state_dict(bundle["model"])
+        return model
+    check_frozen_sources(path)
+    options = StateDictOptions(ignore_frozen_params=True)
+    bundle = {"model": get_model_state_dict(model, options=options)}
     _dcp_load(bundle, path)
-    model.load_state_dict(bundle["model"])
+    missing, unexpected = model.load_state_dict(bundle["model"], strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model: missing "
+            f"{sorted(set(missing) - frozen)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     return model

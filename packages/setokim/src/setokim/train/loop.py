@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from setokim.train.checkpoint import (
     TrainerState,
+    frozen_record,
     init_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
@@ -238,6 +239,11 @@ def _train(
         min_lr_ratio=cfg.min_lr_ratio,
     )
 
+    # Frozen modules rebuilt from files (Stage II/III's SeTok, Stage III's base): not stored
+    # in checkpoints; their path and SHA-256 are, and resume refuses other bytes.
+    sources = getattr(stage, "frozen_sources", None)
+    frozen = frozen_record(sources()) if callable(sources) else None
+
     step, data_position, skipped, in_row = 0, 0, 0, 0
     resumed_from = 0
     ckpt_path, rejected = resume_checkpoint(run_dir) if cfg.resume else (None, [])
@@ -247,7 +253,7 @@ def _train(
             micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
             policy=cfg.world_size_change,
         )  # fmt: skip
-        state = load_checkpoint(ckpt_path, model, optimizer, seed=cfg.seed)
+        state = load_checkpoint(ckpt_path, model, optimizer, seed=cfg.seed, frozen=frozen)
         scheduler.load_state_dict(state.scheduler)
         step = state.step
         skipped, in_row = state.skipped_steps, state.nonfinite_in_row
@@ -283,7 +289,7 @@ def _train(
             micro_batch_size=cfg.micro_batch_size,
             grad_accum=cfg.grad_accum,
         )
-        return save_checkpoint(run_dir, model, optimizer, state, cfg.keep_last)
+        return save_checkpoint(run_dir, model, optimizer, state, cfg.keep_last, frozen)
 
     batches: Iterator[Any] = iter(
         stage.batches(env.rank, world, data_position, cfg.micro_batch_size)

@@ -20,7 +20,10 @@ class Stage(Protocol):
     (defaults to every parameter with requires_grad), `describe() -> dict` (logged
     into the run's metadata) and `epoch_batches(rank, world_size, micro_batch_size) -> int`
     (full micro-batches each rank reads in one pass over the stage's data, the same on
-    every rank; needed for `TrainerConfig.epochs`).
+    every rank; needed for `TrainerConfig.epochs`) and `frozen_sources() -> dict[str, path]`
+    (the files `build_model` builds the frozen parameters from, possibly none: checkpoints
+    then store only what trains plus each source's path and SHA-256, and resume refuses a
+    source whose bytes changed).
     """
 
     def build_model(self) -> nn.Module:
