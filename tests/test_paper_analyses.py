@@ -184,7 +184,6 @@ def exp_dir(tmp_path: Path) -> Path:
     return exp
 
 
-@pytest.mark.slow  # imports the metrics and scipy, bootstraps every cell (about 8 s on a busy box)
 def test_report_table_has_paired_tests_references_and_the_paper_column(exp_dir: Path) -> None:
     table = build_table(*collect_rows(exp_dir), n_resamples=50)
     rows = list(csv.DictReader(csv_text(table).splitlines()))
