@@ -113,6 +113,14 @@ def test_stage1_recipes_use_the_ratio_and_epochs(tmp_path: Path) -> None:
     assert (s2.trainer.epochs, s2.trainer.warmup_ratio, s2.trainer.lr) == (1.0, 0.1, 4e-3)
 
 
+def test_stage1_recipe_builds_the_papers_setok() -> None:
+    """Paper Appendix D: ViT-G/14 at 336 px (576 patches), merger 2 blocks x 2 heads; the
+    Stage II/III recipes take their SeTok from this recipe's export."""
+    tok = OmegaConf.create(load_experiment("stage1").tokenizer)
+    assert tok.encoder.image_size == 336 and 336 // 14 == 24  # 24 x 24 = 576 patches
+    assert (tok.merger.num_blocks, tok.merger.num_heads) == (2, 2)
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
