@@ -49,7 +49,7 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path
     params = OmegaConf.to_container(OmegaConf.create(text).stage.params, resolve=True)
     stage = build_stage(name, params)  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = export_step(stage, name, run_dir, checkpoint, out)
+    done = export_step(stage, checkpoint, out)
     if done is None:
         raise ValueError(f"stage {name!r} has no model to export")
     return done

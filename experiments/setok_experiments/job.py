@@ -110,7 +110,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from omegaconf import OmegaConf
 
         from setok_experiments.compose import from_yaml
-        from setokim.stages import build_stage
+        from setokim.stages import build_stage, is_job
         from setokim.train import train
 
         run_dir = Path(spec.run_dir)
@@ -136,12 +136,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             stage = build_stage(cfg.stage.name, params)  # type: ignore[arg-type]
             forward = _ForwardToTrainer(_submitit_preempt_signal())
             with forward:
-                # A multi-stage pipeline runs its own sequence of train() calls.
-                runner = getattr(stage, "run", None)
-                if callable(runner):
-                    result = runner(run_dir, wandb=cfg.wandb)
+                # A job (pipeline, eval, study) runs by itself; an objective is trained.
+                if is_job(cfg.stage.name):
+                    result = stage.run(run_dir, wandb=cfg.wandb)  # type: ignore[union-attr]
                 else:
-                    result = train(stage, cfg.trainer, run_dir, wandb=cfg.wandb)
+                    result = train(stage, cfg.trainer, run_dir, wandb=cfg.wandb)  # type: ignore[arg-type]
         except BaseException as err:
             if main:
                 state = "INTERRUPTED" if isinstance(err, KeyboardInterrupt) else "FAILED"

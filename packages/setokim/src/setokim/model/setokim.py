@@ -109,6 +109,38 @@ def build_vision_tokenizer(cfg: SeTokIMConfig) -> nn.Module:
         return SeTok.from_config(cfg.tokenizer)
 
 
+def special_token_strings(cfg: SeTokIMConfig) -> list[str]:
+    """[Img], [/Img] and (when configured) the chat role markers."""
+    tokens = [cfg.img_start, cfg.img_end]
+    chat = cfg.chat
+    if chat.add_role_tokens:
+        tokens += [chat.system_prefix, chat.user_prefix, chat.assistant_prefix, chat.turn_end]
+    return [t for t in tokens if t]
+
+
+def text_tokenizer_for(
+    cfg: SeTokIMConfig, path: str | os.PathLike[str] | None = None
+) -> PreTrainedTokenizerBase:
+    """The text tokenizer (from `path`, `cfg.text_tokenizer_path`, or the tiny built one)
+    with SeTokIM's special tokens added; a stage collates with the model's own one."""
+    path = path if path is not None else cfg.text_tokenizer_path
+    tok = (
+        build_text_tokenizer() if path is None else load_text_tokenizer(path, "text_tokenizer_path")
+    )
+    add_special_tokens(tok, special_token_strings(cfg))
+    return tok
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase, cfg: SeTokIMConfig) -> SpecialIds:
+    """The ids packing uses: [Img], [/Img], pad, bos."""
+    return SpecialIds(
+        img_start=token_id(tokenizer, cfg.img_start),
+        img_end=token_id(tokenizer, cfg.img_end),
+        pad=int(tokenizer.pad_token_id),
+        bos=tokenizer.bos_token_id,
+    )
+
+
 def _tokenizer_width(tokenizer: nn.Module) -> int:
     width = getattr(tokenizer, "output_dim", None)
     if not isinstance(width, int):
@@ -132,7 +164,7 @@ class SeTokIM(nn.Module):
         super().__init__()
         self.config = cfg
         self.text_tokenizer = text_tokenizer
-        add_special_tokens(text_tokenizer, self.special_token_strings(cfg))
+        add_special_tokens(text_tokenizer, special_token_strings(cfg))
         if llm.get_input_embeddings().num_embeddings < len(text_tokenizer):
             llm.resize_token_embeddings(len(text_tokenizer), mean_resizing=False)
         llm.config.pad_token_id = text_tokenizer.pad_token_id
@@ -154,27 +186,14 @@ class SeTokIM(nn.Module):
             if dec is not None:
                 dec.requires_grad_(False)
                 dec.eval()
-        tok = text_tokenizer
-        self.ids = SpecialIds(
-            img_start=token_id(tok, cfg.img_start),
-            img_end=token_id(tok, cfg.img_end),
-            pad=int(tok.pad_token_id),
-            bos=tok.bos_token_id,
-        )
+        self.ids = special_ids(text_tokenizer, cfg)
         if cfg.llm.freeze:
             self.llm.requires_grad_(False)
         # The full export this model was loaded from: the base of a Stage III adapter export.
         self.base_export: Path | None = None
 
     # ----------------------------------------------------------------- construction
-    @staticmethod
-    def special_token_strings(cfg: SeTokIMConfig) -> list[str]:
-        """[Img], [/Img] and (when configured) the chat role markers."""
-        tokens = [cfg.img_start, cfg.img_end]
-        chat = cfg.chat
-        if chat.add_role_tokens:
-            tokens += [chat.system_prefix, chat.user_prefix, chat.assistant_prefix, chat.turn_end]
-        return [t for t in tokens if t]
+    special_token_strings = staticmethod(special_token_strings)
 
     @classmethod
     def from_config(
@@ -189,11 +208,8 @@ class SeTokIM(nn.Module):
     ) -> SeTokIM:
         """Build every part from `cfg` (local paths only); pass parts to reuse them."""
         if text_tokenizer is None:
-            if cfg.text_tokenizer_path is not None:
-                text_tokenizer = load_text_tokenizer(cfg.text_tokenizer_path, "text_tokenizer_path")
-            else:
-                text_tokenizer = build_text_tokenizer()
-        add_special_tokens(text_tokenizer, cls.special_token_strings(cfg))
+            text_tokenizer = text_tokenizer_for(cfg)
+        add_special_tokens(text_tokenizer, special_token_strings(cfg))
         if llm is None:
             llm = _build_llm(cfg.llm, len(text_tokenizer), cfg.seed)
         if vision_tokenizer is None:

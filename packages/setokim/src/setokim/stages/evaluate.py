@@ -22,7 +22,6 @@ with `preempted=True`, as the trainer does. setok_eval is imported only inside `
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
@@ -33,8 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from setokim.stages import JobResult
 from setokim.stages.common import GenerateFields, check_keys
-from setokim.train.result import TrainResult
 
 EVAL_SUBDIR = "eval"
 DATA_SUBDIR = "eval_data"
@@ -119,12 +118,13 @@ class EvalStageConfig(GenerateFields):
 
 
 @dataclass
-class EvalResult(TrainResult):
-    """A TrainResult (what the launcher reads) plus where the eval wrote its results.
+class EvalResult(JobResult):
+    """What the launcher records of an eval, and where it wrote its results.
 
-    step: documents scored over all tasks; last_loss: NaN (an eval has no loss).
+    step: documents scored over all tasks (an eval has no loss).
     """
 
+    seconds: float = 0.0
     results_path: Path | None = None
     primary: dict[str, float] = field(default_factory=dict)  # task -> primary metric value
 
@@ -283,11 +283,11 @@ class EvalStage:
                 )  # fmt: skip
         except _Interrupted as stop:
             print(f"eval: stopped by signal {stop.signum}; a relaunch resumes from the cache")
-            return _result(0, time.perf_counter() - start, world_size, preempted=True,
-                           signum=stop.signum)  # fmt: skip
+            seconds = time.perf_counter() - start
+            return EvalResult(step=0, preempted=True, signal=stop.signum, seconds=seconds)
         seconds = time.perf_counter() - start
         if results is None:  # ranks > 0: rank 0 scores and writes results.json
-            return _result(0, seconds, world_size)
+            return EvalResult(step=0, seconds=seconds)
         entries = results["tasks"]
         primary = {
             name: float(e["metrics"][e["primary"]]["value"])
@@ -295,27 +295,12 @@ class EvalStage:
             if e["metrics"].get(e["primary"], {}).get("value") is not None
         }
         n = sum(int(e["n"]) for e in entries.values())
-        out = _result(n, seconds, world_size)
+        out = EvalResult(step=n, seconds=seconds)
         out.results_path = root / EVAL_SUBDIR / "results.json"
         out.primary = primary
         for name, value in primary.items():
             print(f"eval: {name} {entries[name]['primary']} = {value:.4g} (n={entries[name]['n']})")
         return out
-
-
-def _result(
-    n: int,
-    seconds: float,
-    world_size: int,
-    *,
-    preempted: bool = False,
-    signum: int | None = None,
-) -> EvalResult:
-    return EvalResult(
-        step=n, last_loss=math.nan, skipped_steps=0, checkpoint=None, preempted=preempted,
-        resumed_from=0, loop_seconds=seconds, samples_per_s=n / seconds if seconds > 0 else 0.0,
-        world_size=world_size, signal=signum,
-    )  # fmt: skip
 
 
 def build(cfg: Mapping[str, Any]) -> EvalStage:

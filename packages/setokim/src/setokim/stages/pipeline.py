@@ -6,8 +6,8 @@ trained model is exported to `<stage>/export/` (written to a temp dir and rename
 record, so a killed pipeline continues with the step it was in. The next step's init path
 (`INIT_KEYS`) is set to the previous export unless its params already give one.
 
-Exports: stage1 -> `stage1.export_parts` (tokenizer/, diffusion/, mask_decoder/); stages with
-an `export(checkpoint, out_dir)` method (stage2, stage3) -> `SeTokIM.save_pretrained`.
+Exports: each objective's `export(checkpoint, out_dir)`: stage1 -> `stage1.export_parts`
+(tokenizer/, diffusion/, mask_decoder/), stage2 / stage3 -> `SeTokIM.save_pretrained`.
 
 Several ranks: every rank trains; rank 0 exports and the others wait for the step record.
 
@@ -88,21 +88,14 @@ def read_record(step_dir: Path) -> StepRecord | None:
     return StepRecord(**json.loads(path.read_text(encoding="utf-8")))
 
 
-def export_step(stage: Any, name: str, train_dir: Path, checkpoint: Path, out: Path) -> Path | None:
+def export_step(stage: Any, checkpoint: Path, out: Path) -> Path | None:
     """Export the trained model of one step to `out` atomically; None when the stage has none."""
     exporter = getattr(stage, "export", None)
-    if not callable(exporter) and name != "stage1":
+    if not callable(exporter):
         return None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if callable(exporter):
-            exporter(checkpoint, tmp / "model")
-            shutil.move(str(tmp / "model"), str(tmp / "final"))
-        else:
-            from setokim.stages.stage1 import export_parts, load_stage1_checkpoint
-
-            _, model = load_stage1_checkpoint(checkpoint)
-            export_parts(model, tmp / "final")
+        exporter(checkpoint, tmp / "final")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp / "final", out)
@@ -171,9 +164,7 @@ def run_pipeline(
         else:
             if out.checkpoint is None:
                 raise RuntimeError(f"step {name!r}: training left no checkpoint to export")
-            export = export_step(
-                stage, name, step_dir / "train", out.checkpoint, step_dir / "export"
-            )
+            export = export_step(stage, out.checkpoint, step_dir / "export")
             rec = StepRecord(
                 name=name,
                 step=out.step,

@@ -331,6 +331,14 @@ class Stage1Stage:
         metrics["subphase"] = float(phase)
         return loss, metrics
 
+    def export(self, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+        """The model at `checkpoint` (a step dir) as `export_parts` (what Stage II loads)."""
+        from setokim.train.checkpoint import load_model_state
+
+        model = self.build_model()
+        load_model_state(Path(checkpoint), model)
+        return export_parts(model.eval(), out_dir)
+
     def describe(self) -> dict[str, Any]:
         """Logged into trainer.json; `params` rebuilds this stage (`load_stage1_checkpoint`)."""
         params = asdict(self.cfg)
