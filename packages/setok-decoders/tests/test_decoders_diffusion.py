@@ -18,14 +18,6 @@ from setok_decoders.diffusion import SAMPLERS, DiffusionDecoder
 from setok_decoders.trainable import set_trainable, trainable_parameter_names, trainable_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _config(**kw) -> DiffusionDecoderConfig:
     unet = tiny_unet_kwargs(sample_size=16, block_out_channels=[16, 32], cross_attention_dim=32)
     mapper = MapperConfig(

@@ -10,14 +10,6 @@ from setok_decoders.losses import mask_loss, resize_masks
 from setok_decoders.mask_decoder import PAD_LOGIT, MaskDecoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _decoder(**kw) -> MaskDecoder:
     torch.manual_seed(0)
     cfg = MaskDecoderConfig(token_dim=16, feature_dim=24, hidden_dim=32, num_heads=4, **kw)

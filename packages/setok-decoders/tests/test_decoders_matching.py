@@ -11,14 +11,6 @@ from setok_decoders.losses import mask_consistency_kl, object_distribution
 from setok_decoders.matching import hungarian_match, match_masks, pairwise_mask_cost
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _brute_force(cost: torch.Tensor) -> float:
     k, o = cost.shape
     best = float("inf")

@@ -10,14 +10,6 @@ from setok_decoders.config import MapperConfig
 from setok_decoders.qformer import FeatureMapper
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mapper(**kw) -> FeatureMapper:
     torch.manual_seed(0)
     return FeatureMapper(MapperConfig(token_dim=24, num_queries=6, **kw), out_dim=40).eval()
