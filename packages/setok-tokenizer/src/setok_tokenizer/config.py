@@ -102,7 +102,8 @@ class EncoderConfig:
     family: vit | siglip | clip | dinov2 | dinov2_registers | convnext (all through
         transformers).
     preset: a named tiny/base architecture used when `pretrained_path` is None.
-    pretrained_path: a local directory with a transformers checkpoint (never a download).
+    pretrained_path: a local directory with a transformers checkpoint (never a download);
+        for convnext also an OpenCLIP checkpoint folder (setok_tokenizer.openclip).
     image_size: the square input resolution; a pretrained ViT/SigLIP/CLIP trained at another
         size gets its position embeddings interpolated (DINOv2 always interpolates).
     layer: "last" or "penultimate" hidden state.

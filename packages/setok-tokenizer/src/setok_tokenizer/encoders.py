@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from setok_tokenizer import openclip
 from setok_tokenizer.atomic import write_dir_atomically
 from setok_tokenizer.config import EncoderConfig
 
@@ -111,12 +112,19 @@ def _load_model(family: str, path: str) -> nn.Module:
         raise FileNotFoundError(
             f"pretrained_path must be a local directory with a transformers checkpoint: {path}"
         )
+    if family == "convnext" and openclip.is_open_clip_dir(path):
+        return openclip.load_open_clip_convnext(path)  # ConvNeXt-XXL's public format
     _, model_cls = _classes(family)
     kwargs = {"add_pooling_layer": False} if family == "vit" else {}
-    return model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    model = model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    if family == "convnext" and getattr(model.config, "norm_eps", None) is not None:
+        openclip.set_norm_eps(model, float(model.config.norm_eps))  # converted from OpenCLIP
+    return model
 
 
 def _read_normalisation(family: str, path: str | None) -> tuple[list[float], list[float]]:
+    if path is not None and family == "convnext" and openclip.is_open_clip_dir(path):
+        return openclip.open_clip_normalisation(path)
     if path is not None:
         pre = Path(path) / _PREPROCESSOR_JSON
         if pre.is_file():
