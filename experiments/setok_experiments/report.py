@@ -113,7 +113,9 @@ def _docs(run_dir: Path, task: str) -> dict[str, dict[str, Any]]:
 
 
 def reference_rows(rows: list[Row], spec: Mapping[str, Any]) -> list[Row]:
-    """Blind (train majority per question type) and random-answer rows on the VQA documents."""
+    """Blind (train majority per question type, `setok_eval.controls`) and random-answer rows
+    on the VQA documents."""
+    from setok_eval.controls import blind_scores, majority_answers
     from setok_eval.metrics.vqa import vqa_accuracy
 
     vqa_cols = [c for c in spec["columns"] if c.get("metric") == "vqa_accuracy"]
@@ -132,13 +134,12 @@ def reference_rows(rows: list[Row], spec: Mapping[str, Any]) -> list[Row]:
     if card is None:
         return []
     answers = card["splits"]["train"]["vqa_answers"]
-    blind, rand = [], []
+    blind_by_id = blind_scores([docs[i] for i in ids], majority_answers(answers))
+    blind = [blind_by_id[i] for i in ids]
+    rand = []
     for i in ids:
         d = docs[i]
-        space = answers.get(d["question_type"], {})
-        guess = max(space.items(), key=lambda kv: (kv[1], kv[0]))[0] if space else ""
-        blind.append(vqa_accuracy(guess, d["answers"]))
-        options = sorted(space) or [""]
+        options = sorted(answers.get(d["question_type"], {})) or [""]
         rand.append(float(np.mean([vqa_accuracy(a, d["answers"]) for a in options])))
     out = []
     for name, scores in (("blind (question only)", blind), ("random answer", rand)):
