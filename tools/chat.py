@@ -249,7 +249,17 @@ def panel_row(model, image, prompts: dict[str, str], gen) -> dict:
     tint = np.where(mask[..., None], 0.5 * base + 0.5 * np.array([255.0, 0, 0]), 0.35 * base)
     cells = [
         _cell(image),
-        _text_cell([f"Q: {prompts['understand']}", f"A: {show_answer(answer)}"]),
+        _text_cell(
+            [
+                f"Q: {prompts['understand']}",
+                f"A: {show_answer(answer)}",
+                f"box, mask: {prompts['ground']}"
+                if prompts["ground"] == prompts["segment"]
+                else f"box: {prompts['ground']}; mask: {prompts['segment']}",
+                f"generate: {prompts['generate']}",
+                f"edit: {prompts['edit']}",
+            ]
+        ),  # fmt: skip
         boxed,
         _cell(tint.round().astype(np.uint8)),
         _cell(generated),
