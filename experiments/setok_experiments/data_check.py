@@ -37,10 +37,10 @@ def _steps(obj: ExperimentConfig, params: dict[str, Any]) -> list[Any]:
     from setokim.stages import build_stage
 
     name = obj.stage.name
-    if name == "pipeline":
+    if name in ("pipeline", "study"):  # a study row trains a pipeline, then evaluates
         from setokim.stages.pipeline import build, trainer_config
 
-        pipeline = build(params)
+        pipeline = build({k: params[k] for k in ("trainer", "steps")})
         specs = [
             (n, build_stage(n, p), trainer_config(t, pipeline.trainer).micro_batch_size)
             for n, p, t in pipeline.steps

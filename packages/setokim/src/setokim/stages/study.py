@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -352,7 +352,10 @@ def build(cfg: Mapping[str, Any]) -> StudyStage:
     missing = [k for k in ("trainer", "steps", "eval") if k not in cfg]
     if missing:
         raise ValueError(f"study: params need {missing} (the recipe's pipeline and the eval)")
-    build_pipeline({"trainer": cfg["trainer"], "steps": cfg["steps"]})
+    trainer = cfg["trainer"]
+    # The launcher's resolved config may hold the typed TrainerConfig of `${trainer}`.
+    trainer = asdict(trainer) if is_dataclass(trainer) else dict(trainer)  # type: ignore[arg-type]
+    build_pipeline({"trainer": trainer, "steps": cfg["steps"]})
     ev = dict(cfg["eval"])
     for key in ("checkpoint", "limit"):
         if key in ev:
@@ -373,7 +376,7 @@ def build(cfg: Mapping[str, Any]) -> StudyStage:
         raise ValueError(f"study: report must be a mapping, got {report!r}")
     return StudyStage(
         StudyConfig(
-            trainer=dict(cfg["trainer"]),
+            trainer=trainer,
             steps=[dict(s) for s in cfg["steps"]],
             eval=ev,
             budget=StudyBudget(**budget),
