@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from setok_experiments.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-from export_run import export_run  # noqa: E402
-
-from setok_experiments.cli import main  # noqa: E402
+# The tool as a module from its file (it is a script, not an installed package).
+_spec = importlib.util.spec_from_file_location("export_run", REPO / "tools" / "export_run.py")
+assert _spec is not None and _spec.loader is not None
+_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tool)
+export_run = _tool.export_run
 
 STAGE1 = [
     "+exp=stage1_shapes",
