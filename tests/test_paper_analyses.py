@@ -292,3 +292,14 @@ def test_components_array_at_smoke_budget_ends_with_its_report(tmp_path: Path) -
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in records} == before
     assert json.loads(report.read_text())["time"] > stamp
+
+
+def test_a_launch_without_the_baseline_row_has_no_differences(exp_dir: Path) -> None:
+    record = json.loads((exp_dir / "launch_record.json").read_text())
+    jobs = record["launches"][-1]["jobs"]
+    record["launches"].append({"jobs": [j for j in jobs if j["name"] == "better"]})
+    (exp_dir / "launch_record.json").write_text(json.dumps(record))  # e.g. --only better
+    table = build_table(*collect_rows(exp_dir), n_resamples=50)
+    assert [r.name for r in table.rows if not r.reference] == ["better"]
+    assert any("'base' has no scores" in n for n in table.notes)
+    assert all(c.p is None for line in table.cells for c in line)

@@ -143,7 +143,7 @@ def reference_rows(rows: list[Row], spec: Mapping[str, Any]) -> list[Row]:
         rand.append(float(np.mean([vqa_accuracy(a, d["answers"]) for a in options])))
     out = []
     for name, scores in (("blind (question only)", blind), ("random answer", rand)):
-        row = Row(name, [], None, reference=True)
+        row = Row(name, [], first.run_dir, reference=True)  # run_dir: where its documents are
         row.states[f"{task}/vqa_accuracy"] = (ids, np.asarray(scores)[:, None], "mean")
         out.append(row)
     return out
@@ -163,26 +163,27 @@ def _item_states(row: Row, task: str, metric: str) -> tuple[list[str], np.ndarra
 
 
 def _subset(
-    row: Row, base: Row, col: Mapping[str, Any], got: tuple[list[str], np.ndarray, str]
+    row: Row, col: Mapping[str, Any], got: tuple[list[str], np.ndarray, str]
 ) -> tuple[list[str], np.ndarray, str]:
     """Keep the documents whose fields match the column's `subset` (e.g. question types)."""
     want = col.get("subset")
     if not want:
         return got
-    source = next(r for r in (row, base) if r.run_dir is not None)
-    docs = _docs(source.run_dir, col["task"])  # type: ignore[arg-type]
+    docs = _docs(row.run_dir, col["task"])  # type: ignore[arg-type]
     keep = [k for k, i in enumerate(got[0]) if all(docs[i].get(f) in v for f, v in want.items())]
     return [got[0][k] for k in keep], got[1][keep], got[2]
 
 
-def score_cell(row: Row, base: Row, col: Mapping[str, Any], n_resamples: int, seed: int) -> Cell:
+def score_cell(
+    row: Row, base: Row | None, col: Mapping[str, Any], n_resamples: int, seed: int
+) -> Cell:
     """A score with its 95% bootstrap interval and the paired test against the baseline."""
     from setok_eval.stats import paired_compare, reduce_states, states_ci
 
     got = _item_states(row, col["task"], col["metric"])
     if got is None:
         return Cell("—")
-    ids, states, reducer = _subset(row, base, col, got)
+    ids, states, reducer = _subset(row, col, got)
     if not ids:
         return Cell("—")
     value = reduce_states(states, reducer)
@@ -193,10 +194,10 @@ def score_cell(row: Row, base: Row, col: Mapping[str, Any], n_resamples: int, se
     else:
         ci = states_ci(states, reducer, n_resamples=n_resamples, seed=seed)
     cell = Cell("", value, ci, len(ids))
-    if row is not base:
+    if base is not None and row is not base:
         b = _item_states(base, col["task"], col["metric"])
         if b is not None:
-            b_ids, b_states, b_red = _subset(base, base, col, b)
+            b_ids, b_states, b_red = _subset(base, col, b)
             index = {i: k for k, i in enumerate(b_ids)}
             pairs = [(k, index[i]) for k, i in enumerate(ids) if i in index]
             if pairs and b_red == reducer:
@@ -257,7 +258,7 @@ class Table:
     cells: list[list[Cell]]
     paper: list[list[str]]
     paper_headers: list[str]
-    base: Row
+    base: Row | None
     notes: list[str]
     columns: list[Mapping[str, Any]] = field(default_factory=list)
 
@@ -269,8 +270,6 @@ def build_table(
     names = [r.name for r in rows]
     base_name = spec.get("baseline", names[0])
     base = next((r for r in rows if r.name == base_name), None)
-    if base is None:
-        raise ValueError(f"report.baseline {base_name!r} is not a row; rows: {names}")
     dynamic = set(spec.get("dynamic", []))
     all_rows = rows + reference_rows(rows, spec)
     cols = list(spec["columns"])
@@ -305,6 +304,12 @@ def build_table(
             "split's majority answer of the question's type; random answer is the expected "
             "score of a uniform guess among the type's train answers."
         )
+    if base is None or base.results is None:
+        notes.append(
+            f"The baseline row {base_name!r} has no scores in this launch ({', '.join(names)}): "
+            "no differences or p-values."
+        )
+        base = None
     missing = [r for r in rows if r.results is None]
     if missing:
         notes.append(
@@ -331,7 +336,7 @@ def _arrow(col: Mapping[str, Any]) -> str:
     return {True: " ↑", False: " ↓", None: ""}[hib]
 
 
-def _label(row: Row, base: Row) -> str:
+def _label(row: Row, base: Row | None) -> str:
     if row.reference:
         return f"{row.name} (reference)"
     return f"{row.name} (baseline)" if row is base else row.name
