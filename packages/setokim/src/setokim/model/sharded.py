@@ -1,0 +1,223 @@
+"""Sharded exports: written by every rank, resumable when killed, loaded per rank's shard.
+
+A 7B/13B export written by rank 0 alone holds the whole model in one process's memory and
+one file; loading it on every rank of a Stage III job builds the whole model once per rank
+(about 60 GB of host memory per rank for 13B). Here:
+
+Writing (`write_sharded_export`, collective): the weights are split over the ranks by size
+(`assign_shards`); each rank materialises only its own tensors (`materialise(names)`: e.g.
+read from a DCP checkpoint) and writes `model-0000r-of-0000W.safetensors` atomically in the
+staging folder `<out>.partial/`, then records the shard's SHA-256 in
+`.progress/<shard>.json`. Rank 0 writes the index (`model.safetensors.index.json`, the
+transformers layout), `fill(staging)` adds the rest (config, tokenizer...), the manifest of
+every file's size and SHA-256 is written (shared over ranks), and the folder is renamed to
+`<out>`. A job killed half-way leaves `<out>.partial/`; the relaunch keeps every shard
+whose recorded SHA-256 still matches and writes only the missing ones.
+
+Loading (`load_sharded_weights`): the model is built on the meta device and sharded
+(FSDP2 `fully_shard`, then `to_empty`), so each rank's parameters are DTensors holding only
+its local shard; each one is filled from the safetensors slice of its rows
+(`safe_open(...).get_slice`), so a rank reads and materialises about 1/world of the
+weights. Plain (unsharded) tensors are read whole. Returns the bytes this rank read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from setokim.utils.io import atomic_write_json
+
+INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_DIR = ".progress"
+PARTIAL_SUFFIX = ".partial"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard_name(index: int, count: int) -> str:
+    """The transformers name of shard `index` (0-based) of `count`."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def assign_shards(sizes: Mapping[str, int], count: int) -> list[list[str]]:
+    """Tensor names split into `count` groups of about equal bytes (largest first to the
+    lightest group; ties by name), the same on every rank."""
+    if count < 1:
+        raise ValueError(f"count: must be >= 1, got {count}")
+    groups: list[list[str]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        light = min(range(count), key=lambda i: (loads[i], i))
+        groups[light].append(name)
+        loads[light] += sizes[name]
+    return [sorted(g) for g in groups]
+
+
+def _shard_done(staging: Path, name: str) -> bool:
+    """A shard of an earlier, killed try that is complete and unchanged."""
+    from setokim.train.checkpoint import file_digest
+
+    record, shard = staging / PROGRESS_DIR / f"{name}.json", staging / name
+    if not record.is_file() or not shard.is_file():
+        return False
+    try:
+        want = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return file_digest(shard) == want
+
+
+def write_sharded_export(
+    out: str | os.PathLike[str],
+    sizes: Mapping[str, int],
+    materialise: Callable[[list[str]], Mapping[str, Tensor]],
+    fill: Callable[[Path], None] | None = None,
+) -> Path:
+    """Collective: every rank writes its share of the weights named in `sizes` (bytes per
+    tensor) into `out` (see the module docstring). `materialise(names)` returns this
+    rank's tensors; `fill(staging)` runs on rank 0 to add the export's other files.
+    Returns `out`; an existing `out` is an error (exports are not overwritten)."""
+    from safetensors.torch import save_file
+
+    from setok_tokenizer.atomic import atomic_write_with
+    from setokim.train.checkpoint import file_digest, write_manifest
+
+    out = Path(out)
+    rank, world = _rank_world()
+    if out.exists():
+        raise FileExistsError(f"export {out} exists; exports are written once")
+    staging = out.with_name(out.name + PARTIAL_SUFFIX)
+    if rank == 0:
+        (staging / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+        for debris in staging.rglob("*.tmp"):  # a write cut off by the kill
+            debris.unlink()
+    _barrier()
+    groups = assign_shards(sizes, world)
+    mine = shard_name(rank, world)
+    if not _shard_done(staging, mine):
+        tensors = {k: v.detach().contiguous().cpu() for k, v in materialise(groups[rank]).items()}
+        if set(tensors) != set(groups[rank]):
+            raise ValueError(
+                f"materialise returned {sorted(set(tensors) ^ set(groups[rank]))[:5]} "
+                f"instead of rank {rank}'s tensors"
+            )
+        atomic_write_with(staging / mine, lambda tmp: save_file(tensors, tmp))
+        del tensors
+        atomic_write_json(staging / PROGRESS_DIR / f"{mine}.json", file_digest(staging / mine))
+    _barrier()
+    if rank == 0:
+        weight_map = {n: shard_name(r, world) for r, g in enumerate(groups) for n in g}
+        index = {"metadata": {"total_size": int(sum(sizes.values()))}, "weight_map": weight_map}
+        atomic_write_json(staging / INDEX_FILE, index)
+        if fill is not None:
+            fill(staging)
+        shutil.rmtree(staging / PROGRESS_DIR)
+    _barrier()
+    write_manifest(staging, step=0)
+    _barrier()
+    if rank == 0:
+        os.replace(staging, out)
+    _barrier()
+    return out
+
+
+def read_index(export: str | os.PathLike[str]) -> dict[str, str]:
+    """tensor name -> shard file of a sharded export (errors name the folder)."""
+    path = Path(export) / INDEX_FILE
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        return dict(index["weight_map"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise FileNotFoundError(f"{export}: not a sharded export ({INDEX_FILE}: {err})") from err
+
+
+def _local_rows(param: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(local shape, global offset) of a DTensor's shard, None for a plain tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    return tuple(shape), tuple(offset)
+
+
+def load_sharded_weights(
+    model: nn.Module, export: str | os.PathLike[str], *, strict: bool = True
+) -> int:
+    """Fill `model`'s parameters and buffers from a sharded export, reading for each
+    DTensor only its local rows. Returns the bytes this rank read.
+
+    `strict`: every tensor of the model's state dict must be in the export (else an error
+    naming the first missing ones); tensors of the export the model does not have are
+    ignored. Non-persistent buffers are not in an export: a model built on the meta device
+    must compute them itself after `to_empty` (a Llama's rotary `inv_freq`).
+    """
+    from safetensors import safe_open
+
+    export = Path(export)
+    where = read_index(export)
+    saved = set(model.state_dict())  # no non-persistent buffers (e.g. rotary inv_freq)
+    targets = {n: t for n, t in model.named_parameters() if n in saved}
+    targets.update({n: t for n, t in model.named_buffers() if n in saved})
+    missing = sorted(n for n in targets if n not in where)
+    if strict and missing:
+        raise KeyError(f"{export}: the export lacks {missing[:5]} ({len(missing)} tensors)")
+    by_file: dict[str, list[str]] = {}
+    for name in targets:
+        if name in where:
+            by_file.setdefault(where[name], []).append(name)
+    read = 0
+    with torch.no_grad():
+        for file, names in sorted(by_file.items()):
+            with safe_open(str(export / file), framework="pt") as handle:
+                for name in names:
+                    target = targets[name]
+                    rows = _local_rows(target)
+                    local = target.to_local() if rows is not None else target
+                    if rows is None:
+                        value = handle.get_tensor(name)
+                    else:
+                        shape, offset = rows
+                        if local.numel() == 0:
+                            continue
+                        index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+                        value = handle.get_slice(name)[index]
+                    if tuple(value.shape) != tuple(local.shape):
+                        raise ValueError(
+                            f"{export / file}: {name} has shape {tuple(value.shape)} here, "
+                            f"the model's (local) tensor {tuple(local.shape)}"
+                        )
+                    local.copy_(value)
+                    read += value.numel() * value.element_size()
+    return read
+
+
+__all__ = [
+    "INDEX_FILE",
+    "assign_shards",
+    "load_sharded_weights",
+    "read_index",
+    "shard_name",
+    "write_sharded_export",
+]
