@@ -115,3 +115,50 @@ def test_sharded_export_written_by_both_ranks_resumes_and_loads_half_per_rank(
         assert 0.4 * total < run["read"] < 0.6 * total, run
         assert 0.4 * total < run["local"] < 0.6 * total, run
     assert sum(r["read"] for r in runs) == total  # every byte read once, by one rank
+
+
+def _train_and_export(rank: int, port: int, root: str) -> None:
+    import torch.distributed as dist
+
+    from setokim.model.sharded import export_checkpoint_weights
+    from setokim.stages import build_stage
+    from setokim.train import TrainerConfig, latest_checkpoint, train
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = TrainerConfig(max_steps=2, micro_batch_size=4, lr=3e-3, progress=False)
+        train(build_stage("toy", TOY), cfg, Path(root) / "run")  # FSDP2 over the 2 ranks
+        step = latest_checkpoint(Path(root) / "run")
+        export_checkpoint_weights(step, Path(root) / "export", dtype=torch.bfloat16)
+    finally:
+        dist.destroy_process_group()
+
+
+TOY = {"hidden": 32, "depth": 4}
+
+
+def test_checkpoint_exported_by_both_ranks_without_building_the_model(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from setokim.stages import build_stage
+    from setokim.train import latest_checkpoint, load_model_state
+
+    mp.start_processes(_train_and_export, args=(_free_port(), str(tmp_path)), nprocs=2,
+                       start_method="fork")  # fmt: skip
+    export = tmp_path / "export"
+    assert verify_checkpoint(export) == []
+    shards = sorted(export.glob("model-*.safetensors"))
+    assert [p.name for p in shards] == ["model-00001-of-00002.safetensors",
+                                        "model-00002-of-00002.safetensors"]  # fmt: skip
+    sizes = [p.stat().st_size for p in shards]
+    assert max(sizes) < 0.6 * sum(sizes)  # each rank wrote about half
+    got: dict[str, torch.Tensor] = {}
+    for p in shards:
+        got.update(load_file(str(p)))
+    want = load_model_state(latest_checkpoint(tmp_path / "run"),
+                            build_stage("toy", TOY).build_model()).state_dict()  # fmt: skip
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == torch.bfloat16
+        torch.testing.assert_close(got[key], value.to(torch.bfloat16), rtol=0, atol=0, msg=key)

@@ -14,6 +14,9 @@ every file's size and SHA-256 is written (shared over ranks), and the folder is 
 `<out>`. A job killed half-way leaves `<out>.partial/`; the relaunch keeps every shard
 whose recorded SHA-256 still matches and writes only the missing ones.
 
+From a trainer checkpoint (`export_checkpoint_weights`): each rank reads from the DCP
+checkpoint only the tensors of its own shard, so no rank builds the model.
+
 Loading (`load_sharded_weights`): the model is built on the meta device and sharded
 (FSDP2 `fully_shard`, then `to_empty`), so each rank's parameters are DTensors holding only
 its local shard; each one is filled from the safetensors slice of its rows
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
 from setokim.utils.io import atomic_write_json
@@ -139,6 +143,62 @@ def write_sharded_export(
     return out
 
 
+def checkpoint_tensors(step_dir: str | os.PathLike[str], prefix: str = "model.") -> dict[str, Any]:
+    """name (without `prefix`) -> DCP tensor metadata (size, dtype) of a checkpoint's model
+    entries; read from DCP's `.metadata` through the allow-list reader, no tensor read."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from setokim.train.checkpoint import SafeFileSystemReader
+
+    meta = SafeFileSystemReader(Path(step_dir)).read_metadata().state_dict_metadata
+    return {
+        k[len(prefix) :]: v
+        for k, v in meta.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
+
+
+def export_checkpoint_weights(
+    step_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    exclude: tuple[str, ...] = (),
+    fill: Callable[[Path], None] | None = None,
+) -> Path:
+    """Collective: a trainer checkpoint's model weights as a sharded export written by every
+    rank. Each rank reads from the DCP checkpoint only the tensors of its own shard (DCP
+    reads any subset; no model is built), cast to `dtype` when given (floating tensors);
+    names starting with one of `exclude` are left out (frozen modules an export stores
+    elsewhere). A killed export resumes (`write_sharded_export`)."""
+    from setokim.train.checkpoint import SafeFileSystemReader, SafeLoadPlanner
+
+    step_dir = Path(step_dir)
+    entries = {k: v for k, v in checkpoint_tensors(step_dir).items() if not k.startswith(exclude)}
+
+    def out_dtype(meta: Any) -> torch.dtype:
+        stored = meta.properties.dtype
+        return dtype if dtype is not None and stored.is_floating_point else stored
+
+    sizes = {
+        k: int(torch.Size(v.size).numel()) * torch.empty((), dtype=out_dtype(v)).element_size()
+        for k, v in entries.items()
+    }
+
+    def materialise(names: list[str]) -> dict[str, Tensor]:
+        bundle = {
+            "model": {
+                n: torch.empty(entries[n].size, dtype=entries[n].properties.dtype) for n in names
+            }
+        }
+        # no_dist: each rank reads its own names, also when the others skip (resumed shards)
+        dcp.load(bundle, storage_reader=SafeFileSystemReader(step_dir),
+                 planner=SafeLoadPlanner(), no_dist=True)  # fmt: skip
+        return {n: t.to(out_dtype(entries[n])) for n, t in bundle["model"].items()}
+
+    return write_sharded_export(out, sizes, materialise, fill)
+
+
 def read_index(export: str | os.PathLike[str]) -> dict[str, str]:
     """tensor name -> shard file of a sharded export (errors name the folder)."""
     path = Path(export) / INDEX_FILE
@@ -216,6 +276,8 @@ def load_sharded_weights(
 __all__ = [
     "INDEX_FILE",
     "assign_shards",
+    "checkpoint_tensors",
+    "export_checkpoint_weights",
     "load_sharded_weights",
     "read_index",
     "shard_name",
