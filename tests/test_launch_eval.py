@@ -33,6 +33,7 @@ def _cached_lines(run_dir: Path) -> int:
     return sum(len(f.read_text().splitlines()) for f in files)
 
 
+@pytest.mark.slow  # over 5 s
 def test_eval_job_writes_results_and_relaunch_reuses_the_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -80,6 +81,7 @@ def test_eval_stage_rejects_bad_params_naming_them(params: dict, needle: str) ->
         build_stage("eval", params)
 
 
+@pytest.mark.slow  # over 5 s
 def test_eval_stage_build_does_not_import_setok_eval() -> None:
     import subprocess
 

@@ -142,6 +142,7 @@ def test_bad_schedule_value_exits_2_naming_the_key(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # over 5 s
 @pytest.mark.parametrize(("exp", "init_key"), [(r[0], r[4]) for r in RECIPES])
 def test_dry_run_prints_the_plan(
     exp: str,

@@ -19,6 +19,7 @@ def _split(world: ShapesWorld, split: str, count: int):
     return [sample for sample, _ in world.iter_split(split, count)]
 
 
+@pytest.mark.slow  # over 5 s
 def test_blind_baselines_are_within_margin_of_chance():
     # 300 rendered images through the real generator; baselines from the card itself. Most
     # go to the held-out split: the majority answer is fitted well from few, while the

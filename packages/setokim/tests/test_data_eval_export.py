@@ -151,6 +151,7 @@ def test_masks_and_boxes_match_the_shard_annotation(exported):
 
 
 # a constant generator has zero feature covariance: FID's sqrtm warns, the value is still finite
+@pytest.mark.slow  # over 5 s
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 def test_oracle_scores_perfectly_and_constant_does_not(exported, tmp_path):
     shards, _, _ = exported

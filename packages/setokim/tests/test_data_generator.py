@@ -130,6 +130,7 @@ def test_edits_change_the_scene_as_instructed():
     assert len(ops) == 5, ops
 
 
+@pytest.mark.slow  # over 5 s
 def test_blind_baseline_is_near_chance():
     world = ShapesWorld(seed=4)
     train = [q for i in range(300) for q in vqa(world.scene("train", i), np.random.default_rng(i))]
