@@ -23,6 +23,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from setok_eval.metrics.pope import pope_confusion
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -105,6 +107,7 @@ SPEC: dict[str, Any] = {
         {"name": "position acc", "task": "shapes_vqa", "metric": "vqa_accuracy",
          "subset": {"question_type": ["position"]}},
         {"name": "edit L1", "task": "shapes_edit", "metric": "l1"},
+        {"name": "POPE F1", "task": "shapes_pope", "metric": "pope_f1"},
     ],
     "paper": {"base": {"#Cluster": "25*", "OK-VQA": 60.2}, "better": {"OK-VQA": 52.1}},
 }  # fmt: skip
@@ -138,12 +141,19 @@ def _write_row(exp_dir: Path, index: int, name: str, vqa: list[float], l1: list[
     docs_dir = run_dir / "eval_data" / "data" / "eval"
     docs_dir.mkdir(parents=True)
     (docs_dir / "shapes_vqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in _docs()))
+    pope = [{"id": f"q{i:03d}", "label": "yes" if i % 2 else "no"} for i in range(N)]
+    (docs_dir / "shapes_pope.jsonl").write_text("".join(json.dumps(d) + "\n" for d in pope))
+    pope_states = pope_confusion([d["label"] for d in pope], [d["label"] for d in pope])
     budget = {"name": "smoke", "max_steps": {"stage1": 4}, "eval_limit": N, "test_images": 8}
     config = {"stage": {"name": "study", "params": {"report": SPEC, "budget": budget}},
               "data": {"shard_dir": str(shard_dir)}}  # fmt: skip
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     results = {"schema": 1, "tasks": {"shapes_vqa": _task("vqa_accuracy", vqa, True),
-                                      "shapes_edit": _task("l1", l1, False)}}  # fmt: skip
+                                      "shapes_edit": _task("l1", l1, False),
+                                      "shapes_pope": _task("pope_f1", [1.0] * N, True)}}  # fmt: skip
+    results["tasks"]["shapes_pope"]["items"]["pope_f1"].update(
+        reducer="pope_f1", states=pope_states.tolist()
+    )
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "results.json").write_text(json.dumps(results))
     rng = np.random.default_rng(index)
@@ -203,6 +213,9 @@ def test_report_table_has_paired_tests_references_and_the_paper_column(exp_dir: 
     assert float(cell[("blind (question only)", "VQA acc ↑")]["value"]) == pytest.approx(0.75)
     assert float(cell[("random answer", "VQA acc ↑")]["value"]) == pytest.approx(0.5)
     assert cell[("base", "VQA acc ↑")]["paper"] == "60.2"
+    # Answering "yes" to every balanced POPE probe: F1 2/3, shown beside the rows.
+    assert float(cell[("always yes", "POPE F1 ↑")]["value"]) == pytest.approx(2 / 3)
+    assert float(cell[("base", "POPE F1 ↑")]["value"]) == pytest.approx(1.0)
     md = markdown(table)
     assert "**base (baseline)**" in md and "stale" not in md  # the newest launch only
     assert "6.5* (2–9)" in md and "4.5 (2–9)" in md  # dynamic rows starred, others not

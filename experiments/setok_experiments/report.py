@@ -113,40 +113,57 @@ def _docs(run_dir: Path, task: str) -> dict[str, dict[str, Any]]:
 
 
 def reference_rows(rows: list[Row], spec: Mapping[str, Any]) -> list[Row]:
-    """Blind (train majority per question type, `setok_eval.controls`) and random-answer rows
-    on the VQA documents."""
+    """Controls scored on the rows' own documents: for VQA accuracy, blind (train majority per
+    question type, `setok_eval.controls`) and a random answer; for POPE, "yes" every time."""
+    done = [r for r in rows if r.results is not None and r.run_dir is not None]
+    if not done:
+        return []
+    first = done[0]
+    refs: dict[str, dict[str, tuple[list[str], np.ndarray, str]]] = {}
+    for col in spec["columns"]:
+        task, metric = col.get("task"), col.get("metric")
+        got = None if task is None else _item_states(first, task, metric)
+        if got is None:
+            continue
+        if metric == "vqa_accuracy":
+            for name, scores in _vqa_controls(first, task, got[0], spec).items():
+                refs.setdefault(name, {})[f"{task}/{metric}"] = (got[0], scores, "mean")
+        elif str(metric).startswith("pope_"):
+            from setok_eval.metrics.pope import pope_confusion
+
+            docs = _docs(first.run_dir, task)  # type: ignore[arg-type]
+            labels = [docs[i]["label"] for i in got[0]]
+            states = pope_confusion(["yes"] * len(labels), labels)
+            refs.setdefault("always yes", {})[f"{task}/{metric}"] = (got[0], states, got[2])
+    out = []
+    for name, states in refs.items():
+        row = Row(name, [], first.run_dir, reference=True)  # run_dir: where its documents are
+        row.states = states
+        out.append(row)
+    return out
+
+
+def _vqa_controls(
+    first: Row, task: str, ids: list[str], spec: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """Per-document scores of the blind and random-answer controls (empty without a card)."""
     from setok_eval.controls import blind_scores, majority_answers
     from setok_eval.metrics.vqa import vqa_accuracy
 
-    vqa_cols = [c for c in spec["columns"] if c.get("metric") == "vqa_accuracy"]
-    done = [r for r in rows if r.results is not None and r.run_dir is not None]
-    if not vqa_cols or not done:
-        return []
-    task = vqa_cols[0]["task"]
-    first = done[0]
-    got = _item_states(first, task, "vqa_accuracy")
-    if got is None:
-        return []
-    ids = got[0]
     docs = _docs(first.run_dir, task)  # type: ignore[arg-type]
-    shard_dir = Path(spec["_cfg"]["data"]["shard_dir"])
-    card = _load_json(shard_dir / "dataset_card.json")
+    card = _load_json(Path(spec["_cfg"]["data"]["shard_dir"]) / "dataset_card.json")
     if card is None:
-        return []
+        return {}
     answers = card["splits"]["train"]["vqa_answers"]
     blind_by_id = blind_scores([docs[i] for i in ids], majority_answers(answers))
-    blind = [blind_by_id[i] for i in ids]
     rand = []
     for i in ids:
-        d = docs[i]
-        options = sorted(answers.get(d["question_type"], {})) or [""]
-        rand.append(float(np.mean([vqa_accuracy(a, d["answers"]) for a in options])))
-    out = []
-    for name, scores in (("blind (question only)", blind), ("random answer", rand)):
-        row = Row(name, [], first.run_dir, reference=True)  # run_dir: where its documents are
-        row.states[f"{task}/vqa_accuracy"] = (ids, np.asarray(scores)[:, None], "mean")
-        out.append(row)
-    return out
+        options = sorted(answers.get(docs[i]["question_type"], {})) or [""]
+        rand.append(float(np.mean([vqa_accuracy(a, docs[i]["answers"]) for a in options])))
+    return {
+        "blind (question only)": np.asarray([blind_by_id[i] for i in ids])[:, None],
+        "random answer": np.asarray(rand)[:, None],
+    }
 
 
 # ---------------------------------------------------------------- cells
@@ -302,7 +319,8 @@ def build_table(
         notes.append(
             "Reference rows on the same documents: blind (question only) answers the train "
             "split's majority answer of the question's type; random answer is the expected "
-            "score of a uniform guess among the type's train answers."
+            "score of a uniform guess among the type's train answers; always yes answers "
+            "'yes' to every POPE probe (F1 0.667 on balanced probes)."
         )
     if base is None or base.results is None:
         notes.append(
