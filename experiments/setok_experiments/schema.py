@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from setok_decoders.config import DiffusionDecoderConfig, MaskDecoderConfig
-from setok_tokenizer.config import SeTokConfig, from_dict
+from setok_tokenizer.config import SeTokConfig, from_dict, require, require_choice, require_min
 from setokim.data.config import DataConfig
 from setokim.train.config import TrainerConfig, WandbConfig
 
@@ -39,8 +39,7 @@ class StageConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name:
-            _fail("stage.name", "must be a registered stage name, got an empty string")
+        require(bool(self.name), self, "name", "must be a registered stage name, got ''")
 
 
 @dataclass
@@ -60,18 +59,9 @@ class LauncherConfig:
     array_parallelism: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in LAUNCHER_KINDS:
-            _fail("launcher.kind", f"expected one of {LAUNCHER_KINDS}, got {self.kind!r}")
-        if self.timeout_min < 1:
-            _fail("launcher.timeout_min", f"must be >= 1, got {self.timeout_min}")
-        if self.wait_timeout_min <= 0:
-            _fail("launcher.wait_timeout_min", f"must be > 0, got {self.wait_timeout_min}")
-        if self.poll_s <= 0:
-            _fail("launcher.poll_s", f"must be > 0, got {self.poll_s}")
-        if self.array_parallelism is not None and self.array_parallelism < 1:
-            _fail(
-                "launcher.array_parallelism", f"must be >= 1 or null, got {self.array_parallelism}"
-            )
+        require_choice(self, "kind", LAUNCHER_KINDS)
+        require_min(self, 1, "timeout_min", "array_parallelism")
+        require_min(self, 0, "wait_timeout_min", "poll_s", strict=True)
 
 
 @dataclass
@@ -106,18 +96,9 @@ class ClusterConfig:
     offline: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("gpu_mem_gb", "gpu_tflops"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                _fail(f"cluster.{key}", f"must be > 0 or null, got {value}")
-        for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
-            if getattr(self, key) < 1:
-                _fail(f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout"):
-            if getattr(self, key) < 0:
-                _fail(f"cluster.{key}", f"must be >= 0, got {getattr(self, key)}")
-        if self.mem_gb is not None and self.mem_gb <= 0:
-            _fail("cluster.mem_gb", f"must be > 0 or null, got {self.mem_gb}")
+        require_min(self, 0, "gpu_mem_gb", "gpu_tflops", "mem_gb", strict=True)  # or null
+        require_min(self, 1, "nodes", "cpus_per_task", "time_min", "array_parallelism")
+        require_min(self, 0, "gpus_per_node", "signal_delay_s", "max_num_timeout")
 
     @property
     def tasks_per_node(self) -> int:

@@ -76,9 +76,7 @@ class SeTokIMOutput:
 
 
 def _build_llm(cfg: LLMConfig, vocab_size: int, seed: int) -> PreTrainedModel:
-    dtype = _DTYPES.get(cfg.dtype)
-    if dtype is None:
-        raise ValueError(f"llm.dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
+    dtype = _DTYPES[cfg.dtype]  # LLMConfig checks the name
     if cfg.pretrained_path is not None:
         return load_local(
             AutoModelForCausalLM, cfg.pretrained_path, "llm.pretrained_path", dtype=dtype
