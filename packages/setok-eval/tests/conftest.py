@@ -1,15 +1,10 @@
-"""Make the toy helpers (eval_toys.py) importable and provide the toy-suite fixture."""
+"""Fixtures shared by the setok-eval tests."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from eval_toys import write_toy_suite  # noqa: E402
+from setok_eval.toys import write_toy_suite
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from eval_toys import ToyAdapter, write_toy_suite
 
 from setok_eval import run_eval
 from setok_eval.io import atomic_write_json
 from setok_eval.leaderboard import MixedDataError, build_leaderboard
 from setok_eval.results import read_results
+from setok_eval.toys import ToyAdapter, write_toy_suite
 
 REPO = Path(__file__).resolve().parents[3]
 

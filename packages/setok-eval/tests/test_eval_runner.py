@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_toys import ToyAdapter, write_toy_suite
 
 from setok_eval import ReplayAdapter, read_results, resolve_rank, run_eval
 from setok_eval.cache import PredictionCache
+from setok_eval.toys import ToyAdapter, write_toy_suite
 
 TESTS = Path(__file__).resolve().parent
 
@@ -110,9 +110,7 @@ def test_kill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(
         textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(TESTS)!r})
-        from eval_toys import ToyAdapter
+        from setok_eval.toys import ToyAdapter
         from setok_eval.registry import parse_task
         from setok_eval import run_eval
         spec = parse_task({{"name": "toy_vqa", "version": 1, "family": "vqa", "output": "text",

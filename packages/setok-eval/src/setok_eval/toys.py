@@ -1,4 +1,5 @@
-"""Toy tasks (documents, images, masks generated locally) and a deterministic toy adapter."""
+"""Toy tasks (documents, images, masks generated locally) and a deterministic toy adapter:
+what the runner, scoring and leaderboard are tested on, and a way to try an adapter."""
 
 from __future__ import annotations
 
