@@ -26,15 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def scenes(root: Path, name: str, count: int, seed: int) -> Path:
+def scenes(
+    root: Path, name: str, count: int, seed: int, image_size: int = 64, max_objects: int = 8
+) -> Path:
     """A Shapes World folder of `count` scenes (val split) drawn from `seed`."""
     from setokim.data.generate import generate_dataset
     from setokim.data.shards import MANIFEST_NAME
 
     folder = root / f"{name}_{count}_seed{seed}"
     if not (folder / MANIFEST_NAME).is_file():
-        generate_dataset(folder, train=0, val=count, test=0, image_size=64, seed=seed,
-                         overwrite=folder.exists())  # fmt: skip
+        generate_dataset(folder, train=0, val=count, test=0, image_size=image_size, seed=seed,
+                         max_objects=max_objects, overwrite=folder.exists())  # fmt: skip
     return folder
 
 

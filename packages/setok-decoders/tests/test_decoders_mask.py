@@ -111,3 +111,33 @@ def test_resize_masks_area():
     small = resize_masks(obj, (4, 4))
     assert small.shape == (2, 3, 4, 4)
     assert torch.allclose(small.sum((-1, -2)) * 16, obj.sum((-1, -2)))
+
+
+def test_without_pixel_context_masks_come_from_the_tokens_alone():
+    dec = _decoder(pixel_context=False)
+    tokens, mask, features = _batch()
+    logits = dec(tokens, mask, features)
+    other = dec(tokens, mask, torch.randn_like(features) * 5)
+    assert torch.equal(logits, other)  # the features' values are never read
+    moved = dec(tokens + torch.randn_like(tokens), mask, features)
+    assert not torch.allclose(logits[mask], moved[mask])
+    with_context = _decoder()(tokens, mask, features)
+    assert not torch.allclose(with_context, _decoder()(tokens, mask, torch.randn_like(features)))
+
+
+def test_match_on_decides_which_object_each_token_learns():
+    obj, valid = _objects()
+    logits = torch.zeros(2, 3, 16, 16, requires_grad=True)
+    token_valid = torch.ones(2, 3, dtype=torch.bool)
+    # token k's "cluster" is object (k + 1) % 3: matching on it must pair them so
+    order = [1, 2, 0]
+    clusters = obj[:, order].clone()
+    clusters[1, 2] = obj[1, 1]  # image 1's object 2 is invalid: token 2 shares object 1
+    out = mask_loss(logits, token_valid, obj, valid, kl_weight=0.0, match_on=clusters[:, :, ::4, ::4])
+    out.total.backward()
+    grad = logits.grad
+    # token 0 learns object 1 of image 0: its gradient pulls up exactly object 1's pixels
+    assert bool((grad[0, 0][obj[0, 1].bool()] < 0).all())
+    assert bool((grad[0, 0][~obj[0, 1].bool()] > 0).all())
+    with pytest.raises(ValueError, match="match_on must be"):
+        mask_loss(logits, token_valid, obj, valid, match_on=clusters[:, :2])

@@ -115,6 +115,11 @@ class MaskDecoderConfig:
 
     feature_dim: width of the encoder feature grid; token_dim: width of the tokens.
     mask_scale: the mask resolution is the feature grid times this (a power of two).
+    pixel_context: the queries attend to the encoder features and the per-pixel embeddings
+        are made from them (Mask2Former). False: the decoder sees only the grid's positions,
+        so each mask must be drawn from its token alone, and a token that reconstructs its
+        object's mask has to carry the object's position, size and shape (what Stage I asks
+        of SeTok's tokens; benchmarks/study_token_content.py).
     """
 
     token_dim: int = 64
@@ -124,6 +129,7 @@ class MaskDecoderConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     mask_scale: int = 4
+    pixel_context: bool = True
 
     def __post_init__(self) -> None:
         require_min(self, 1, "token_dim", "feature_dim", "hidden_dim", "num_layers", "num_heads")

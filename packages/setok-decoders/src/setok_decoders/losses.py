@@ -201,6 +201,7 @@ def mask_loss(
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
     match_cost: str = "bce_dice",
+    match_on: Tensor | None = None,
     eps: float = 1e-6,
 ) -> MaskLossOutput:
     """L_mask = kl_weight*KL(M || sg(pi)) + bce_weight*BCE + dice_weight*Dice (Eq. 4).
@@ -211,7 +212,10 @@ def mask_loss(
         and to the cluster grid for the KL.
     cluster_masks (B, K, h, w): the tokenizer's masks M; None skips the KL term.
     Tokens are matched to objects by Hungarian matching on `match_cost` of the predicted
-    probabilities; BCE and Dice are averaged over matched pairs (zero when none).
+    probabilities, or of `match_on` (B, K, h', w') when given: e.g. the tokenizer's cluster
+    masks, so that each token is asked for the object its cluster covers from the first
+    step on (a decoder that draws masks from the tokens alone starts with predictions that
+    match nothing). BCE and Dice are averaged over matched pairs (zero when none).
     """
     _check_pair(mask_logits, token_valid, "mask_logits", "token_valid", 4)
     _check_pair(object_masks, object_valid, "object_masks", "object_valid", 4)
@@ -220,9 +224,15 @@ def mask_loss(
         raise ValueError(f"object_masks batch {object_masks.shape[0]} != mask_logits batch {bsz}")
     target = resize_masks(object_masks, (h, w)).flatten(2)
     logits = mask_logits.flatten(2)
-    matches = match_masks(
-        logits.detach().float().sigmoid(), token_valid, target, object_valid, cost=match_cost
-    )
+    if match_on is None:
+        probs = logits.detach().float().sigmoid()
+    elif match_on.dim() != 4 or match_on.shape[:2] != (bsz, k):
+        raise ValueError(
+            f"match_on must be (B, K, h, w) with B={bsz}, K={k}, got {tuple(match_on.shape)}"
+        )
+    else:
+        probs = resize_masks(match_on.detach().float(), (h, w)).flatten(2)
+    matches = match_masks(probs, token_valid, target, object_valid, cost=match_cost)
     pred_rows = torch.cat([logits[b, r] for b, (r, _) in enumerate(matches)])
     tgt_rows = torch.cat([target[b, c] for b, (_, c) in enumerate(matches)])
     num_matched = int(pred_rows.shape[0])

@@ -4,7 +4,9 @@ A light Mask2Former/SAM-style decoder. Tokens are the queries; each layer lets t
 cross-attend to the pixel features (encoder grid + 2-D sine positions), self-attend to
 each other (padded tokens hidden by the key padding mask) and pass an MLP. The grid is
 upsampled by transposed convolutions to per-pixel embeddings; a mask logit is the dot
-product of a query embedding with each pixel embedding.
+product of a query embedding with each pixel embedding. With `pixel_context=False` the
+pixels are replaced by their positions alone (cross-attention and per-pixel embeddings),
+so a mask can only come from what its token carries.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from torch import Tensor, nn
 from setok_decoders.config import MaskDecoderConfig
 from setok_decoders.io import load_config, load_weights, save_module
 from setok_decoders.qformer import check_tokens
+from setok_tokenizer.config import from_dict
 
 KIND = "mask_decoder"
-from setok_tokenizer.config import from_dict
 PAD_LOGIT = -1e4  # logit written into padded token slots (sigmoid ~ 0, finite for losses)
 
 
@@ -73,7 +75,7 @@ class MaskDecoder(nn.Module):
         self.config = config
         dim = config.hidden_dim
         self.token_proj = nn.Linear(config.token_dim, dim)
-        self.feature_proj = nn.Linear(config.feature_dim, dim)
+        self.feature_proj = nn.Linear(config.feature_dim, dim) if config.pixel_context else None
         self.layers = nn.ModuleList(
             MaskDecoderLayer(dim, config.num_heads, config.mlp_ratio)
             for _ in range(config.num_layers)
@@ -106,15 +108,20 @@ class MaskDecoder(nn.Module):
             )
         bsz, h, w, _ = features.shape
         valid = token_mask.bool()
-        pixels = self.feature_proj(features).flatten(1, 2)  # (B, h*w, dim)
-        pos = sine_positions_2d(h, w, self.config.hidden_dim, features.device).to(pixels.dtype)
+        pos = sine_positions_2d(h, w, self.config.hidden_dim, features.device)
+        if self.feature_proj is not None:
+            pixels = self.feature_proj(features).flatten(1, 2)  # (B, h*w, dim)
+        else:  # positions only: the masks must come from the tokens
+            pixels = pos[None].expand(bsz, -1, -1).to(tokens.dtype)
+        pos = pos.to(pixels.dtype)
         q = self.token_proj(tokens)
         for layer in self.layers:
             q = layer(q, pixels, pos[None], ~valid)
         q = self.query_head(self.query_norm(q))
-        grid = pixels.transpose(1, 2).reshape(bsz, -1, h, w)
-        per_pixel = self.pixel_head(grid)  # (B, dim, H, W)
-        logits = torch.einsum("bkc,bchw->bkhw", q, per_pixel)
+        # Without pixel context every image has the same per-pixel embeddings: compute once.
+        grid = pixels[: 1 if self.feature_proj is None else bsz].transpose(1, 2)
+        per_pixel = self.pixel_head(grid.reshape(grid.shape[0], -1, h, w))  # (B or 1, dim, H, W)
+        logits = torch.einsum("bkc,bchw->bkhw", q, per_pixel.expand(bsz, -1, -1, -1))
         if output_size is not None and tuple(output_size) != tuple(logits.shape[-2:]):
             logits = F.interpolate(logits, size=tuple(output_size), mode="bilinear")
         return logits.masked_fill(~valid[:, :, None, None], PAD_LOGIT)
