@@ -1,4 +1,4 @@
-"""The paper's analyses (Table 5, Figure 7, Table 8) as study arrays and their report.
+"""The paper's analyses (Table 5, Figure 7, Table 8, Table 9) as study arrays and their report.
 
 Unit tier: the recipes compose +exp=setokim_shapes at every budget, the budget caps and the
 grid scaling, and the report on hand-written rows (paired tests, reference rows, the paper's
@@ -49,6 +49,7 @@ from setokim.stages.study import StudyConfig, budgeted_steps, scaled_clusters  #
                                  "fixed_256", "fixed_64", "fixed_8", "resampler"]),
         ("ablation_encoder", ["vit", "convnext"]),
         ("ablation_components", ["full", "wo_pe", "wo_merger"]),
+        ("llava_setok", ["llava_patch", "llava_setok"]),
     ],
 )  # fmt: skip
 def test_each_analysis_composes_the_setokim_recipe(

@@ -315,13 +315,16 @@ def build_table(
         "Shared by all rows: the generated Shapes World (train and test split) and the eval "
         "documents; every row trains its own Stage I -> II -> III from scratch.",
     ]
-    if any(r.reference for r in all_rows):
-        notes.append(
-            "Reference rows on the same documents: blind (question only) answers the train "
-            "split's majority answer of the question's type; random answer is the expected "
-            "score of a uniform guess among the type's train answers; always yes answers "
-            "'yes' to every POPE probe (F1 0.667 on balanced probes)."
-        )
+    explain = {
+        "blind (question only)": "blind (question only) answers the train split's majority "
+        "answer of the question's type",
+        "random answer": "random answer is the expected score of a uniform guess among the "
+        "type's train answers",
+        "always yes": "always yes answers 'yes' to every POPE probe (F1 0.667 on balanced probes)",
+    }
+    present = [explain[r.name] for r in all_rows if r.reference and r.name in explain]
+    if present:
+        notes.append("Reference rows on the same documents: " + "; ".join(present) + ".")
     if base is None or base.results is None:
         notes.append(
             f"The baseline row {base_name!r} has no scores in this launch ({', '.join(names)}): "

@@ -88,6 +88,27 @@ class StudyMeasure:
 
 
 @dataclass
+class StudyInsert:
+    """Table 9: SeTok inserted into a trained patch-token (LLaVA-style) model, then tuned.
+
+    With `enabled`, the row's pipeline is the patch model's; then its Stage II export is
+    copied with the tokenizer's clustering replaced by `clustering` (SeTok between the vision
+    encoder and the connector: the encoder's patch features are clustered and merged, and the
+    same projector maps each merged token to the LLM; no weight changes, since clustering has
+    none), and Stage III is trained again from that copy for `fraction` of its steps (the
+    small instruction split). The row is evaluated on that model.
+    """
+
+    enabled: bool = False
+    clustering: dict[str, Any] = field(default_factory=lambda: {"mechanism": "dynamic"})
+    fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"study: insert_setok.fraction must be in (0, 1], got {self.fraction}")
+
+
+@dataclass
 class StudyConfig:
     """`stage.params` of a study row (unknown keys are rejected by `build`).
 
@@ -106,6 +127,7 @@ class StudyConfig:
     measure: StudyMeasure = field(default_factory=StudyMeasure)
     paper_clusters: int | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    insert_setok: StudyInsert = field(default_factory=StudyInsert)
 
 
 def scaled_clusters(paper_clusters: int, grid_tokens: int) -> int:
@@ -199,6 +221,13 @@ class StudyStage:
             assert pipe.last is not None
             return pipe.last
         last = pipe.steps[-1]
+        if cfg.insert_setok.enabled:
+            inserted = insert_setok(cfg, steps, pipe, root, wandb)
+            if inserted.preempted:
+                assert inserted.last is not None
+                return inserted.last
+            pipe.steps.extend(replace(s, name=f"setok_{s.name}") for s in inserted.steps)
+            last = inserted.steps[-1]
         if last.export is None:
             raise RuntimeError(f"study: the last step {last.name!r} left no export to evaluate")
         ev = EvalStageConfig(
@@ -218,6 +247,50 @@ class StudyStage:
         row["grid_tokens"] = grid
         atomic_write_json(root / ROW_FILE, row)
         return result
+
+
+def insert_setok(
+    cfg: StudyConfig, steps: list[dict[str, Any]], pipe: Any, root: Path, wandb: Any
+) -> Any:
+    """Table 9's second arm (see `StudyInsert`): the patch model's Stage II export with SeTok's
+    clustering, then a short Stage III, in `root/insert/`."""
+    import shutil
+    import tempfile
+
+    from setokim.stages.pipeline import run_pipeline
+
+    base = pipe.export("stage2")
+    stage3 = next((s for s in steps if s["name"] == "stage3"), None)
+    if base is None or stage3 is None:
+        raise ValueError("study: insert_setok needs the recipe's stage2 and stage3 steps")
+    out = root / "insert"
+    target = out / "base"
+    if not (target / "setokim_config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=out))
+        try:
+            shutil.copytree(base, tmp / "base")
+            for rel, keys in (
+                ("setok/setok_config.json", ()),
+                ("setokim_config.json", ("tokenizer",)),
+            ):
+                path = tmp / "base" / rel
+                data = json.loads(path.read_text(encoding="utf-8"))
+                node = data
+                for key in keys:
+                    node = node[key]
+                node["clustering"] = {**node["clustering"], **cfg.insert_setok.clustering}
+                path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+            os.replace(tmp / "base", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    params = {**dict(stage3.get("params") or {}), "init_from": str(target)}
+    trainer = dict(stage3.get("trainer") or {})
+    total = int(trainer.get("max_steps", cfg.trainer.get("max_steps", 1)))
+    short = max(1, math.ceil(total * cfg.insert_setok.fraction))
+    warm = int(trainer.get("warmup_steps", cfg.trainer.get("warmup_steps", 0)))
+    trainer.update(max_steps=short, warmup_steps=min(short - 1, math.ceil(warm * short / total)))
+    return run_pipeline([("stage3", params, trainer)], out, wandb, trainer_defaults=cfg.trainer)
 
 
 def _finished(root: Path, cfg: StudyConfig) -> TrainResult | None:
@@ -368,6 +441,8 @@ def build(cfg: Mapping[str, Any]) -> StudyStage:
     check_keys(StudyBudget, budget, "study", "budget")
     meas = dict(cfg.get("measure") or {})
     check_keys(StudyMeasure, meas, "study", "measure")
+    insert = dict(cfg.get("insert_setok") or {})
+    check_keys(StudyInsert, insert, "study", "insert_setok")
     paper = cfg.get("paper_clusters")
     if paper is not None and int(paper) < 1:
         raise ValueError(f"study: paper_clusters must be >= 1 or null, got {paper}")
@@ -383,5 +458,6 @@ def build(cfg: Mapping[str, Any]) -> StudyStage:
             measure=StudyMeasure(**meas),
             paper_clusters=None if paper is None else int(paper),
             report=dict(report),
+            insert_setok=StudyInsert(**insert),
         )
     )
