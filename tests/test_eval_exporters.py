@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import importlib.util
 import io
 import json
 import pickle
@@ -24,12 +25,15 @@ from setok_eval.documents import load_documents, load_label_map
 from setok_eval.metrics.grounding import xywh_to_xyxy
 from setok_eval.metrics.image import ProjectionExtractor
 from setok_eval.scoring import score_task
+from setokim.data.eval_common import ExportError
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools" / "data"))
-
-from eval_common import ExportError  # noqa: E402
-from eval_export import BENCHMARKS, export_benchmark, main  # noqa: E402
+# The exporter is a CLI script, not a package module: loaded from its file as `python` runs it.
+_spec = importlib.util.spec_from_file_location("eval_export", REPO / "tools/data/eval_export.py")
+eval_export = importlib.util.module_from_spec(_spec)
+sys.modules["eval_export"] = eval_export  # as importlib does: dataclasses look their module up there
+_spec.loader.exec_module(eval_export)
+BENCHMARKS, export_benchmark, main = eval_export.BENCHMARKS, eval_export.export_benchmark, eval_export.main
 
 TASKS_DIR = REPO / "eval_suite" / "tasks"
 RNG = np.random.default_rng(0)
@@ -150,7 +154,7 @@ def fake_pope(root: Path) -> None:
 
 
 def fake_mme(root: Path) -> None:
-    from eval_export import MME_COGNITION, MME_PERCEPTION
+    MME_COGNITION, MME_PERCEPTION = eval_export.MME_COGNITION, eval_export.MME_PERCEPTION
 
     for k, sub in enumerate(MME_PERCEPTION + MME_COGNITION):
         folder = root / sub
@@ -517,8 +521,6 @@ def test_cli_writes_and_reports_and_fails_cleanly(
 
 def test_exported_tasks_run_through_the_suite_cli(tmp_path: Path) -> None:
     """The user's path: export CLI -> predictions -> eval_suite/run.py with --data-root."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("eval_suite_run", REPO / "eval_suite" / "run.py")
     assert spec is not None and spec.loader is not None
     cli = importlib.util.module_from_spec(spec)

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,18 @@ import yaml
 from PIL import Image
 
 from setok_eval.metrics.pope import pope_confusion
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-from setok_experiments.cli import main  # noqa: E402
-from setok_experiments.plan import build_plan  # noqa: E402
-from setok_experiments.report import (  # noqa: E402
+from setok_experiments.cli import main
+from setok_experiments.plan import build_plan
+from setok_experiments.report import (
     build_table,
     collect_rows,
     csv_text,
     markdown,
     write_report,
 )
-from setokim.stages.study import StudyConfig, budgeted_steps, scaled_clusters  # noqa: E402
+from setokim.stages.study import StudyConfig, budgeted_steps, scaled_clusters
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- recipes

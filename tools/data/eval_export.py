@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from eval_common import (
+from PIL import Image, ImageDraw
+
+from setokim.data.eval_common import (
     Documents,
     ExportError,
     field,
@@ -39,7 +41,6 @@ from eval_common import (
     record_error,
     text_list,
 )
-from PIL import Image, ImageDraw
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ TaskSpec so results.json records it. Boxes are xyxy pixels (x1, y1 exclusive).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from setokim.data.eval_common import png_bytes
 from setokim.data.rle import bbox_of, decode_mask
 from setokim.data.schema import SampleAnnotation
 from setokim.data.shards import dataset_version, iter_tar_samples, read_manifest, sha256_file
@@ -80,12 +79,6 @@ def iter_split(shard_dir: str | Path, split: str) -> Iterator[tuple[str, dict[st
                 f"shard {info['name']!r}: {len(samples)} samples, manifest says {info['num_samples']}"
             )
         yield from samples.items()
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def label_map(ann: SampleAnnotation) -> np.ndarray:
@@ -168,7 +161,7 @@ class _Exporter:
                 if mask is None:
                     self.skipped[task] += 1
                     continue
-                rel = self._asset("masks", doc_id, _png(mask.astype(np.uint8) * 255))
+                rel = self._asset("masks", doc_id, png_bytes(mask.astype(np.uint8) * 255))
                 text = {"expression": r.text} if task == "rec" else {"query": r.text}
                 self._doc(
                     task,
@@ -200,7 +193,7 @@ class _Exporter:
         for j, caption in enumerate(ann.t2i):
             self._doc("t2i", f"{key}_t2i{j:02d}", key, caption=caption, target=image, **size)
         if ann.objects and "tokens" in self.tasks and any(o.mask for o in ann.objects):
-            masks = self._asset("objects", key, _png(label_map(ann)))
+            masks = self._asset("objects", key, png_bytes(label_map(ann)))
             self._doc(
                 "tokens", key, key, image=image, masks=masks, num_objects=len(ann.objects), **size
             )

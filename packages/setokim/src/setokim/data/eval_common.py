@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark exporters (tools/data/eval_export.py).
+"""Shared pieces of the benchmark exporters (tools/data/eval_export.py and the Shapes World
+export in setokim.data.eval_export); a package module so the CLI imports it like any library.
 
 Official benchmark files -> eval-suite documents (setok_eval JSON lines under
 ``OUT/data/eval/{task}.jsonl``). What every exporter needs is here once: reading the official
