@@ -146,7 +146,9 @@ class TorchScriptExtractor:
         try:
             import torch
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(f"loading {path} needs torch; install it or pass a callable") from exc
+            raise ImportError(
+                f"loading {path} needs torch: install setok-eval[torch] or pass a callable"
+            ) from exc
         self._torch = torch
         self.module = torch.jit.load(str(path), map_location=device).eval()
         self.size, self.device = int(size), device
