@@ -11,24 +11,11 @@ commands. Also: the launch-time data check refuses the recipe unchanged on this 
 from __future__ import annotations
 
 import json
-from importlib.util import module_from_spec, spec_from_file_location
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from setok_experiments.cli import main as launch
 from setokim.data.converters.fake_vqav2 import write_fake_vqav2
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tool(rel: str) -> Any:
-    spec = spec_from_file_location(f"tool_{Path(rel).stem}", REPO / rel)
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
 
 # Stage I sub-phase 1 only (VQAv2 has no object masks), and the Stage II / III mixes get
 # the data's one task: what the launch-time check asks for (see the first launch below).
@@ -45,16 +32,16 @@ PIPELINE = [
 
 
 @pytest.mark.slow
-def test_convert_check_train_export_eval_leaderboard(tmp_path, capsys):
+def test_convert_check_train_export_eval_leaderboard(tmp_path, capsys, script):
     raw, shards, runs = tmp_path / "raw", tmp_path / "vqav2", tmp_path / "runs"
-    vqav2 = _tool("tools/data/vqav2.py")
+    vqav2 = script("tools/data/vqav2.py").main
     for split, n in (("train", 16), ("val", 4)):  # both splits' image ids start at 1
         fake = write_fake_vqav2(raw, split, n)
         argv = ["--images", str(fake.images), "--out", str(shards), "--split",
                 "train" if split == "train" else "test", "--questions-json", str(fake.questions),
                 "--annotations-json", str(fake.annotations), "--coco-split", split]  # fmt: skip
         assert vqav2(argv) == 0
-    assert _tool("tools/check_shards.py")([str(shards), "--no-progress"]) == 0
+    assert script("tools/check_shards.py").main([str(shards), "--no-progress"]) == 0
     card = json.loads((shards / "dataset_card.json").read_text())
     assert card["blind_baseline"]["test"]["yes/no"]["n"] == 4
 
@@ -69,7 +56,7 @@ def test_convert_check_train_export_eval_leaderboard(tmp_path, capsys):
     assert all((p / "setokim_config.json").is_file() for p in exports.values())
 
     data_root = tmp_path / "eval_data"
-    export = _tool("tools/export_eval_data.py")
+    export = script("tools/export_eval_data.py").main
     argv = [str(shards), "--split", "test", "--out", str(data_root), "--task", "vqa=vqav2_val"]
     assert export([*argv, "--no-progress"]) == 0
     docs = (data_root / "data" / "eval" / "vqav2_val.jsonl").read_text().splitlines()
@@ -88,5 +75,5 @@ def test_convert_check_train_export_eval_leaderboard(tmp_path, capsys):
     board = tmp_path / "leaderboard"
     run_dirs = sorted(str(p.parent) for p in (runs / "eval").glob("*/eval/results.json"))
     argv = [*run_dirs, "--baseline", run_dirs[0], "--out", str(board), "--resamples", "50"]
-    assert _tool("eval_suite/leaderboard.py")(argv) == 0
+    assert script("eval_suite/leaderboard.py").main(argv) == 0
     assert "vqav2_val" in next(board.glob("*.md")).read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,13 +12,6 @@ import pytest
 from PIL import Image
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "visualize_tokens.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("visualize_tokens", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _blocks_png(path: Path) -> None:
@@ -34,8 +26,8 @@ def _blocks_png(path: Path) -> None:
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
 
 
-def test_tool_writes_one_colour_per_token(tmp_path, capsys) -> None:
-    tool = _load_tool()
+def test_tool_writes_one_colour_per_token(tmp_path, capsys, script) -> None:
+    tool = script("tools/visualize_tokens.py")
     src = tmp_path / "blocks.png"
     _blocks_png(src)
     out = tmp_path / "viz" / "tokens.png"
@@ -60,19 +52,19 @@ def test_tool_writes_one_colour_per_token(tmp_path, capsys) -> None:
         assert colours == {tuple(c) for c in tool.palette(n)}
 
 
-def test_palette_is_distinct_and_avoids_black_and_white() -> None:
-    tool = _load_tool()
+def test_palette_is_distinct_and_avoids_black_and_white(script) -> None:
+    tool = script("tools/visualize_tokens.py")
     colours = tool.palette(300)
     assert len({tuple(c) for c in colours}) == 300
     assert not any(tuple(c) in {(0, 0, 0), (255, 255, 255)} for c in colours)
 
 
-def test_tool_cli_help_and_missing_image(tmp_path, capsys) -> None:
+def test_tool_cli_help_and_missing_image(tmp_path, capsys, script) -> None:
     done = subprocess.run(
         [sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "--checkpoint" in done.stdout
-    tool = _load_tool()
+    tool = script("tools/visualize_tokens.py")
     with pytest.raises(FileNotFoundError, match="IMAGE not found"):
         tool.main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o.png")])
     with pytest.raises(SystemExit):
@@ -81,9 +73,9 @@ def test_tool_cli_help_and_missing_image(tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_demo_trains_and_draws_held_out_scenes(tmp_path, capsys) -> None:
+def test_demo_trains_and_draws_held_out_scenes(tmp_path, capsys, script) -> None:
     """--demo trains on the spot; its counts track the scenes' regions better than untrained."""
-    tool = _load_tool()
+    tool = script("tools/visualize_tokens.py")
     out = tmp_path / "demo.png"
     assert tool.main(["--demo", "--demo-steps", "150", "--out", str(out), "--panel-size", "64"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

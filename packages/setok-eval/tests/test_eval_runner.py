@@ -18,8 +18,6 @@ from setok_eval import ReplayAdapter, read_results, resolve_rank, run_eval
 from setok_eval.cache import PredictionCache
 from setok_eval.toys import ToyAdapter, write_toy_suite
 
-TESTS = Path(__file__).resolve().parent
-
 
 def _lines(folder: Path) -> list[dict]:
     out = []
@@ -211,14 +209,8 @@ def test_adapter_without_method_is_a_clear_error(tmp_path, toy_suite):
     )
 
 
-def test_run_cli_with_replay_adapter(tmp_path, toy_suite, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "eval_suite_run", TESTS.parents[2] / "eval_suite" / "run.py"
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_run_cli_with_replay_adapter(tmp_path, toy_suite, capsys, script):
+    cli = script("eval_suite/run.py")
     vqa = toy_suite[0]
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,3 +46,15 @@ def _write_mixed_sources(root: Path, train: int) -> Path:
 def mixed_sources() -> Callable[[Path, int], Path]:
     """`mixed_sources(root, train)`: two Shapes World datasets and a LLaVA one under root."""
     return _write_mixed_sources
+
+
+@pytest.fixture(scope="module")
+def ids(tok: Any) -> Any:
+    """The packing ids (SpecialIds) of the test module's own `tok` fixture: [Img], [/Img],
+    pad and bos. Imported here, not at the top, so data-only tests do not load the model."""
+    from setokim.model.packing import SpecialIds
+    from setokim.model.text_tokenizer import token_id
+
+    return SpecialIds(
+        token_id(tok, "[Img]"), token_id(tok, "[/Img]"), tok.pad_token_id, tok.bos_token_id
+    )

@@ -88,14 +88,8 @@ def test_shard_cut_at_a_member_boundary_is_not_silent(data):
         list(make_loader(data, "train", "caption", 4, shuffle=False))
 
 
-def test_check_shards_cli_exit_codes(clean, data, capsys):
-    from importlib.util import module_from_spec, spec_from_file_location
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[3] / "tools" / "check_shards.py"
-    spec = spec_from_file_location("check_shards_cli", path)
-    cli = module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_check_shards_cli_exit_codes(clean, data, capsys, script):
+    cli = script("tools/check_shards.py")
     assert cli.main([str(clean), "--no-progress"]) == 0
     (data / "train-000001.tar").unlink()
     assert cli.main([str(data), "--no-progress"]) == 1

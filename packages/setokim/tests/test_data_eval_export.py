@@ -8,7 +8,6 @@ either side (field names, box convention, mask encoding, paths) fails here.
 from __future__ import annotations
 
 import json
-from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import numpy as np
@@ -197,11 +196,9 @@ def test_limit_and_bad_arguments(exported, tmp_path):
         shapes_tasks(TASKS_DIR, tmp_path / "empty")
 
 
-def test_cli(exported, tmp_path, capsys):
+def test_cli(exported, tmp_path, capsys, script):
     shards, _, _ = exported
-    spec = spec_from_file_location("cli_export_eval_data", REPO / "tools" / "export_eval_data.py")
-    cli = module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = script("tools/export_eval_data.py")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ from setokim.data.generate import generate_dataset
 from setokim.data.loader import make_loader
 from setokim.data.merge import MergeSource, merge_datasets
 from setokim.data.shards import read_manifest
-
-TOOLS = Path(__file__).resolve().parents[3] / "tools"
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -162,10 +159,8 @@ def test_failure_mid_merge_leaves_no_out_dir(sources, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "m"]
 
 
-def test_cli(sources, tmp_path, capsys):
-    spec = spec_from_file_location("cli_merge_shards", TOOLS / "data" / "merge_shards.py")
-    cli = module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_cli(sources, tmp_path, capsys, script):
+    cli = script("tools/data/merge_shards.py")
     argv = [str(tmp_path / "m"), "--source", str(sources / "llava"),
             "--source", f"{sources / 'sw1'}:val:v-", "--link", "copy", "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0

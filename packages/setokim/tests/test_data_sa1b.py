@@ -6,7 +6,6 @@ import io
 import json
 import random
 import tarfile
-from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import numpy as np
@@ -356,11 +355,8 @@ def test_reconversion_with_fewer_shards_removes_the_stale_ones(tmp_path):
     assert list(read_split(out, "train")) == ["train-sa1b-4"]
 
 
-def test_cli_prints_summary(tmp_path, capsys):
-    tool = Path(__file__).resolve().parents[3] / "tools" / "data" / "sa1b.py"
-    spec = spec_from_file_location("cli_sa1b", tool)
-    cli = module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_cli_prints_summary(tmp_path, capsys, script):
+    cli = script("tools/data/sa1b.py")
     write_tar(tmp_path / "sa_000000.tar", [1, 2])
     argv = ["--inputs", str(tmp_path / "sa_000000.tar"), "--out", str(tmp_path / "out"),
             "--split", "train", "--max-objects", "3", "--max-side", "48"]  # fmt: skip

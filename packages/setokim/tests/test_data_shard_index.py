@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import tarfile
-from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from setokim.data.schema import TASKS, SampleAnnotation
 from setokim.data.shard_index import INDEX_SUFFIX, index_name
 from setokim.data.shards import ShardWriter, read_manifest, write_manifest
 
-TOOLS = Path(__file__).resolve().parents[3] / "tools"
 WEIGHTS = {"caption": 1.0, "vqa": 1.0, "rec": 1.0, "edit": 1.0}
 
 
@@ -74,13 +72,6 @@ def data(tmp_path_factory, mixed_sources) -> Path:
         w.write("d", {"png": b"x", "JSON": b"[1]"})
     write_manifest(odd, {"train": w.shards}, {"source": "odd"})
     return root
-
-
-def load_tool(rel: str):
-    spec = spec_from_file_location(f"cli_{Path(rel).stem}", TOOLS / rel)
-    mod = module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("name", ["sw0", "llava", "odd"])
@@ -232,8 +223,8 @@ def test_check_shards_flags_a_tampered_sidecar(data, tmp_path):
     assert "stale" in p.reason and "sha256" in p.reason
 
 
-def test_index_shards_tool_recreates_the_sidecars(data, tmp_path, capsys):
-    tool = load_tool("data/index_shards.py")
+def test_index_shards_tool_recreates_the_sidecars(data, tmp_path, capsys, script):
+    tool = script("tools/data/index_shards.py")
     for name in ("sw0", "llava"):
         d = tmp_path / name
         shutil.copytree(data / name, d)

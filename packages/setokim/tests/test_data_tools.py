@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import pytest
@@ -18,29 +16,19 @@ CLIS = [
 ]
 
 
-def load(rel: str):
-    """Import a tool from its file, as `python tools/REL` runs it."""
-    name = f"cli_{rel.replace('/', '_')[:-3]}"
-    spec = spec_from_file_location(name, TOOLS / rel)
-    mod = module_from_spec(spec)
-    sys.modules[name] = mod  # as importlib does: dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_the_exporter_is_listed_as_a_cli():
     assert "data/eval_export.py" in CLIS
 
 
 @pytest.mark.parametrize("rel", CLIS)
-def test_help(rel, capsys):
+def test_help(rel, capsys, script):
     with pytest.raises(SystemExit) as exit_info:
-        load(rel).main(["--help"])
+        script(f"tools/{rel}").main(["--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out
 
 
-def test_make_then_check(tmp_path):
+def test_make_then_check(tmp_path, script):
     out = tmp_path / "sw"
     argv = [
         "--out",
@@ -55,11 +43,11 @@ def test_make_then_check(tmp_path):
         "4",
         "--no-progress",
     ]
-    assert load("make_shapes_world.py").main(argv) == 0
+    assert script("tools/make_shapes_world.py").main(argv) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == [
         "test-000000.tar",
         "train-000000.tar",
         "train-000001.tar",
         "val-000000.tar",
     ]
-    assert load("check_shards.py").main([str(out), "--no-progress"]) == 0
+    assert script("tools/check_shards.py").main([str(out), "--no-progress"]) == 0

@@ -7,7 +7,7 @@ import torch
 
 from setokim.model.chat import Message, render
 from setokim.model.config import ChatTemplateConfig, vicuna_chat_template
-from setokim.model.packing import IGNORE_INDEX, Image, SpecialIds, collate_sequences, pack
+from setokim.model.packing import IGNORE_INDEX, Image, collate_sequences, pack
 from setokim.model.samples import batch_to_samples, format_box
 from setokim.model.text_tokenizer import add_special_tokens, build_text_tokenizer, token_id
 
@@ -19,13 +19,6 @@ def tok():
     t = build_text_tokenizer()
     add_special_tokens(t, ["[Img]", "[/Img]", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
     return t
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return SpecialIds(
-        token_id(tok, "[Img]"), token_id(tok, "[/Img]"), tok.pad_token_id, tok.bos_token_id
-    )
 
 
 def _labels(samples, tok, ids, n_visual=3):

@@ -53,16 +53,6 @@ def test_chat_tool_answers_and_writes_images(tmp_path):
     assert bad.returncode != 0 and "needs exactly one --image" in bad.stderr
 
 
-def _chat_tool():
-    """tools/chat.py as a module (it is a script, not part of a package)."""
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("chat_tool", ROOT / "tools" / "chat.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _SilentModel:
     """A model whose every reply is empty (what an untrained SeTokIM often returns)."""
 
@@ -70,8 +60,10 @@ class _SilentModel:
         return ""
 
 
-def test_empty_answer_is_named_and_a_bad_image_does_not_end_the_chat(tmp_path, monkeypatch, capsys):
-    chat = _chat_tool()
+def test_empty_answer_is_named_and_a_bad_image_does_not_end_the_chat(
+    tmp_path, monkeypatch, capsys, script
+):
+    chat = script("tools/chat.py")
     assert chat.show_answer("red") == "red"
     assert chat.show_answer("") == chat.show_answer("  ") == chat.EMPTY_ANSWER
     not_image = tmp_path / "notes.png"
@@ -87,12 +79,12 @@ def test_empty_answer_is_named_and_a_bad_image_does_not_end_the_chat(tmp_path, m
     assert out.strip() == chat.EMPTY_ANSWER  # the question after the errors got its reply
 
 
-def test_decoder_settings_default_to_the_checkpoint_decoder():
+def test_decoder_settings_default_to_the_checkpoint_decoder(script):
     from types import SimpleNamespace
 
     from setok_decoders.config import DiffusionDecoderConfig
 
-    chat = _chat_tool()
+    chat = script("tools/chat.py")
     model = SimpleNamespace(
         image_decoder=SimpleNamespace(
             config=DiffusionDecoderConfig(num_inference_steps=7, guidance_scale=2.5)
@@ -105,10 +97,10 @@ def test_decoder_settings_default_to_the_checkpoint_decoder():
     assert (gen.decoder_steps, gen.guidance_scale) == (3, 1.0)
 
 
-def test_panel_prompts_and_dependence_report():
+def test_panel_prompts_and_dependence_report(script):
     import torch
 
-    chat = _chat_tool()
+    chat = script("tools/chat.py")
     prompts = chat.panel_prompts(["generate=a star", "generate=a moon"])
     assert prompts["generate"] == ["a star", "a moon"]
     assert prompts["edit"] == chat.PANEL_PROMPTS["edit"]
@@ -136,8 +128,8 @@ def _scene(path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, i
 
 
 @pytest.mark.slow
-def test_panel_runs_every_mode_on_each_image(tmp_path, capsys):
-    chat = _chat_tool()
+def test_panel_runs_every_mode_on_each_image(tmp_path, capsys, script):
+    chat = script("tools/chat.py")
     a = _scene(tmp_path / "a.png", (220, 30, 30), (8, 8, 40, 40))
     b = _scene(tmp_path / "b.png", (30, 40, 220), (20, 24, 60, 60))
     out = tmp_path / "panel.png"

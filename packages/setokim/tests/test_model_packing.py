@@ -29,13 +29,6 @@ def tok():
     return t
 
 
-@pytest.fixture(scope="module")
-def ids(tok):
-    return SpecialIds(
-        token_id(tok, "[Img]"), token_id(tok, "[/Img]"), tok.pad_token_id, tok.bos_token_id
-    )
-
-
 def _images(n: int) -> torch.Tensor | None:
     return torch.rand(n, 3, 16, 16) if n else None
 

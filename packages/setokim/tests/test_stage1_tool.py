@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +29,9 @@ TINY_DECODER = {
     "mask": {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "mask_scale": 2},
 }  # fmt: skip
 
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "reconstruct.py"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("reconstruct_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def test_reconstruct_writes_originals_above_reconstructions(tmp_path: Path) -> None:
+def test_reconstruct_writes_originals_above_reconstructions(tmp_path: Path, script) -> None:
     threads = torch.get_num_threads()
     stage = build(
         {
@@ -60,7 +51,7 @@ def test_reconstruct_writes_originals_above_reconstructions(tmp_path: Path) -> N
         Image.fromarray(arr).save(path)
         images.append(str(path))
     out = tmp_path / "out" / "recon.png"
-    tool = _tool()
+    tool = script("tools/reconstruct.py")
     try:
         code = tool.main([str(tmp_path / "parts"), *images, "--out", str(out), "--steps", "2"])
     finally:
