@@ -15,8 +15,16 @@ regressed one. Prints a table and a final JSON line.
 
     uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim
     uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim --eval-limit 16
+    uv run python benchmarks/measure_setokim.py --stage1-export STAGE1_EXPORT ...
 
-A finished pipeline in --run-dir is reused (each stage is skipped once done).
+A finished pipeline in --run-dir is reused (each stage is skipped once done);
+`--stage1-export` reuses a finished Stage I (`+exp=stage1_shapes` exported with
+tools/export_run.py) and trains only Stages II and III on it. Also printed: the token
+probes of `benchmarks/probe_tokens.py` on the model's SeTok, Stage I's reconstruction L1
+beside a flat-grey and a mean-colour image, editing L1 beside the same references and
+beside returning the input unchanged, and POPE F1. The last line is one JSON object whose
+keys include those of the issue (`token_owned` ... `train_wall_s`); a figure this script
+does not measure is null with the reason under `not_measured`.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ["shapes_vqa", "shapes_caption", "shapes_rec", "shapes_reasonseg", "shapes_edit"]
+TASKS = [
+    "shapes_vqa", "shapes_caption", "shapes_rec", "shapes_reasonseg", "shapes_pope", "shapes_edit"
+]  # fmt: skip
 VICUNA_7B = {
     "hidden_size": 4096,
     "num_hidden_layers": 32,
@@ -191,6 +201,56 @@ def oracle_segmentation(model: Any, data_root: Path, limit: int) -> dict[str, fl
     }
 
 
+def image_references(data_root: Path, docs: list[dict[str, Any]]) -> dict[str, float]:
+    """Editing L1 of trivial answers on the evaluated edit documents: a flat grey image, the
+    mean colour of the targets, and the input image returned unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    eval_dir = data_root / "data" / "eval"
+
+    def load(rel: str) -> np.ndarray:
+        return np.asarray(Image.open(eval_dir / rel).convert("RGB"), dtype=np.float32) / 255.0
+
+    targets = np.stack([load(d["target"]) for d in docs])
+    inputs = np.stack([load(d["image"]) for d in docs])
+    mean = targets.mean((0, 1, 2), keepdims=True)
+    return {
+        "edit_l1_flat": float(np.abs(targets - 0.5).mean()),
+        "edit_l1_mean_colour": float(np.abs(targets - mean).mean()),
+        "edit_l1_input": float(np.abs(targets - inputs).mean()),
+    }
+
+
+def stage1_figures(export: Path, shard_dir: Path, probe_dir: Path) -> dict[str, float]:
+    """Token probes (object owns its token, colour, shape) and reconstruction L1 of a Stage I
+    export, with the flat-grey and mean-colour references on the same held-out images."""
+    from measure_stage1 import held_out, recon_l1
+    from probe_tokens import probe_row, scenes
+
+    from setokim.stages.stage1 import load_parts, resize_images
+
+    model = load_parts(export)
+    probes = probe_row(
+        model.setok,
+        scenes(probe_dir, "probe_train", 512, 101),
+        scenes(probe_dir, "probe_test", 256, 202),
+    )
+    pixels = held_out(shard_dir)[0][:64]
+    small = resize_images(pixels, model.diffusion.config.image_size)
+    return {
+        "token_owned": probes["owned"],
+        "token_colour": probes["token_colour"],
+        "token_shape": probes["token_shape"],
+        "encoder_colour": probes["encoder_colour"],
+        "encoder_shape": probes["encoder_shape"],
+        "probe_objects": probes["objects_test"],
+        "recon_l1": recon_l1(model, pixels, 25, 0),
+        "recon_l1_flat": float((small - 0.5).abs().mean()),
+        "recon_l1_mean_colour": float((small - small.mean((0, 2, 3), keepdim=True)).abs().mean()),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/measure_setokim"))
@@ -200,6 +260,7 @@ def main() -> int:
     parser.add_argument("--edit-steps", type=int, default=10, help="diffusion steps for edit")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="shifted-image pairing, bootstrap")
+    parser.add_argument("--stage1-export", type=Path, help="reuse this Stage I export")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
     from setok_eval.controls import ShiftedImageAdapter, grouped_scores, shifted_image_map
@@ -220,6 +281,17 @@ def main() -> int:
 
     t0 = time.perf_counter()
     steps = [(s["name"], s.get("params") or {}, s.get("trainer") or {}) for s in spec["steps"]]
+    if args.stage1_export is not None:
+        if not (args.stage1_export / "tokenizer").is_dir():
+            parser.error(
+                f"--stage1-export {args.stage1_export}: not a Stage I export (no tokenizer/)"
+            )
+        steps = [s for s in steps if s[0] != "stage1"]
+        steps[0] = (
+            steps[0][0],
+            {**steps[0][1], "init_tokenizer": str(args.stage1_export.resolve())},
+            steps[0][2],
+        )
     pipe = run_pipeline(steps, run_dir / "pipeline", trainer_defaults=spec["trainer"])
     train_s = time.perf_counter() - t0
     if pipe.preempted:
@@ -265,6 +337,11 @@ def main() -> int:
         )
     }  # fmt: skip
     budget = token_budget(adapter.model, docs, data_root)
+    edit_docs, _ = evaluated(results, by_name["shapes_edit"], data_root, "l1")
+    references = image_references(data_root, edit_docs)
+    stage1_export = args.stage1_export or pipe.export("stage1")
+    assert stage1_export is not None, "no Stage I export"
+    stage1 = stage1_figures(Path(stage1_export), shard_dir, run_dir / "probe_scenes")
 
     def score(task: str, metric: str) -> float:
         return float(results["tasks"][task]["metrics"][metric]["value"])
@@ -279,6 +356,10 @@ def main() -> int:
         "reasonseg_giou": score("shapes_reasonseg", "giou"),
         **oracle_segmentation(adapter.model, data_root, args.eval_limit),
         "edit_l1": score("shapes_edit", "l1"),
+        **references,
+        "pope_f1": score("shapes_pope", "pope_f1"),
+        "pope_yes_ratio": score("shapes_pope", "pope_yes_ratio"),
+        **stage1,
         **budget,
     }
     losses = {
@@ -298,8 +379,37 @@ def main() -> int:
         f"{'visual tokens setok/patch':32s} {budget['tokens_setok_mean'] / budget['tokens_patch']:.3f}"
     )
     print(f"{'train seconds':32s} {train_s:.1f}   eval seconds {eval_s:.1f}")
+    stage_s = {r.name: getattr(r, "seconds", None) for r in pipe.steps}
+    issue_keys = {
+        **{
+            k: stage1[k]
+            for k in ("token_owned", "token_colour", "token_shape", "recon_l1", "recon_l1_flat")
+        },
+        "vqa": figures["vqa_accuracy"],
+        "vqa_blind": blind["blind_by_type_evaluated"],
+        "vqa_shifted": figures["vqa_shifted"],
+        "rec_acc": figures["rec_acc_at_0.5"],
+        "reasonseg_giou": figures["reasonseg_giou"],
+        "pope_f1": figures["pope_f1"],
+        "cider": figures["caption_cider_d"],
+        "cider_shifted": figures["cider_shifted"],
+        "edit_l1": figures["edit_l1"],
+        "edit_l1_flat": references["edit_l1_flat"],
+        "t2i_colour": None,
+        "patch_vqa": None,
+        "tokens_per_image": budget["tokens_setok_mean"],
+        "patch_tokens_per_image": budget["tokens_patch"],
+        "stage1_wall_s": stage_s.get("stage1"),
+        "train_wall_s": sum(stage_s.get(n) or 0.0 for n in ("stage2", "stage3")),
+    }
+    not_measured = {
+        "t2i_colour": "no colour classifier on generated images yet",
+        "patch_vqa": "the patch-mechanism Stages II-III were not trained in this run",
+    }
+    if stage_s.get("stage1") is None:
+        not_measured["stage1_wall_s"] = "Stage I reused from --stage1-export (its own run's time)"
     print(json.dumps({
-        "benchmark": "measure_setokim", "run_dir": str(run_dir), "stages": losses,
+        "benchmark": "measure_setokim", **issue_keys, "not_measured": not_measured, "run_dir": str(run_dir), "stages": losses,
         "eval_limit": args.eval_limit, "test_images": args.test_images,
         "edit_steps": args.edit_steps, "train_s": train_s, "eval_s": eval_s, **figures,
         "vqa_by_type": {k: {n: c["value"] for n, c in v.items()} for k, v in per_type.items()},

@@ -28,19 +28,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from probe_tokens import probe_row, scenes  # the script's folder is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from probe_tokens import probe_row, scenes  # noqa: E402
-
-VARIANTS = ("group", "pixel", "token", "token_match", "token_diffusion", "attr", "attr_token_match", "name_token_match", "ceiling")
+VARIANTS = (
+    "group",
+    "pixel",
+    "token",
+    "token_match",
+    "token_diffusion",
+    "attr",
+    "attr_token_match",
+    "name_token_match",
+    "ceiling",
+)
 DECODER_YAML = Path(__file__).resolve().parents[1] / "experiments/conf/decoder/stage1_tiny.yaml"
 
 
@@ -151,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
     step, epoch, t0 = 0, 0, time.perf_counter()
     while step < args.steps:
-        for batch in make_loader(train_dir, "train", "image", args.batch, shuffle=True, epoch=epoch):
+        for batch in make_loader(
+            train_dir, "train", "image", args.batch, shuffle=True, epoch=epoch
+        ):
             out = setok(setok.preprocess(batch["pixels"]))
             b, h, w, _ = out.features.shape
             objects, valid = batch["object_masks"].float(), batch["object_valid"]
@@ -166,19 +174,35 @@ def main(argv: list[str] | None = None) -> int:
                 best = iou.argmax(1)  # (B, O)
                 pooled = out.tokens.gather(1, best[..., None].expand(-1, -1, out.tokens.shape[-1]))
             else:
-                pooled = grid @ out.features.reshape(b, h * w, -1) / grid.sum(-1, keepdim=True).clamp(min=1e-6)
+                pooled = (
+                    grid
+                    @ out.features.reshape(b, h * w, -1)
+                    / grid.sum(-1, keepdim=True).clamp(min=1e-6)
+                )
             if args.variant.startswith(("attr", "name")):
                 names = [n + [""] * (valid.shape[1] - len(n)) for n in batch["object_names"]]
                 attr = pooled.new_zeros(())
                 for i, (key, words) in enumerate(vocab.items()):
-                    target = torch.tensor([[words.index(x.split(" ", 1)[i]) if x else -100 for x in row] for row in names])
+                    target = torch.tensor(
+                        [
+                            [words.index(x.split(" ", 1)[i]) if x else -100 for x in row]
+                            for row in names
+                        ]
+                    )
                     target = target.masked_fill(~valid.bool(), -100)
-                    attr = attr + torch.nn.functional.cross_entropy(heads[key](pooled).flatten(0, 1), target.flatten(), ignore_index=-100)
+                    attr = attr + torch.nn.functional.cross_entropy(
+                        heads[key](pooled).flatten(0, 1), target.flatten(), ignore_index=-100
+                    )
                 loss = loss + attr
                 terms["attr"] = float(attr.detach())
             if args.variant not in ("group", "attr"):
                 logits = mask_decoder(out.tokens, out.token_mask, out.features)
-                on = out.masks if args.variant in ("token_match", "token_diffusion", "attr_token_match", "name_token_match") else None
+                on = (
+                    out.masks
+                    if args.variant
+                    in ("token_match", "token_diffusion", "attr_token_match", "name_token_match")
+                    else None
+                )
                 ml = mask_loss(
                     logits, out.token_mask, objects, valid, None, kl_weight=0.0, match_on=on
                 )
