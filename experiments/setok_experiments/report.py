@@ -315,6 +315,12 @@ def build_table(
         "Shared by all rows: the generated Shapes World (train and test split) and the eval "
         "documents; every row trains its own Stage I -> II -> III from scratch.",
     ]
+    grids = sorted({int(r.row["grid_tokens"]) for r in rows if r.row and r.row.get("grid_tokens")})
+    if grids:
+        notes.append(
+            f"Feature grid: {'/'.join(map(str, grids))} patch tokens per image (the paper: 576); "
+            "a fixed or resampler row's k is its paper count x grid / 576 (at least 2)."
+        )
     explain = {
         "blind (question only)": "blind (question only) answers the train split's majority "
         "answer of the question's type",
