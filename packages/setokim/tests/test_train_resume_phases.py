@@ -1,6 +1,8 @@
 """Every objective, killed in every phase (SIGTERM and SIGKILL), resumes to the weights of
 an uninterrupted run bit for bit: quickstart, Stage I sub-phase 1 and sub-phase 2 of a
-combined run (whose sub-phase-1 checkpoints once lacked the encoder's optimizer state)."""
+combined run (whose sub-phase-1 checkpoints once lacked the encoder's optimizer state),
+Stage II, and Stage III's LoRA (with adapter dropout, so the restored RNG state matters).
+`benchmarks/fault_injection.py` runs the same jobs at many random kill points."""
 
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ("stage1", 2, signal.SIGKILL),  # sub-phase 1: resumes from a sub-phase-1 checkpoint
         ("stage1", 4, signal.SIGKILL),  # sub-phase 2
         ("quickstart", 3, signal.SIGKILL),
+        ("stage2", 2, signal.SIGTERM),
+        ("stage2", 3, signal.SIGKILL),
+        ("stage3", 2, signal.SIGTERM),
+        ("stage3", 4, signal.SIGKILL),
     ],
 )
 def test_killed_run_resumes_bit_identical(
