@@ -8,7 +8,8 @@ data lost / CODE EXECUTED.
 Kills: every objective and phase (quickstart; Stage I as a combined run, killed in
 sub-phase 1 and in sub-phase 2; Stage II; Stage III's LoRA over a Stage II export) with
 SIGTERM and SIGKILL at `--kills` random points each (a step drawn from `--seed`, plus a
-random delay into the next step or its checkpoint write). One uninterrupted reference run
+random delay into the next step or its checkpoint write; a point whose signal would arrive
+after the run finished is drawn again). One uninterrupted reference run
 per objective; each kill is a fresh run, killed, then resumed in a new process, and its
 final weights are compared bit for bit with the reference. "data lost": a step with no
 logged loss after the resume, or a SIGTERM that did not save the step it had reached.
@@ -66,6 +67,8 @@ PHASES = {
     "stage3": {"-": (1, 7)},
 }
 TOY = {"hidden": 16, "depth": 1}
+# a kill point whose signal arrives after the run finished is no kill: drawn again
+MAX_REDRAWS = 5
 
 
 def _gaps(run: Path, max_steps: int) -> list[int]:
@@ -127,16 +130,25 @@ def kill_cases(root: Path, kills: int, rng: random.Random, fork: bool,
         for phase, (low, high) in PHASES[name].items():
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 for k in range(kills):
-                    step = rng.randint(low, high)
                     run = root / f"{name}_p{phase}_{sig.name}_{k}"
-                    killed_rc = kill_at_step(job, run, step, sig, delay_s=rng.uniform(0, 0.3))
-                    logged = logged_step(run)
+                    redrawn = -1
+                    while True:
+                        redrawn += 1
+                        if redrawn > MAX_REDRAWS:
+                            raise RuntimeError(f"{run.name}: every kill point came too late")
+                        step = rng.randint(low, high)
+                        delay = rng.uniform(0, 0.3)
+                        killed_rc = kill_at_step(job, run, step, sig, delay_s=delay)
+                        logged = logged_step(run)
+                        if logged < KILL_SETTINGS["max_steps"] or killed_rc == -signal.SIGKILL:
+                            break  # the signal landed before the run had finished
+                        shutil.rmtree(run)  # it came after the end: no kill, draw again
                     outcome, note, resumed = _judge_kill(job, run, want, sig, killed_rc, logged)
                     rows.append({"case": f"kill {name} phase {phase} {sig.name} after step "
                                  f"{step}", "objective": name, "phase": phase,
                                  "signal": sig.name, "after_step": step, "logged": logged,
-                                 "resumed_from": resumed, "outcome": outcome,
-                                 "note": note})  # fmt: skip
+                                 "resumed_from": resumed, "redrawn": redrawn,
+                                 "outcome": outcome, "note": note})  # fmt: skip
                     shutil.rmtree(run, ignore_errors=True)
     return rows
 
