@@ -41,14 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = [
     "shapes_vqa", "shapes_caption", "shapes_rec", "shapes_reasonseg", "shapes_pope", "shapes_edit"
 ]  # fmt: skip
-VICUNA_7B = {
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "intermediate_size": 11008,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-}
 
 
 def compose(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
@@ -105,6 +97,7 @@ def token_budget(model: Any, docs: list[dict[str, Any]], data_root: Path) -> dic
     from setok_eval.metrics.flops import prefill_flops_per_sample
     from setok_tokenizer import SeTok
     from setokim.model.inference import Generator
+    from setokim.stages.study import VICUNA_7B
 
     setok = model.vision_tokenizer
     patch = SeTok.from_config(
