@@ -37,6 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from setokim.data.shapes_world import World
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = [
     "shapes_vqa", "shapes_caption", "shapes_rec", "shapes_reasonseg", "shapes_pope", "shapes_edit"
@@ -215,9 +217,12 @@ def image_references(data_root: Path, docs: list[dict[str, Any]]) -> dict[str, f
     }
 
 
-def stage1_figures(export: Path, shard_dir: Path, probe_dir: Path) -> dict[str, float]:
-    """Token probes (object owns its token, colour, shape) and reconstruction L1 of a Stage I
-    export, with the flat-grey and mean-colour references on the same held-out images."""
+def stage1_figures(
+    export: Path, shard_dir: Path, probe_dir: Path, world: World
+) -> dict[str, float]:
+    """Token probes (object owns its token, colour, shape) on scenes of `world` and
+    reconstruction L1 of a Stage I export, with the flat-grey and mean-colour references on
+    the same held-out images."""
     from measure_stage1 import held_out, recon_l1
     from probe_tokens import probe_row, scenes
 
@@ -226,8 +231,8 @@ def stage1_figures(export: Path, shard_dir: Path, probe_dir: Path) -> dict[str, 
     model = load_parts(export)
     probes = probe_row(
         model.setok,
-        scenes(probe_dir, "probe_train", 512, 101),
-        scenes(probe_dir, "probe_test", 256, 202),
+        scenes(probe_dir, "probe_train", 512, 101, world=world),
+        scenes(probe_dir, "probe_test", 256, 202, world=world),
     )
     pixels = held_out(shard_dir)[0][:64]
     small = resize_images(pixels, model.diffusion.config.image_size)
@@ -269,7 +274,7 @@ def main() -> int:
     if not (shard_dir / "manifest.json").is_file():
         generate_dataset(
             shard_dir, train=args.train_images, val=8, test=args.test_images,
-            image_size=exp.data.image_size or 64, seed=0, progress=True,
+            image_size=exp.data.image_size or 64, seed=0, world=exp.data.world, progress=True,
         )  # fmt: skip
 
     t0 = time.perf_counter()
@@ -334,7 +339,7 @@ def main() -> int:
     references = image_references(data_root, edit_docs)
     stage1_export = args.stage1_export or pipe.export("stage1")
     assert stage1_export is not None, "no Stage I export"
-    stage1 = stage1_figures(Path(stage1_export), shard_dir, run_dir / "probe_scenes")
+    stage1 = stage1_figures(Path(stage1_export), shard_dir, run_dir / "probe_scenes", exp.data.world)
 
     def score(task: str, metric: str) -> float:
         return float(results["tasks"][task]["metrics"][metric]["value"])

@@ -16,24 +16,29 @@ The last line printed is one JSON object (token_owned, token_colour, token_shape
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from setokim.data.shapes_world import World
 
 
 def scenes(
-    root: Path, name: str, count: int, seed: int, image_size: int = 64, max_objects: int = 8
+    root: Path, name: str, count: int, seed: int, image_size: int = 64, world: World | None = None
 ) -> Path:
-    """A Shapes World folder of `count` scenes (val split) drawn from `seed`."""
+    """A Shapes World folder of `count` scenes (val split) of `world` drawn from `seed`."""
     from setokim.data.generate import generate_dataset
     from setokim.data.shards import MANIFEST_NAME
 
-    folder = root / f"{name}_{count}_seed{seed}"
+    world = world or World()
+    digest = hashlib.sha1(json.dumps(world.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    tag = "" if world == World() else f"_world{digest}"
+    folder = root / f"{name}_{count}_seed{seed}{tag}"
     if not (folder / MANIFEST_NAME).is_file():
         generate_dataset(folder, train=0, val=count, test=0, image_size=image_size, seed=seed,
-                         max_objects=max_objects, overwrite=folder.exists())  # fmt: skip
+                         world=world, overwrite=folder.exists())  # fmt: skip
     return folder
 
 
@@ -81,14 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
+    from setok_tokenizer.config import from_dict
     from setokim.stages.stage1 import load_stage1_checkpoint
     from setokim.train.rng import seed_all
 
     stage, trained = load_stage1_checkpoint(args.stage1_run, cpu_threads=1)
     root = Path(args.out_dir)
+    world = from_dict(World, stage.cfg.data.get("world") or {}, where="data.world")
     train, test = (
-        scenes(root, "probe_train", args.train, 101),
-        scenes(root, "probe_test", args.test, 202),
+        scenes(root, "probe_train", args.train, 101, world=world),
+        scenes(root, "probe_test", args.test, 202, world=world),
     )
     seed_all(0)  # the trainer's default seed: the untrained starting point of the run
     untrained = stage.build_model().eval()

@@ -27,6 +27,7 @@ The last line printed is one JSON object with the probes and the seconds per ste
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import yaml
 from probe_tokens import probe_row, scenes  # the script's folder is on sys.path
+from setokim.data.shapes_world import World
 
 VARIANTS = (
     "group",
@@ -90,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2, help="encoder depth")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--patch", type=int, default=4)
-    parser.add_argument("--max-objects", type=int, default=8)
+    parser.add_argument(
+        "--world", type=World.from_json, default=World(),
+        help='the Shapes World, JSON: {"shapes": [...], "object_scale": 1.6, "max_rotation": 0}',
+    )  # fmt: skip
     parser.add_argument("--merger-blocks", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out-dir", default="runs/study_token_content")
@@ -105,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     from setokim.stages.stage1 import build_parts, resize_images
 
     root = Path(args.out_dir)
-    size, objs = args.image_size, args.max_objects
-    train_dir = root / f"train_2048_s{size}_o{objs}"
+    size, world = args.image_size, args.world
+    tag = hashlib.sha1(json.dumps(world.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    train_dir = root / f"train_2048_s{size}_world{tag}"
     if not (train_dir / MANIFEST_NAME).is_file():
         generate_dataset(train_dir, train=2048, val=8, test=8, image_size=size, seed=0,
-                         max_objects=objs, overwrite=train_dir.exists())  # fmt: skip
-    probe_train = scenes(root, f"probe_train_s{size}_o{objs}", 512, 101, size, objs)
-    probe_test = scenes(root, f"probe_test_s{size}_o{objs}", 256, 202, size, objs)
+                         world=world, overwrite=train_dir.exists())  # fmt: skip
+    probe_train = scenes(root, f"probe_train_s{size}", 512, 101, size, world)
+    probe_test = scenes(root, f"probe_test_s{size}", 256, 202, size, world)
     if args.variant == "ceiling":
         row = shape_ceiling(probe_train, probe_test)
         print(f"ceiling: linear shape probe on the true visible mask {row}")

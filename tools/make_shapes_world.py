@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from setokim.data.generate import generate_dataset
+from setokim.data.shapes_world import World
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--max-objects", type=int, default=8)
+    parser.add_argument(
+        "--world", type=World.from_json, default=World(),
+        help='JSON: {"shapes": [...], "object_scale": 1.6, "max_rotation": 0, "max_objects": 4}',
+    )  # fmt: skip
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT if it already holds anything"
     )
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = generate_dataset(
             args.out, args.train, args.val, args.test, args.image_size, args.seed,
-            samples_per_shard=args.samples_per_shard, max_objects=args.max_objects,
+            samples_per_shard=args.samples_per_shard, world=args.world,
             progress=not args.no_progress, overwrite=args.overwrite,
         )  # fmt: skip
     except (FileExistsError, ValueError) as err:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from setokim.data.converters import convert_llava
 from setokim.data.generate import generate_dataset
+from setokim.data.shapes_world import World
 
 
 def _write_llava_shards(root: Path, raw: Path, n: int = 3) -> Path:
@@ -37,7 +38,7 @@ def _write_mixed_sources(root: Path, train: int) -> Path:
     and 1; `train` + 2 val images at 32 px, 4 per shard) and LLaVA chat at root/llava."""
     for seed in (0, 1):
         generate_dataset(root / f"sw{seed}", train=train, val=2, test=0, image_size=32,
-                         seed=seed, samples_per_shard=4, max_objects=3)  # fmt: skip
+                         seed=seed, samples_per_shard=4, world=World(max_objects=3))  # fmt: skip
     _write_llava_shards(root, root / "raw")
     return root
 

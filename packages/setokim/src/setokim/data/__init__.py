@@ -30,6 +30,7 @@ _LAZY = {
     "ShardLoader": "setokim.data.loader",
     "DataError": "setokim.data.decode",
     "ShapesWorld": "setokim.data.generate",
+    "World": "setokim.data.shapes_world",
     "generate_dataset": "setokim.data.generate",
     "ShardWriter": "setokim.data.shards",
     "read_manifest": "setokim.data.shards",

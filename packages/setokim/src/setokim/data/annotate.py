@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from setokim.data.schema import PopeItem, RefItem, VQAItem
-from setokim.data.shapes_world import COLORS, SHAPES, SIZES, Scene, Shape
+from setokim.data.shapes_world import COLORS, SHAPES, SIZES, Scene, Shape, World
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"]
 SYNONYMS: dict[str, list[str]] = {
@@ -209,12 +209,12 @@ def count_question(
     return texts[int(rng.integers(len(texts)))], k
 
 
-def vqa(
-    scene: Scene, rng: np.random.Generator, max_objects: int = len(NUMBER_WORDS) - 1
-) -> list[VQAItem]:
+def vqa(scene: Scene, rng: np.random.Generator, world: World | None = None) -> list[VQAItem]:
     """At most one question of each type: color, shape, count, exist, position, compare.
 
-    max_objects: the scene sampler's limit, which the count balance depends on."""
+    world: what the scene sampler draws from: the count balance depends on its
+    max_objects, and absent objects are named from its shapes only."""
+    world = world or World()
     objs = scene.objects
     out: list[VQAItem] = []
     shape_counts = Counter(o.shape for o in objs)
@@ -227,7 +227,7 @@ def vqa(
     if uniq_color:
         o = uniq_color[int(rng.integers(len(uniq_color)))]
         out.append(_q(f"What shape is the {o.color} object?", o.shape, "shape", rng))
-    count = count_question(objs, rng, max_objects)
+    count = count_question(objs, rng, world.max_objects)
     if count is not None:
         out.append(_q(count[0], str(count[1]), "count", rng))
     # exist: yes/no 50/50; half of the negatives share an attribute with a present object
@@ -236,7 +236,7 @@ def vqa(
         c, s = sorted(present)[int(rng.integers(len(present)))]
         out.append(_q(f"Is there a {c} {s}?", "yes", "exist", rng))
     else:
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        absent = [(c, s) for c in COLORS for s in world.shapes if (c, s) not in present]
         near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
         pool = near if near and rng.random() < 0.5 else absent
         c, s = pool[int(rng.integers(len(pool)))]
@@ -280,7 +280,10 @@ def vqa(
 
 
 def pope(
-    scene: Scene, rng: np.random.Generator, popular: Sequence[tuple[str, str]]
+    scene: Scene,
+    rng: np.random.Generator,
+    popular: Sequence[tuple[str, str]],
+    shapes: Sequence[str] = tuple(SHAPES),
 ) -> list[PopeItem]:
     """For each POPE split one positive and one negative probe (exactly 50% yes).
 
@@ -289,7 +292,7 @@ def pope(
     shape with a present object (the look-alikes a hallucinating model would claim).
     """
     present = sorted({(o.color, o.shape) for o in scene.objects})
-    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in set(present)]
+    absent = [(c, s) for c in COLORS for s in shapes if (c, s) not in set(present)]
     pools = {
         "random": absent,
         "popular": [p for p in popular if p not in set(present)][:3] or absent,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from setokim.data.shapes_world import World
+
 
 @dataclass
 class DataConfig:
@@ -22,6 +24,8 @@ class DataConfig:
     recipes set it); otherwise a missing `shard_dir` is an error, never silently generated.
     allow_missing_masks: Stage I sub-phase 2 (and the quickstart objective) train against
     object masks; data without any is refused at launch unless this is true.
+    world: the Shapes World that `generate` writes (shape set, object scale, rotation,
+    crowding); a generated dataset whose manifest records another world is refused.
     """
 
     shard_dir: str = "data/shapes_world"
@@ -40,6 +44,7 @@ class DataConfig:
     mix_weights: dict[str, float] = field(default_factory=dict)
     generate: bool = False
     allow_missing_masks: bool = False
+    world: World = field(default_factory=World)
 
     def __post_init__(self) -> None:
         # Sizes are checked here, at launch, instead of failing later on a shard sample.

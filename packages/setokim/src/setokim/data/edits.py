@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 
 from setokim.data.annotate import describe
-from setokim.data.shapes_world import COLORS, SIZES, Scene, Shape, random_shape, try_place
+from setokim.data.shapes_world import COLORS, SIZES, Scene, Shape, World, random_shape, try_place
 
 EDIT_OPS = ("recolor", "remove", "add", "move", "resize")
 MOVES = {"left": (-0.25, 0.0), "right": (0.25, 0.0), "up": (0.0, -0.25), "down": (0.0, 0.25)}
@@ -47,11 +47,11 @@ def _remove(scene: Scene, i: int, d: str, rng: np.random.Generator) -> tuple[Sce
     return scene.with_objects(objs), text
 
 
-def _add(scene: Scene, rng: np.random.Generator, max_objects: int) -> tuple[Scene, str] | None:
-    if len(scene.objects) >= max_objects:
+def _add(scene: Scene, rng: np.random.Generator, world: World) -> tuple[Scene, str] | None:
+    if len(scene.objects) >= world.max_objects:
         return None
     for _ in range(20):
-        new = random_shape(rng)
+        new = random_shape(rng, world)
         out = try_place(scene, new)
         if out is not None:
             text = str(
@@ -93,13 +93,13 @@ def _resize(scene: Scene, i: int, d: str, rng: np.random.Generator) -> tuple[Sce
 
 
 def sample_edit(
-    scene: Scene, rng: np.random.Generator, max_objects: int = 8
+    scene: Scene, rng: np.random.Generator, world: World | None = None
 ) -> tuple[Scene, str, str] | None:
     """(edited scene, instruction, op) with op uniform among feasible ones, or None."""
     named = [(i, d) for i in range(len(scene.objects)) if (d := describe(scene.objects, i))]
     for op in [EDIT_OPS[k] for k in rng.permutation(len(EDIT_OPS))]:
         if op == "add":
-            res = _add(scene, rng, max_objects)
+            res = _add(scene, rng, world or World())
         elif named:
             i, d = named[int(rng.integers(len(named)))]
             fn = {"recolor": _recolor, "remove": _remove, "move": _move, "resize": _resize}[op]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from setokim.data import annotate as ann
 from setokim.data.edits import sample_edit
 from setokim.data.rle import bbox_of, encode_mask
 from setokim.data.schema import EditItem, ObjectAnn, SampleAnnotation
-from setokim.data.shapes_world import GENERATOR_VERSION, SHAPES, Scene, render, sample_scene
+from setokim.data.shapes_world import GENERATOR_VERSION, SHAPES, Scene, World, render, sample_scene
 from setokim.data.shards import MANIFEST_NAME, ShardInfo, ShardWriter, write_manifest
 from setokim.utils.io import write_dir_atomically
 
@@ -59,7 +59,7 @@ class ShapesWorld:
 
     seed: int = 0
     image_size: int = 64
-    max_objects: int = 8
+    world: World = field(default_factory=World)
 
     def _rng(self, split: str, index: int, stream: int) -> np.random.Generator:
         if split not in SPLIT_IDS:
@@ -67,7 +67,7 @@ class ShapesWorld:
         return np.random.default_rng([self.seed, SPLIT_IDS[split], index, stream])
 
     def scene(self, split: str, index: int) -> Scene:
-        return sample_scene(self._rng(split, index, 0), self.max_objects)
+        return sample_scene(self._rng(split, index, 0), self.world)
 
     def popular(self, scenes: list[Scene]) -> list[tuple[str, str]]:
         """(colour, shape) pairs of a split, most frequent first (ties by name)."""
@@ -84,7 +84,7 @@ class ShapesWorld:
         pixels, masks = render(scene, size)
         rng = self._rng(split, index, 1)
         caps = ann.captions(scene, rng)
-        vqa = ann.vqa(scene, rng, self.max_objects)
+        vqa = ann.vqa(scene, rng, self.world)
         sample = SampleAnnotation(
             key=key,
             width=size,
@@ -93,7 +93,7 @@ class ShapesWorld:
             objects=object_anns(scene, masks, size),
             captions=caps,
             vqa=vqa,
-            pope=ann.pope(scene, rng, popular),
+            pope=ann.pope(scene, rng, popular, self.world.shapes),
             rec=ann.referring(scene, rng),
             reasonseg=ann.reasoning(scene, rng),
             t2i=[caps[2]],
@@ -105,7 +105,7 @@ class ShapesWorld:
             },
         )
         files = {"png": encode_png(pixels)}
-        edit = sample_edit(scene, self._rng(split, index, 2), self.max_objects)
+        edit = sample_edit(scene, self._rng(split, index, 2), self.world)
         if edit is not None:
             target, instruction, op = edit
             tpix, tmasks = render(target, size)
@@ -132,7 +132,7 @@ def generate_dataset(
     seed: int = 0,
     *,
     samples_per_shard: int = 1000,
-    max_objects: int = 8,
+    world: World | None = None,
     progress: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def generate_dataset(
     for name, n in (("train", train), ("val", val), ("test", test)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
-    world = ShapesWorld(seed=seed, image_size=image_size, max_objects=max_objects)
+    generator = ShapesWorld(seed=seed, image_size=image_size, world=world or World())
     target = Path(out_dir)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         what = "a dataset" if (target / MANIFEST_NAME).is_file() else "files"
@@ -157,14 +157,14 @@ def generate_dataset(
     result: dict[str, Any] = {}
 
     def fill(out: Path) -> None:
-        result["manifest"] = _write_world(world, out, train, val, test, samples_per_shard, progress)
+        result["manifest"] = _write_world(generator, out, train, val, test, samples_per_shard, progress)
 
     write_dir_atomically(target, fill)
     return result["manifest"]
 
 
 def _write_world(
-    world: ShapesWorld,
+    generator: ShapesWorld,
     out: Path,
     train: int,
     val: int,
@@ -174,7 +174,7 @@ def _write_world(
 ) -> dict[str, Any]:
     from setokim.data.card import build_card, write_card
 
-    seed, image_size, max_objects = world.seed, world.image_size, world.max_objects
+    seed, image_size = generator.seed, generator.image_size
     bar = None
     if progress:
         from tqdm import tqdm
@@ -185,7 +185,7 @@ def _write_world(
     for split, count in (("train", train), ("val", val), ("test", test)):
         writer = ShardWriter(out, split, samples_per_shard)
         samples[split] = []
-        for sample, files in world.iter_split(split, count):
+        for sample, files in generator.iter_split(split, count):
             writer.write(sample.key, files)
             samples[split].append(sample)
             if bar is not None:
@@ -198,7 +198,8 @@ def _write_world(
         "generator": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
-        "max_objects": max_objects,
+        "max_objects": generator.world.max_objects,
+        "world": generator.world.as_dict(),
         "samples_per_shard": samples_per_shard,
     }
     manifest = write_manifest(out, splits, info)

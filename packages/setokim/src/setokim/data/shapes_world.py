@@ -7,13 +7,15 @@ ones). Editing a scene and rendering it again gives an exact edit target.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 GENERATOR_VERSION = "shapes-world-1"
+"""Bumped when the same (seed, split, index, World) would give other bytes."""
 
 SHAPES: dict[str, int] = {
     "circle": 0,
@@ -48,6 +50,73 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 
 MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_PIXELS = 6
+MAX_OBJECTS = 8
+"""The most objects a scene may hold (the count questions' number words stop at eight)."""
+
+
+@dataclass
+class World:
+    """Which scenes a Shapes World samples: the shape set, object scale, rotation, crowding.
+
+    The default is the full world (six shapes at any rotation, up to eight objects). A
+    smaller world makes shape visible at a coarse token grid: a linear probe on each
+    object's true silhouette at 16x16 reads shape 0.27 in the default world and 0.91 with
+    four upright shapes at 1.6x scale (benchmarks/RESULTS.md, "What Stage I puts into the
+    tokens").
+    shapes: names from SHAPES that objects are drawn from (questions name only these).
+    object_scale: multiplies every SIZES radius (the largest object must fit the frame).
+    max_rotation: rotations are uniform in [0, max_rotation) degrees; 0 draws them upright.
+    max_objects: scenes hold 1..max_objects objects.
+    """
+
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES))
+    object_scale: float = 1.0
+    max_rotation: float = 360.0
+    max_objects: int = MAX_OBJECTS
+
+    def __post_init__(self) -> None:
+        shapes = [str(s) for s in self.shapes]
+        self.shapes = shapes
+        unknown = sorted(set(shapes) - set(SHAPES))
+        if not shapes or unknown or len(set(shapes)) != len(shapes):
+            raise ValueError(
+                f"World.shapes: need distinct names from {list(SHAPES)}, got {list(shapes)}"
+            )
+        largest = max(SIZES.values()) * self.object_scale
+        if not (0 < self.object_scale and largest <= 0.4):
+            raise ValueError(
+                f"World.object_scale: must be > 0 with the largest radius "
+                f"{max(SIZES.values())} x scale <= 0.4 of the side, got {self.object_scale}"
+            )
+        if not 0 <= self.max_rotation <= 360:
+            raise ValueError(f"World.max_rotation: must be in [0, 360], got {self.max_rotation}")
+        if not 1 <= self.max_objects <= MAX_OBJECTS:
+            raise ValueError(
+                f"World.max_objects: must be in 1..{MAX_OBJECTS}, got {self.max_objects}"
+            )
+
+    @classmethod
+    def from_json(cls, text: str) -> World:
+        """A World from a command line's JSON object, e.g. '{"object_scale": 1.6}'."""
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"world: not a JSON object: {text!r} ({err})") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"world: expected a JSON object, got {text!r}")
+        unknown = sorted(set(spec) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"world: unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**spec)
+
+    def as_dict(self) -> dict:
+        """JSON form, as recorded in a generated dataset's manifest."""
+        return {
+            "shapes": list(self.shapes),
+            "object_scale": self.object_scale,
+            "max_rotation": self.max_rotation,
+            "max_objects": self.max_objects,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,10 +130,11 @@ class Shape:
     cy: float
     rotation: float = 0.0
     texture_seed: int = 0
+    scale: float = 1.0  # the World's object_scale
 
     @property
     def radius(self) -> float:
-        return SIZES[self.size]
+        return SIZES[self.size] * self.scale
 
     @property
     def name(self) -> str:
@@ -165,18 +235,20 @@ def _visible_ok(masks: np.ndarray, fulls: list[np.ndarray]) -> bool:
     return True
 
 
-def random_shape(rng: np.random.Generator) -> Shape:
+def random_shape(rng: np.random.Generator, world: World | None = None) -> Shape:
     """A shape with uniform shape/colour/size and a random position inside the frame."""
+    world = world or World()
     size = str(rng.choice(list(SIZES)))
-    r = SIZES[size]
+    r = SIZES[size] * world.object_scale
     return Shape(
-        shape=str(rng.choice(list(SHAPES))),
+        shape=str(rng.choice(list(world.shapes))),
         color=str(rng.choice(list(COLORS))),
         size=size,
         cx=float(rng.uniform(r, 1 - r)),
         cy=float(rng.uniform(r, 1 - r)),
-        rotation=float(rng.uniform(0, 360)),
+        rotation=float(rng.uniform(0, world.max_rotation)),
         texture_seed=int(rng.integers(0, 2**31 - 1)),
+        scale=world.object_scale,
     )
 
 
@@ -193,9 +265,10 @@ def try_place(
     return candidate
 
 
-def sample_scene(rng: np.random.Generator, max_objects: int = 8, tries: int = 30) -> Scene:
-    """1..max_objects shapes (uniform target count), each at least half visible at 64 px."""
-    target = int(rng.integers(1, max_objects + 1))
+def sample_scene(rng: np.random.Generator, world: World | None = None, tries: int = 30) -> Scene:
+    """1..world.max_objects shapes (uniform target count), each at least half visible at 64 px."""
+    world = world or World()
+    target = int(rng.integers(1, world.max_objects + 1))
     scene = Scene(
         objects=(),
         background=str(rng.choice(list(BACKGROUNDS))),
@@ -204,7 +277,7 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 8, tries: int = 30
     )
     for _ in range(target):
         for _ in range(tries):
-            placed = try_place(scene, random_shape(rng))
+            placed = try_place(scene, random_shape(rng, world))
             if placed is not None:
                 scene = placed
                 break

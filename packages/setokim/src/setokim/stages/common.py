@@ -24,6 +24,7 @@ from torch import nn
 
 from setok_tokenizer.config import from_dict
 from setokim.data.config import DataConfig
+from setokim.data.shapes_world import World
 
 if TYPE_CHECKING:
     from setok_tokenizer import SeTokConfig
@@ -105,17 +106,26 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 # ---- data --------------------------------------------------------------------------------------
 def ensure_dataset(
-    shard_dir: str | os.PathLike[str], *, train: int, image_size: int, seed: int, test: int = 8
+    shard_dir: str | os.PathLike[str],
+    *,
+    train: int,
+    image_size: int,
+    seed: int,
+    test: int = 8,
+    world: World | None = None,
 ) -> Path:
     """Generate a Shapes World dataset into `shard_dir` unless it has a manifest already.
 
     Written to a sibling temp dir and renamed, so concurrent jobs or a kill never leave a
-    half-written dataset behind (the loser of a race discards its copy).
+    half-written dataset behind (the loser of a race discards its copy). A generated dataset
+    already there must be of the same `world`: another one is refused, not silently reused.
     """
     from setokim.data import generate_dataset
 
+    world = world or World()
     target = Path(shard_dir)
     if (target / "manifest.json").is_file():
+        check_world(target, world)
         return target
     if target.exists() and any(target.iterdir()):
         raise FileNotFoundError(
@@ -124,7 +134,9 @@ def ensure_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        generate_dataset(tmp, train=train, val=8, test=test, image_size=image_size, seed=seed)
+        generate_dataset(
+            tmp, train=train, val=8, test=test, image_size=image_size, seed=seed, world=world
+        )
         if target.exists():
             target.rmdir()  # empty (checked above)
         os.rename(tmp, target)
@@ -137,8 +149,30 @@ def ensure_dataset(
     return target
 
 
+def check_world(shard_dir: Path, world: World) -> None:
+    """Refuse a generated Shapes World in `shard_dir` whose manifest records another world.
+
+    Manifests written before worlds were recorded hold the default world (with their
+    `max_objects`); converted datasets (another `source`) are not checked.
+    """
+    from setokim.data import read_manifest
+
+    info = read_manifest(shard_dir).get("info", {})
+    if info.get("source", "shapes_world") != "shapes_world":
+        return
+    recorded = info.get("world") or World(max_objects=int(info.get("max_objects", 8))).as_dict()
+    if recorded != world.as_dict():
+        raise ValueError(
+            f"data.world: {shard_dir} holds a Shapes World generated with {recorded}, the "
+            f"config asks for {world.as_dict()}; point data.shard_dir elsewhere or delete it"
+        )
+
+
 def prepare_data(data: DataConfig, rank: int, gen: GenerateFields) -> None:
-    """Rank 0 generates Shapes World into data.shard_dir when it has no manifest; all wait."""
+    """Rank 0 generates Shapes World into data.shard_dir when it has no manifest; all wait.
+
+    With data.generate, an existing generated dataset must be of data.world.
+    """
     shard_dir = Path(data.shard_dir)
     if rank == 0 and not (shard_dir / "manifest.json").is_file():
         if not gen.generate_if_missing:
@@ -150,7 +184,10 @@ def prepare_data(data: DataConfig, rank: int, gen: GenerateFields) -> None:
             train=gen.generate_train,
             image_size=gen.generate_image_size,
             seed=gen.generate_seed,
+            world=data.world,
         )
+    elif rank == 0 and gen.generate_if_missing:
+        check_world(shard_dir, data.world)
     if dist.is_initialized():
         dist.barrier()
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from setok_tokenizer.config import from_dict
+from setokim.data.shapes_world import World
 from setokim.stages import JobResult
 from setokim.stages.common import GenerateFields, check_keys
 
@@ -80,6 +82,7 @@ class EvalStageConfig(GenerateFields):
     extractors: dict[str, str] = field(default_factory=dict)
     generate_if_missing: bool = False  # GenerateFields, with an eval's defaults
     generate_train: int = 64
+    world: World = field(default_factory=World)  # the Shapes World generated when missing
     wait_timeout_s: float = 3600.0
     progress: bool = True
 
@@ -94,6 +97,8 @@ class EvalStageConfig(GenerateFields):
             )
         if not self.tasks:
             raise ValueError("eval: tasks is empty")
+        if isinstance(self.world, Mapping):  # a plain dict spec (the study passes its own)
+            self.world = from_dict(World, self.world, where="eval.world")
         from setokim.data.eval_export import EVAL_TASKS
 
         bad = sorted(set(self.export) - set(EVAL_TASKS))
@@ -208,6 +213,7 @@ def prepare_eval_data(cfg: EvalStageConfig, data_root: Path, rank: int) -> None:
             train=cfg.generate_train,
             image_size=cfg.generate_image_size,
             seed=cfg.generate_seed,
+            world=cfg.world,
         )
     source = str(read_manifest(shard_dir).get("info", {}).get("source", "shapes_world"))
     wanted = export_version(dataset_version(shard_dir), cfg.split, cfg.export_limit, source)

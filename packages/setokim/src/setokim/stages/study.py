@@ -195,6 +195,8 @@ class StudyStage:
         return _steps_spec(self.cfg.steps)
 
     def run(self, run_dir: str | os.PathLike[str], wandb: Any = None) -> TrainResult:
+        from setok_tokenizer.config import from_dict
+        from setokim.data.shapes_world import World
         from setokim.stages.common import ensure_dataset
         from setokim.stages.evaluate import EvalStage, EvalStageConfig
         from setokim.stages.pipeline import run_pipeline
@@ -215,6 +217,7 @@ class StudyStage:
             ensure_dataset(
                 shard_dir, train=_train_images(steps), image_size=image_size,
                 seed=int(cfg.eval.get("generate_seed", 0)), test=cfg.budget.test_images,
+                world=from_dict(World, cfg.eval.get("world") or {}, where="eval.world"),
             )  # fmt: skip
         pipe = run_pipeline(_steps_spec(steps), root, wandb, trainer_defaults=cfg.trainer)
         if pipe.preempted:
