@@ -339,7 +339,9 @@ def main() -> int:
     references = image_references(data_root, edit_docs)
     stage1_export = args.stage1_export or pipe.export("stage1")
     assert stage1_export is not None, "no Stage I export"
-    stage1 = stage1_figures(Path(stage1_export), shard_dir, run_dir / "probe_scenes", exp.data.world)
+    stage1 = stage1_figures(
+        Path(stage1_export), shard_dir, run_dir / "probe_scenes", exp.data.world
+    )
 
     def score(task: str, metric: str) -> float:
         return float(results["tasks"][task]["metrics"][metric]["value"])

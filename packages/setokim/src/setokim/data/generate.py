@@ -157,7 +157,9 @@ def generate_dataset(
     result: dict[str, Any] = {}
 
     def fill(out: Path) -> None:
-        result["manifest"] = _write_world(generator, out, train, val, test, samples_per_shard, progress)
+        result["manifest"] = _write_world(
+            generator, out, train, val, test, samples_per_shard, progress
+        )
 
     write_dir_atomically(target, fill)
     return result["manifest"]

@@ -106,7 +106,9 @@ class World:
             raise ValueError(f"world: expected a JSON object, got {text!r}")
         unknown = sorted(set(spec) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"world: unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}")
+            raise ValueError(
+                f"world: unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}"
+            )
         return cls(**spec)
 
     def as_dict(self) -> dict:
