@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from setok_eval.registry import TaskValidationError, load_task, load_tasks, parse_task
+from setok_eval.registry import METRICS, TaskValidationError, load_task, load_tasks, parse_task
+from setok_eval.scoring import SCORERS
 from setok_eval.stats import bootstrap_ci, mcnemar_exact, paired_compare, states_ci
 
 SUITE = Path(__file__).resolve().parents[3] / "eval_suite" / "tasks"
@@ -108,3 +109,17 @@ def test_load_task_names_the_file(tmp_path):
         load_task(f)
     spec = parse_task(BASE)
     assert spec.method == "understand" and spec.higher_is_better is True
+
+
+def test_scorer_table_matches_the_metric_catalogue_and_the_suite():
+    """Every metric a task may name has a scoring function, and every scoring function is
+    used by some task of the suite (no scorer without a task)."""
+    assert set(SCORERS) == set(METRICS), (
+        f"metrics without a scorer: {sorted(set(METRICS) - set(SCORERS))}; "
+        f"scorers outside the catalogue: {sorted(set(SCORERS) - set(METRICS))}"
+    )
+    tasks = load_tasks(SUITE)
+    used = {m.metric for t in tasks for m in t.metrics}
+    assert set(SCORERS) <= used, f"scorers no suite task uses: {sorted(set(SCORERS) - used)}"
+    for task in tasks:
+        assert all(m.metric in SCORERS for m in task.metrics), task.name

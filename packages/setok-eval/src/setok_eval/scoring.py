@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ from setok_eval.metrics.tokenizer import (
 from setok_eval.metrics.vqa import exact_match, vqa_accuracy
 from setok_eval.registry import MetricSpec, TaskSpec
 from setok_eval.stats import bootstrap_ci, reduce_states
-
-_POPE = {"pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"}
 
 
 class Scored:
@@ -81,7 +80,7 @@ def _gt_box(doc: Mapping[str, Any]) -> np.ndarray:
     )
 
 
-def _pred_box(pred: Any, doc_id: str) -> np.ndarray:
+def _pred_box(pred: Any) -> np.ndarray:
     arr = np.asarray(pred, dtype=np.float64).reshape(-1) if pred is not None else np.zeros(0)
     if arr.size != 4:
         return np.full((1, 4), np.nan)  # unparsable prediction: scores 0
@@ -116,6 +115,187 @@ def _features(extractor: FeatureExtractor, images: list[np.ndarray], chunk: int 
     return np.concatenate(parts, axis=0)
 
 
+class Inputs:
+    """What a metric function reads: one task's documents and predictions, aligned by id,
+    with images and cluster maps loaded once and shared between the task's metrics."""
+
+    def __init__(
+        self,
+        task: TaskSpec,
+        docs: Sequence[Mapping[str, Any]],
+        preds: Mapping[str, Any],
+        out_dir: Path,
+        extractors: Mapping[str, FeatureExtractor],
+        llm_config: Mapping[str, Any] | None,
+    ) -> None:
+        self.task, self.docs, self.out_dir = task, docs, out_dir
+        self.extractors, self.llm_config = extractors, llm_config
+        self.ids = [d["id"] for d in docs]
+        self.preds = [preds[i] for i in self.ids]
+
+    def pairs(self) -> Iterable[tuple[Any, Mapping[str, Any]]]:
+        return zip(self.preds, self.docs, strict=True)
+
+    @cached_property
+    def pred_images(self) -> list[np.ndarray]:
+        return [load_image(self.out_dir / v) for v in self.preds]
+
+    @cached_property
+    def target_images(self) -> list[np.ndarray]:
+        return [load_image(d["target"]) for d in self.docs]
+
+    @cached_property
+    def cluster_maps(self) -> list[np.ndarray]:
+        return [decode_labels(v) for v in self.preds]
+
+    @cached_property
+    def mask_iu(self) -> np.ndarray:
+        """Per-document intersection and union of predicted and reference masks."""
+        gts = [load_label_map(d["mask"]) > 0 for d in self.docs]
+        return mask_intersection_union([decode_labels(v) > 0 for v in self.preds], gts)
+
+    def features(self, spec: MetricSpec) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted, target) image features from the extractor `spec` names."""
+        ex = _extractor(spec, self.task, self.extractors)
+        return _features(ex, self.pred_images), _features(ex, self.target_images)
+
+
+MetricFn = Callable[[MetricSpec, Inputs], Scored]
+
+
+def _vqa_accuracy(spec: MetricSpec, x: Inputs) -> Scored:
+    return Scored(x.ids, [vqa_accuracy(str(a), d["answers"]) for a, d in x.pairs()], "mean")
+
+
+def _exact_match(spec: MetricSpec, x: Inputs) -> Scored:
+    return Scored(x.ids, [exact_match(str(a), d["answer"]) for a, d in x.pairs()], "mean")
+
+
+def _cider_d(spec: MetricSpec, x: Inputs) -> Scored:
+    scorer = CiderD(
+        [tokenize_caption(str(a)) for a in x.preds],
+        [[tokenize_caption(r) for r in d["references"]] for d in x.docs],
+    )
+    per_doc = scorer.per_doc()
+    return Scored(
+        x.ids,
+        per_doc,
+        "mean",
+        value=float(per_doc.mean()),
+        resample=lambda idx: scorer.score(np.bincount(idx, minlength=scorer.num_docs)),
+    )
+
+
+def _pope_accuracy(spec: MetricSpec, x: Inputs) -> Scored:
+    correct = [
+        float(parse_pope_answer(str(a)) == (1 if str(d["label"]).lower() in ("yes", "1") else 0))
+        for a, d in x.pairs()
+    ]
+    return Scored(x.ids, correct, "mean")
+
+
+def _pope_confusion(spec: MetricSpec, x: Inputs) -> Scored:
+    """Confusion rows per item; the reducer named after the metric computes the rate."""
+    rows = pope_confusion([str(a) for a in x.preds], [d["label"] for d in x.docs])
+    return Scored(x.ids, rows, spec.metric)
+
+
+def _mme_score(spec: MetricSpec, x: Inputs) -> Scored:
+    items = [
+        MMEItem(str(d["subtask"]), str(d["image_id"]), str(a), str(d["answer"]))
+        for a, d in x.pairs()
+    ]
+    subtasks, states = mme_image_states(items)
+    keys = sorted({(it.subtask, it.image_id) for it in items})
+    details = mme_from_states(states, subtasks)
+    return Scored([f"{s}/{i}" for s, i in keys], states, "mme_total", details=details)
+
+
+def _rec_accuracy(spec: MetricSpec, x: Inputs) -> Scored:
+    thr = float(spec.args.get("iou_threshold", 0.5))
+    pred_boxes = np.concatenate([_pred_box(a) for a in x.preds])
+    gt_boxes = np.concatenate([_gt_box(d) for d in x.docs])
+    return Scored(x.ids, rec_hits(pred_boxes, gt_boxes, thr), "mean")
+
+
+def _mask_iou(spec: MetricSpec, x: Inputs) -> Scored:
+    """gIoU or cIoU: the same intersection/union states, reduced as the metric's name says."""
+    return Scored(x.ids, x.mask_iu, spec.metric)
+
+
+def _l1(spec: MetricSpec, x: Inputs) -> Scored:
+    return Scored(x.ids, l1_distance(x.pred_images, x.target_images), "mean")
+
+
+def _feature_cosine(spec: MetricSpec, x: Inputs) -> Scored:
+    return Scored(x.ids, feature_cosine(*x.features(spec)), "mean")
+
+
+def _fid(spec: MetricSpec, x: Inputs) -> Scored:
+    value = fid_from_features(*x.features(spec))
+    return Scored(x.ids, None, None, value=value)
+
+
+def _tokens_per_image(spec: MetricSpec, x: Inputs) -> Scored:
+    counts = [_count_tokens(c) for c in x.cluster_maps]
+    return Scored(x.ids, counts, "mean", details=tokens_per_image_stats(counts))
+
+
+def _partition(fn: Callable[..., float]) -> MetricFn:
+    """A cluster-map-vs-object-masks score (ARI, mBO, Hungarian mIoU) per document."""
+
+    def score(spec: MetricSpec, x: Inputs) -> Scored:
+        ignore = spec.args.get("ignore_label")
+        vals = []
+        for c, d in zip(x.cluster_maps, x.docs, strict=True):
+            gt = load_label_map(d["masks"])
+            vals.append(fn(resize_labels(c, gt.shape), gt, ignore_label=ignore))
+        return Scored(x.ids, vals, "mean")
+
+    return score
+
+
+def _prefill_flops(spec: MetricSpec, x: Inputs) -> Scored:
+    cfg = spec.args.get("llm") or x.llm_config
+    if not cfg:
+        raise ValueError(
+            f"task {x.task.name!r} metric {spec.name!r} needs an LLM config: args.llm in the "
+            f"task file or llm_config= in run_eval"
+        )
+    text = spec.args.get("text_tokens", 0)
+    flops = [
+        prefill_flops(cfg, int(d.get("text_tokens", text)) + _count_tokens(c))
+        for c, d in zip(x.cluster_maps, x.docs, strict=True)
+    ]
+    return Scored(x.ids, flops, "mean")
+
+
+# One function per metric of the registry's catalogue (`registry.METRICS`); a test checks
+# that the two name the same metrics and that the suite's tasks use every one.
+SCORERS: dict[str, MetricFn] = {
+    "vqa_accuracy": _vqa_accuracy,
+    "exact_match": _exact_match,
+    "cider_d": _cider_d,
+    "pope_accuracy": _pope_accuracy,
+    "pope_precision": _pope_confusion,
+    "pope_recall": _pope_confusion,
+    "pope_f1": _pope_confusion,
+    "pope_yes_ratio": _pope_confusion,
+    "mme_score": _mme_score,
+    "rec_accuracy": _rec_accuracy,
+    "giou": _mask_iou,
+    "ciou": _mask_iou,
+    "l1": _l1,
+    "feature_cosine": _feature_cosine,
+    "fid": _fid,
+    "tokens_per_image": _tokens_per_image,
+    "ari": _partition(adjusted_rand_index),
+    "mbo": _partition(mean_best_overlap),
+    "hungarian_miou": _partition(hungarian_miou),
+    "prefill_flops": _prefill_flops,
+}
+
+
 def score_task(
     task: TaskSpec,
     docs: Sequence[Mapping[str, Any]],
@@ -131,127 +311,5 @@ def score_task(
         raise ValueError(
             f"task {task.name!r}: {len(missing)} documents lack predictions, e.g. {missing[:5]}"
         )
-    extractors = extractors or {}
-    out_dir = Path(out_dir)
-    ids = [d["id"] for d in docs]
-    p = [preds[i] for i in ids]
-    cache: dict[str, Any] = {}
-
-    def images(kind: str) -> list[np.ndarray]:
-        if kind not in cache:
-            if kind == "pred":
-                cache[kind] = [load_image(out_dir / v) for v in p]
-            else:
-                cache[kind] = [load_image(d["target"]) for d in docs]
-        return cache[kind]
-
-    def cluster_maps() -> list[np.ndarray]:
-        if "clusters" not in cache:
-            cache["clusters"] = [decode_labels(v) for v in p]
-        return cache["clusters"]
-
-    out: dict[str, Scored] = {}
-    for spec in task.metrics:
-        m = spec.metric
-        if m == "vqa_accuracy":
-            out[spec.name] = Scored(
-                ids,
-                [vqa_accuracy(str(a), d["answers"]) for a, d in zip(p, docs, strict=True)],
-                "mean",
-            )
-        elif m == "exact_match":
-            out[spec.name] = Scored(
-                ids,
-                [exact_match(str(a), d["answer"]) for a, d in zip(p, docs, strict=True)],
-                "mean",
-            )
-        elif m == "cider_d":
-            scorer = CiderD(
-                [tokenize_caption(str(a)) for a in p],
-                [[tokenize_caption(r) for r in d["references"]] for d in docs],
-            )
-            per_doc = scorer.per_doc()
-            out[spec.name] = Scored(
-                ids,
-                per_doc,
-                "mean",
-                value=float(per_doc.mean()),
-                resample=lambda idx, s=scorer: s.score(np.bincount(idx, minlength=s.num_docs)),
-            )
-        elif m == "pope_accuracy":
-            correct = [
-                float(
-                    parse_pope_answer(str(a))
-                    == (1 if str(d["label"]).lower() in ("yes", "1") else 0)
-                )
-                for a, d in zip(p, docs, strict=True)
-            ]
-            out[spec.name] = Scored(ids, correct, "mean")
-        elif m in _POPE:
-            out[spec.name] = Scored(
-                ids, pope_confusion([str(a) for a in p], [d["label"] for d in docs]), m
-            )
-        elif m == "mme_score":
-            items = [
-                MMEItem(str(d["subtask"]), str(d["image_id"]), str(a), str(d["answer"]))
-                for a, d in zip(p, docs, strict=True)
-            ]
-            subtasks, states = mme_image_states(items)
-            keys = sorted({(it.subtask, it.image_id) for it in items})
-            details = mme_from_states(states, subtasks)
-            out[spec.name] = Scored(
-                [f"{s}/{i}" for s, i in keys], states, "mme_total", details=details
-            )
-        elif m == "rec_accuracy":
-            thr = float(spec.args.get("iou_threshold", 0.5))
-            pred_boxes = np.concatenate([_pred_box(a, i) for a, i in zip(p, ids, strict=True)])
-            gt_boxes = np.concatenate([_gt_box(d) for d in docs])
-            out[spec.name] = Scored(ids, rec_hits(pred_boxes, gt_boxes, thr), "mean")
-        elif m in ("giou", "ciou"):
-            if "iu" not in cache:
-                gts = [load_label_map(d["mask"]) > 0 for d in docs]
-                cache["iu"] = mask_intersection_union([decode_labels(v) > 0 for v in p], gts)
-            out[spec.name] = Scored(ids, cache["iu"], m)
-        elif m == "l1":
-            out[spec.name] = Scored(ids, l1_distance(images("pred"), images("target")), "mean")
-        elif m == "feature_cosine":
-            ex = _extractor(spec, task, extractors)
-            cos = feature_cosine(_features(ex, images("pred")), _features(ex, images("target")))
-            out[spec.name] = Scored(ids, cos, "mean")
-        elif m == "fid":
-            ex = _extractor(spec, task, extractors)
-            value = fid_from_features(
-                _features(ex, images("pred")), _features(ex, images("target"))
-            )
-            out[spec.name] = Scored(ids, None, None, value=value)
-        elif m == "tokens_per_image":
-            counts = [_count_tokens(c) for c in cluster_maps()]
-            out[spec.name] = Scored(ids, counts, "mean", details=tokens_per_image_stats(counts))
-        elif m in ("ari", "mbo", "hungarian_miou"):
-            fn = {
-                "ari": adjusted_rand_index,
-                "mbo": mean_best_overlap,
-                "hungarian_miou": hungarian_miou,
-            }[m]
-            ignore = spec.args.get("ignore_label")
-            vals = []
-            for c, d in zip(cluster_maps(), docs, strict=True):
-                gt = load_label_map(d["masks"])
-                vals.append(fn(resize_labels(c, gt.shape), gt, ignore_label=ignore))
-            out[spec.name] = Scored(ids, vals, "mean")
-        elif m == "prefill_flops":
-            cfg = spec.args.get("llm") or llm_config
-            if not cfg:
-                raise ValueError(
-                    f"task {task.name!r} metric {spec.name!r} needs an LLM config: args.llm in the "
-                    f"task file or llm_config= in run_eval"
-                )
-            text = spec.args.get("text_tokens", 0)
-            flops = [
-                prefill_flops(cfg, int(d.get("text_tokens", text)) + _count_tokens(c))
-                for c, d in zip(cluster_maps(), docs, strict=True)
-            ]
-            out[spec.name] = Scored(ids, flops, "mean")
-        else:  # pragma: no cover - the registry rejects unknown metrics
-            raise KeyError(f"no scorer for metric {m!r}")
-    return out
+    x = Inputs(task, docs, preds, Path(out_dir), extractors or {}, llm_config)
+    return {spec.name: SCORERS[spec.metric](spec, x) for spec in task.metrics}
