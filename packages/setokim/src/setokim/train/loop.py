@@ -183,247 +183,300 @@ def train(
         )
         created = True
     try:
-        return _train(stage, cfg, run_dir, wandb, env, device, use_fsdp, on_step)
+        return Trainer(stage, cfg, run_dir, wandb, env, device, use_fsdp).fit(on_step)
     finally:
         shutdown_distributed(created)
         if single_group_file is not None:
             Path(single_group_file).unlink(missing_ok=True)
 
 
-def _train(
-    stage: Stage,
-    cfg: TrainerConfig,
-    run_dir: Path,
-    wandb_cfg: WandbConfig | None,
-    env: DistEnv,
-    device: torch.device,
-    use_fsdp: bool,
-    on_step: StepHook | None,
-) -> TrainResult:
-    world = env.world_size
-    low_dtype = _resolve_precision(cfg, device)
-    cfg, schedule = resolve_stage_schedule(stage, cfg, env.rank, world)
-    if schedule is not None and env.is_main:
-        print("schedule: " + ", ".join(f"{k}={v}" for k, v in schedule.items()), flush=True)
+@dataclasses.dataclass
+class StepOutput:
+    """One optimizer step as the log sees it."""
 
-    # Same seed everywhere: identical initial weights on every rank without a broadcast.
-    seed_all(cfg.seed)
-    model = stage.build_model()
-    units = list(stage.fsdp_units(model))
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(units)
-    model.to(device)
-    if use_fsdp:
-        apply_fsdp(model, units, device_type=device.type, world_size=world, param_dtype=low_dtype)
-        autocast: Callable[[], Any] = contextlib.nullcontext
-    else:
-        if world > 1:
-            broadcast_parameters(model)
-        if low_dtype is not None:
-            autocast = lambda: torch.autocast(device.type, dtype=low_dtype)  # noqa: E731
+    loss: float
+    grad_norm: float
+    lr: float
+    finite: bool
+    metrics: dict[str, float]  # summed over the micro-batches
+
+
+class Trainer:
+    """One call of `train()` in torchtitan's shape: setup (`__init__`), `train_step`, `log`,
+    `save`, and `fit` looping over them. The order of RNG draws is the resume contract."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        cfg: TrainerConfig,
+        run_dir: Path,
+        wandb_cfg: WandbConfig | None,
+        env: DistEnv,
+        device: torch.device,
+        use_fsdp: bool,
+    ) -> None:
+        self.stage, self.run_dir, self.env, self.device = stage, run_dir, env, device
+        self.use_fsdp, self.world = use_fsdp, env.world_size
+        self.low_dtype = _resolve_precision(cfg, device)
+        self.cfg, self.schedule = resolve_stage_schedule(stage, cfg, env.rank, self.world)
+        cfg = self.cfg
+        if self.schedule is not None and env.is_main:
+            print(
+                "schedule: " + ", ".join(f"{k}={v}" for k, v in self.schedule.items()), flush=True
+            )
+        self.model = self._build_model()
+        self.params = self._trainable_params()
+        self.optimizer = build_optimizer(self.model, self.params, cfg)
+        init_optimizer_state(self.optimizer)  # every parameter's state exists in every checkpoint
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+        # Frozen modules rebuilt from files (Stage II/III's SeTok, Stage III's base): not stored
+        # in checkpoints; their path and SHA-256 are, and resume refuses other bytes.
+        sources = getattr(stage, "frozen_sources", None)
+        self.frozen = frozen_record(sources()) if callable(sources) else None
+        self.step = self.data_position = self.skipped = self.in_row = 0
+        self.resumed_from, self.last_saved, rejected = self._resume()
+        meta = self._metadata(rejected)
+        if env.is_main:
+            atomic_write_json(run_dir / "trainer.json", meta)
+        self.logger = MetricsLogger(run_dir, active=env.is_main, wandb_cfg=wandb_cfg, config=meta)
+        self.batches: Iterator[Any] = iter(
+            stage.batches(env.rank, self.world, self.data_position, cfg.micro_batch_size)
+        )
+
+    def _build_model(self) -> nn.Module:
+        """Same seed everywhere: identical initial weights on every rank without a broadcast."""
+        cfg, world = self.cfg, self.world
+        seed_all(cfg.seed)
+        model = self.stage.build_model()
+        units = list(self.stage.fsdp_units(model))
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(units)
+        model.to(self.device)
+        dtype, device_type = self.low_dtype, self.device.type
+        self.autocast: Callable[[], Any] = contextlib.nullcontext
+        if self.use_fsdp:
+            apply_fsdp(model, units, device_type=device_type, world_size=world, param_dtype=dtype)
         else:
-            autocast = contextlib.nullcontext
-    model.train()
+            if world > 1:
+                broadcast_parameters(model)
+            if dtype is not None:
+                self.autocast = lambda: torch.autocast(device_type, dtype=dtype)
+        model.train()
+        return model
 
-    trainable = getattr(stage, "trainable", None)
-    params = list(trainable(model)) if trainable else [p for p in model.parameters()]
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("stage: the model has no trainable parameters")
-    optimizer = build_optimizer(model, params, cfg)
-    init_optimizer_state(optimizer)  # every parameter's state exists in every checkpoint
-    scheduler = build_scheduler(
-        optimizer,
-        warmup_steps=cfg.warmup_steps,
-        max_steps=cfg.max_steps,
-        min_lr_ratio=cfg.min_lr_ratio,
-    )
+    def _trainable_params(self) -> list[nn.Parameter]:
+        trainable = getattr(self.stage, "trainable", None)
+        params = list(trainable(self.model)) if trainable else list(self.model.parameters())
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("stage: the model has no trainable parameters")
+        return params
 
-    # Frozen modules rebuilt from files (Stage II/III's SeTok, Stage III's base): not stored
-    # in checkpoints; their path and SHA-256 are, and resume refuses other bytes.
-    sources = getattr(stage, "frozen_sources", None)
-    frozen = frozen_record(sources()) if callable(sources) else None
-
-    step, data_position, skipped, in_row = 0, 0, 0, 0
-    resumed_from = 0
-    ckpt_path, rejected = resume_checkpoint(run_dir) if cfg.resume else (None, [])
-    if ckpt_path is not None:
-        data_position = resume_data_position(
-            read_trainer_state(ckpt_path), ckpt_path, world_size=world,
+    def _resume(self) -> tuple[int, int, list[Any]]:
+        """Load the newest verified checkpoint if any: (resumed_from, last_saved, rejected)."""
+        cfg = self.cfg
+        ckpt_path, rejected = resume_checkpoint(self.run_dir) if cfg.resume else (None, [])
+        if ckpt_path is None:
+            seed_all(cfg.seed + 1_000_003 * self.env.rank)  # per-rank stream for dropout etc.
+            return 0, -1, rejected
+        self.data_position = resume_data_position(
+            read_trainer_state(ckpt_path), ckpt_path, world_size=self.world,
             micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
             policy=cfg.world_size_change,
         )  # fmt: skip
-        state = load_checkpoint(ckpt_path, model, optimizer, seed=cfg.seed, frozen=frozen)
-        scheduler.load_state_dict(state.scheduler)
-        step = state.step
-        skipped, in_row = state.skipped_steps, state.nonfinite_in_row
-        resumed_from = step
-    else:
-        seed_all(cfg.seed + 1_000_003 * env.rank)  # per-rank stream for dropout etc.
+        state = load_checkpoint(
+            ckpt_path, self.model, self.optimizer, seed=cfg.seed, frozen=self.frozen
+        )
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step, self.skipped, self.in_row = (
+            state.step,
+            state.skipped_steps,
+            state.nonfinite_in_row,
+        )
+        return self.step, self.step, rejected
 
-    describe = getattr(stage, "describe", None)
-    meta = {
-        "trainer": dataclasses.asdict(cfg),
-        "stage": describe() if describe else type(stage).__name__,
-        "world_size": world,
-        "env_source": env.source,
-        "device": str(device),
-        "fsdp": use_fsdp,
-        "precision": str(low_dtype or torch.float32),
-        "resumed_from": resumed_from,
-        "rejected_checkpoints": rejected,
-        "schedule": schedule,
-    }
-    if env.is_main:
-        atomic_write_json(run_dir / "trainer.json", meta)
-    logger = MetricsLogger(run_dir, active=env.is_main, wandb_cfg=wandb_cfg, config=meta)
+    def _metadata(self, rejected: list[Any]) -> dict[str, Any]:
+        describe = getattr(self.stage, "describe", None)
+        return {
+            "trainer": dataclasses.asdict(self.cfg),
+            "stage": describe() if describe else type(self.stage).__name__,
+            "world_size": self.world,
+            "env_source": self.env.source,
+            "device": str(self.device),
+            "fsdp": self.use_fsdp,
+            "precision": str(self.low_dtype or torch.float32),
+            "resumed_from": self.resumed_from,
+            "rejected_checkpoints": rejected,
+            "schedule": self.schedule,
+        }
 
-    def save() -> Path:
+    def _next_batch(self) -> Any:
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"stage: batches() ran out at data position {self.data_position} "
+                f"(step {self.step}); stages must yield indefinitely"
+            ) from None
+        return to_device(batch, self.device)
+
+    def _forward_backward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """One micro-batch's loss (detached, fp64) after its backward pass."""
+        with self.autocast():
+            loss, metrics = self.stage.loss(self.model, batch)
+        if loss.ndim != 0:
+            raise ValueError(f"stage: loss must be a scalar, got shape {tuple(loss.shape)}")
+        (loss / self.cfg.grad_accum).backward()
+        return loss.detach().double(), metrics
+
+    def train_step(self) -> StepOutput:
+        """grad_accum micro-batches, then one optimizer step (skipped when non-finite)."""
+        cfg, world, params = self.cfg, self.world, self.params
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        metric_sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            if self.use_fsdp:
+                self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)  # type: ignore[operator]
+            loss, metrics = self._forward_backward(self._next_batch())
+            loss_sum += loss
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            self.data_position += 1
+        if not self.use_fsdp and world > 1:
+            allreduce_gradients(params, world)
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        step_loss = float(loss_sum) / (cfg.grad_accum * world)
+
+        grad_norm = _grad_norm(params)
+        finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad, grad_norm)
+            self.optimizer.step()
+            self.in_row = 0
+        else:
+            self.skipped += 1
+            self.in_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        return StepOutput(step_loss, float(grad_norm), lr, finite, metric_sums)
+
+    def log(self, out: StepOutput, samples_per_s: float) -> None:
+        """Every skipped step (aborting after too many in a row); metrics every log_every."""
+        cfg, step = self.cfg, self.step
+        if not out.finite:
+            self.logger.log(
+                {
+                    "step": step,
+                    "event": "nonfinite_skip",
+                    "loss": out.loss,
+                    "skipped_steps": self.skipped,
+                    "in_row": self.in_row,
+                }
+            )
+            if self.in_row >= cfg.max_nonfinite_in_row:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient in {self.in_row} consecutive steps "
+                    f"(last at step {step}, loss={out.loss}); aborting — lower the lr, "
+                    f"enable clip_grad, or raise TrainerConfig.max_nonfinite_in_row"
+                )
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            record = {
+                "step": step,
+                "loss": out.loss,
+                "lr": out.lr,
+                "grad_norm": out.grad_norm,
+                "samples_per_s": samples_per_s,
+                "skipped_steps": self.skipped,
+            }
+            record.update({k: v / cfg.grad_accum for k, v in out.metrics.items()})
+            self.logger.log(record)
+
+    def save(self) -> Path:
+        """Checkpoint the current step (model, optimizer, scheduler, data position, RNG)."""
+        cfg = self.cfg
         state = TrainerState(
-            step=step,
-            data_position=data_position,
-            skipped_steps=skipped,
-            nonfinite_in_row=in_row,
-            world_size=world,
-            scheduler=scheduler.state_dict(),
+            step=self.step,
+            data_position=self.data_position,
+            skipped_steps=self.skipped,
+            nonfinite_in_row=self.in_row,
+            world_size=self.world,
+            scheduler=self.scheduler.state_dict(),
             micro_batch_size=cfg.micro_batch_size,
             grad_accum=cfg.grad_accum,
         )
-        return save_checkpoint(run_dir, model, optimizer, state, cfg.keep_last, frozen)
+        path = save_checkpoint(
+            self.run_dir, self.model, self.optimizer, state, cfg.keep_last, self.frozen
+        )
+        self.last_saved = self.step
+        return path
 
-    batches: Iterator[Any] = iter(
-        stage.batches(env.rank, world, data_position, cfg.micro_batch_size)
-    )
-    samples_per_step = cfg.micro_batch_size * cfg.grad_accum * world
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        disable=not (env.is_main and cfg.progress),
-        desc="train",
-        dynamic_ncols=True,
-    )
-    history: list[float] = []
-    last_loss = float("nan")
-    last_saved = resumed_from if ckpt_path is not None else -1
-    preempted = False
-    loop_start = time.perf_counter()
-    steps_run = 0
-    try:
-        with PreemptionFlag() as flag:
-            while step < cfg.max_steps:
-                loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-                metric_sums: dict[str, float] = {}
-                for micro in range(cfg.grad_accum):
-                    last_micro = micro == cfg.grad_accum - 1
-                    if use_fsdp:
-                        model.set_requires_gradient_sync(last_micro)  # type: ignore[operator]
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        raise RuntimeError(
-                            f"stage: batches() ran out at data position {data_position} "
-                            f"(step {step}); stages must yield indefinitely"
-                        ) from None
-                    batch = to_device(batch, device)
-                    with autocast():
-                        loss, metrics = stage.loss(model, batch)
-                    if loss.ndim != 0:
-                        raise ValueError(
-                            f"stage: loss must be a scalar, got shape {tuple(loss.shape)}"
-                        )
-                    (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach().double()
-                    for key, value in metrics.items():
-                        metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-                    data_position += 1
-                if not use_fsdp and world > 1:
-                    allreduce_gradients(params, world)
-
-                if world > 1:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-                step_loss = float(loss_sum) / (cfg.grad_accum * world)
-
-                grad_norm = _grad_norm(params)
-                finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
-                if finite:
-                    if cfg.clip_grad > 0:
-                        torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad, grad_norm)
-                    optimizer.step()
-                    in_row = 0
-                else:
-                    skipped += 1
-                    in_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                step += 1
-                steps_run += 1
-                last_loss = step_loss
-                history.append(step_loss)
-
-                if not finite:
-                    logger.log(
-                        {
-                            "step": step,
-                            "event": "nonfinite_skip",
-                            "loss": step_loss,
-                            "skipped_steps": skipped,
-                            "in_row": in_row,
-                        }
+    def fit(self, on_step: StepHook | None) -> TrainResult:
+        """Step until max_steps or a preemption signal; save on the way and at the end."""
+        cfg = self.cfg
+        samples_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (self.env.is_main and cfg.progress),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        history: list[float] = []
+        preempted = False
+        loop_start = time.perf_counter()
+        try:
+            with PreemptionFlag() as flag:
+                while self.step < cfg.max_steps:
+                    out = self.train_step()
+                    history.append(out.loss)
+                    rate = (
+                        len(history)
+                        * samples_per_step
+                        / max(time.perf_counter() - loop_start, 1e-9)
                     )
-                    if in_row >= cfg.max_nonfinite_in_row:
-                        raise NonFiniteLossError(
-                            f"non-finite loss or gradient in {in_row} consecutive steps "
-                            f"(last at step {step}, loss={step_loss}); aborting — lower the lr, "
-                            f"enable clip_grad, or raise TrainerConfig.max_nonfinite_in_row"
-                        )
-                elapsed = time.perf_counter() - loop_start
-                rate = steps_run * samples_per_step / max(elapsed, 1e-9)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    record = {
-                        "step": step,
-                        "loss": step_loss,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "samples_per_s": rate,
-                        "skipped_steps": skipped,
-                    }
-                    record.update({k: v / cfg.grad_accum for k, v in metric_sums.items()})
-                    logger.log(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", sps=f"{rate:.1f}", refresh=False)
+                    self.log(out, rate)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out.loss:.4f}", sps=f"{rate:.1f}", refresh=False)
+                    if on_step is not None:
+                        on_step(self.step, out.loss)
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                        self.save()
+                    if _any_rank(flag.requested, self.world, self.device):
+                        preempted = True
+                        break
+                loop_seconds = time.perf_counter() - loop_start
+                if (preempted or cfg.save_final) and self.last_saved != self.step:
+                    self.save()
+                final_path = (
+                    latest_checkpoint(self.run_dir) if self.last_saved == self.step else None
+                )
+                if preempted:
+                    self.logger.log(
+                        {"step": self.step, "event": "preempted", "signal": flag.received}
+                    )
+        finally:
+            bar.close()
+            self.logger.close()
 
-                if on_step is not None:
-                    on_step(step, step_loss)
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                    save()
-                    last_saved = step
-                if _any_rank(flag.requested, world, device):
-                    preempted = True
-                    break
-            loop_seconds = time.perf_counter() - loop_start
-            final_path = None
-            if (preempted or cfg.save_final) and last_saved != step:
-                save()
-                last_saved = step
-            if last_saved == step:
-                final_path = latest_checkpoint(run_dir)
-            if preempted:
-                logger.log({"step": step, "event": "preempted", "signal": flag.received})
-    finally:
-        bar.close()
-        logger.close()
-
-    return TrainResult(
-        step=step,
-        last_loss=last_loss,
-        skipped_steps=skipped,
-        checkpoint=final_path,
-        preempted=preempted,
-        resumed_from=resumed_from,
-        loop_seconds=loop_seconds,
-        samples_per_s=steps_run * samples_per_step / max(loop_seconds, 1e-9),
-        world_size=world,
-        signal=flag.received if preempted else None,
-        history=history,
-    )
+        return TrainResult(
+            step=self.step,
+            last_loss=history[-1] if history else float("nan"),
+            skipped_steps=self.skipped,
+            checkpoint=final_path,
+            preempted=preempted,
+            resumed_from=self.resumed_from,
+            loop_seconds=loop_seconds,
+            samples_per_s=len(history) * samples_per_step / max(loop_seconds, 1e-9),
+            world_size=self.world,
+            signal=flag.received if preempted else None,
+            history=history,
+        )
