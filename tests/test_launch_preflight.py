@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from setok_experiments.cli import main
 from setok_experiments.compose import ConfigError
@@ -25,6 +26,34 @@ def _vit_g() -> dict:
         patch_size=14,
         image_size=224,
     ).to_dict()
+
+
+def _stage1_weights(weights: Path) -> None:
+    """Config files of Stage I's paper-scale parts: ViT-G, SD 1.5's U-Net and VAE, BERT-base."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import BertConfig
+
+    (weights / "vit-g").mkdir()
+    (weights / "vit-g" / "config.json").write_text(json.dumps(_vit_g()))
+    (weights / "bert-base-uncased").mkdir()
+    (weights / "bert-base-uncased" / "config.json").write_text(BertConfig().to_json_string())
+    sd15 = weights / "stable-diffusion-v1-5"
+    with torch.device("meta"):  # only the config is saved
+        unet = UNet2DConditionModel.from_config(
+            {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
+        )
+        vae = AutoencoderKL.from_config(
+            {
+                "block_out_channels": [128, 256, 512, 512],
+                "down_block_types": ["DownEncoderBlock2D"] * 4,
+                "up_block_types": ["UpDecoderBlock2D"] * 4,
+                "latent_channels": 4,
+                "layers_per_block": 2,
+                "sample_size": 512,
+            }
+        )
+    unet.save_config(sd15 / "unet")
+    vae.save_config(sd15 / "vae")
 
 
 @pytest.fixture
@@ -58,8 +87,9 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     setok["clustering"]["max_clusters"] = 32
     (export / CONFIG_NAME).write_text(json.dumps(setok))
     (export / ENCODER_CONFIG_NAME).write_text(json.dumps(_vit_g()))
-    for name in ("setokim_stage2", "setokim_stage3"):
+    for name in ("setokim_stage2", "setokim_stage3", "stage1_cc3m_laion", "stage1_coco_sa1b"):
         (data / name).mkdir(parents=True)
+    _stage1_weights(weights)
     # The shard-content check (data_check: enough samples of each task for one global
     # batch) needs real shards; it has its own tests. Here the shard dirs are empty.
     monkeypatch.setattr("setok_experiments.plan.check_data", lambda *a, **k: None)
@@ -111,7 +141,6 @@ def test_a_missing_weights_path_refuses_before_queueing(
 
 def test_a_required_value_that_composes_to_null_is_refused(world: Path) -> None:
     # stage1_phase2's `init_from: ???` is merged over the stage group's null: still required.
-    (world / "data" / "stage1_coco_sa1b").mkdir(parents=True)
     from setok_experiments import preflight
     from setok_experiments.compose import load_experiment
 
@@ -145,11 +174,17 @@ def test_checkpoints_of_another_world_size_are_refused(tmp_path: Path) -> None:
 
 
 def _stage2_export(world: Path, name: str, llm: str) -> Path:
-    """A Stage II export's config file only (what the check reads), holding `llm`'s config."""
+    """A Stage II export's config file only (what the checks and the plan read): `llm`'s
+    transformers config, the recipe's bf16 LLM, the Stage I SeTok."""
     export = world / name
     export.mkdir(parents=True)
-    llm_config = json.loads((world / "weights" / llm / "config.json").read_text())
-    (export / "setokim_config.json").write_text(json.dumps({"llm_config": llm_config}))
+    source = world / "weights" / llm
+    config = {
+        "llm_config": json.loads((source / "config.json").read_text()),
+        "llm": {"pretrained_path": str(source), "dtype": "bfloat16"},
+        "tokenizer_path": str(world / "stage1_export"),
+    }
+    (export / "setokim_config.json").write_text(json.dumps(config))
     return export
 
 
@@ -174,3 +209,91 @@ def test_13b_stage3_refuses_a_7b_stage2_export(world: Path) -> None:
     preflight.check_export_llm(recipe(thirteen))  # the same LLM: accepted
     with pytest.raises(ConfigError, match=r"hidden_size=4096.*has 5120"):
         preflight.check_export_llm(recipe(seven))
+
+
+EXPERIMENTS = sorted(
+    p.stem
+    for p in (Path(__file__).resolve().parents[1] / "experiments/conf/exp").glob("*.yaml")
+    if not p.stem.startswith("_")
+)
+PAPER_SCALE = {"stage1", "stage1_phase2"} | {
+    f"setokim_vicuna{size}_stage{n}" for size in ("7b", "13b") for n in (2, 3)
+}
+
+
+def _slurm_overrides(exp: str, world: Path) -> list[str]:
+    """`launcher=slurm` (on gpu_a100 for the paper-scale recipes) and the values each
+    experiment leaves to the command line."""
+    out = [f"run_root={world / 'runs'}", "launcher=slurm"]
+    if exp in PAPER_SCALE:
+        out.append("cluster=gpu_a100")
+    if exp.startswith("setokim_vicuna") and exp.endswith("stage2"):
+        out.append(f"stage.params.steps.0.params.init_tokenizer={world / 'stage1_export'}")
+    if exp.startswith("setokim_vicuna") and exp.endswith("stage3"):
+        size = exp.removeprefix("setokim_vicuna").split("_")[0]
+        export = _stage2_export(world, "stage2_export", f"vicuna-{size}-v1.5")
+        out.append(f"stage.params.steps.0.params.init_from={export}")
+    if exp == "stage1_phase2":  # sub-phase 1's last checkpoint step
+        step = world / "stage1_step"
+        step.mkdir()
+        (step / "trainer_state.json").write_text("{}")
+        out.append(f"stage.params.init_from={step}")
+    if exp == "eval":
+        (world / "data" / "shapes_world").mkdir()
+        out += ["stage.params.tiny_random=true", f"stage.params.shard_dir={world / 'data'}"]
+    return out
+
+
+def _rows(table: str) -> dict[str, str]:
+    """{term: value} of one printed plan table."""
+    rows = {}
+    for line in table.splitlines()[3:]:
+        term, _, value = line.partition("  ")
+        rows[term.strip()] = value.strip()
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_plan_of_every_experiment_under_slurm(
+    exp: str, world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`launch.py plan +exp=NAME launcher=slurm` builds every Stage I-III step on the meta
+    device and prints its table; the other steps are noted as not sized."""
+    from setok_experiments.compose import load_experiment
+
+    overrides = _slurm_overrides(exp, world)
+    code = main(["plan", f"+exp={exp}", *overrides])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    cfg = load_experiment(exp, overrides)
+    steps = [cfg.stage.name]
+    if cfg.stage.name == "pipeline":
+        steps = [s["name"] for s in cfg.stage.params["steps"]]
+    tables = {t.split(":", 1)[0]: _rows(t) for t in out.split("plan of ")[1:]}
+    c = cfg.cluster
+    world_size = c.nodes * c.tasks_per_node
+    for step in steps:
+        if step not in ("stage1", "stage2", "stage3"):
+            assert step == "eval" or f"step {step!r} is not sized" in out
+            continue
+        rows = tables[step]
+        assert rows["hardware"] == (
+            f"{c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {world_size} rank(s)"
+        )
+        assert rows["global batch"].endswith(f"x {world_size}")
+        total = float(rows["memory per GPU"].split()[0])
+        terms = sum(float(v.split()[0]) for k, v in rows.items() if k.startswith("memory: "))
+        assert total == pytest.approx(terms, abs=0.3)
+        assert total > 0
+    assert "would queue" in out
+    if exp in PAPER_SCALE:  # 8 GPUs of 80 GB per node, 32 samples per GPU, and it fits
+        rows = tables[steps[0]]
+        assert rows["global batch"] == f"{32 * world_size} = 32 per GPU x 1 accum x {world_size}"
+        assert rows["memory per GPU"].endswith("of 80 GB") and total < 80 * 0.9
+        params = float(rows["parameters"].split()[0])
+        if exp.startswith("setokim_vicuna"):  # the paper's 16 GPUs, the LLM from its config
+            assert rows["hardware"] == "2 node(s) x 8 GPU(s) = 16 rank(s)"
+            assert params > (13.0 if "13b" in exp else 6.7)
+        else:  # SD 1.5's U-Net (0.86 B) + ViT-G + Q-Former
+            assert params > 0.86 + 1.0

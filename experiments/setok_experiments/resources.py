@@ -318,12 +318,16 @@ def _setok_on_meta(tokenizer: Any, export: str | None, key: str) -> nn.Module:
         return SeTok(cfg, encoder_hf_config=hf)
 
 
-def _llm_on_meta(llm: Any, vocab: int | None, seed: int) -> nn.Module:
-    """The LLM from `pretrained_path/config.json` (or the group's sizes when it is null)."""
+def _llm_on_meta(
+    llm: Any, vocab: int | None, seed: int, raw: dict[str, Any] | None = None
+) -> nn.Module:
+    """The LLM from its transformers config `raw` (an export's `llm_config`), else from
+    `pretrained_path/config.json`, else from the group's sizes."""
     from setokim.model.setokim import _build_llm
 
-    if llm.pretrained_path is not None:
+    if raw is None and llm.pretrained_path is not None:
         raw = _read_json(Path(llm.pretrained_path) / "config.json", "mllm.llm.pretrained_path")
+    if raw is not None:
         heads = int(raw["num_attention_heads"])
         llm = replace(
             llm,
@@ -350,15 +354,19 @@ def _setokim_step(name: str, stage: Any) -> MetaStep:
     init_tok = getattr(stage.cfg, "init_tokenizer", None)
     init_from = getattr(stage.cfg, "init_from", None)
     where = f"stage.params ({name})"
-    if init_from is not None:  # Stage III: the Stage II export names its SeTok
+    llm_config = None
+    if init_from is not None:  # Stage III: the Stage II export names its SeTok and LLM
         from setokim.model.export import CONFIG_FILE
 
         exported = _read_json(Path(init_from) / CONFIG_FILE, f"{where}: init_from")
         init_tok = exported.get("tokenizer_path") or init_tok
+        llm_config = exported.get("llm_config")
+        if not isinstance(llm_config, dict):
+            raise PlanError(f"{where}: init_from {init_from} has no llm_config in {CONFIG_FILE}")
     vision = _setok_on_meta(cfg.tokenizer, init_tok, f"{where}: init_tokenizer")
     text_tok = build_text_tokenizer()
     vocab = None if cfg.llm.pretrained_path is not None else len(text_tok) + 8
-    llm = _llm_on_meta(cfg.llm, vocab, cfg.seed)
+    llm = _llm_on_meta(cfg.llm, vocab, cfg.seed, llm_config)
     with torch.device("meta"):
         model = SeTokIM(replace(cfg, lora=replace(cfg.lora, enabled=False)), llm, vision, text_tok)
         if name == "stage3":
@@ -475,9 +483,7 @@ def _stage1_step(stage: Any) -> MetaStep:
             with ctx:
                 grid = enc.model(pixel_values=pixels).last_hidden_state
             tokens = torch.zeros(batch, k, width, device="meta") + grid.mean() * 0
-            cond = model.diffusion.mapper(
-                tokens, torch.ones(batch, k, dtype=torch.bool, device="meta")
-            )
+            cond = _mapper_on_meta(model.diffusion.mapper, tokens)
             latents = torch.zeros(batch, channels, size // scale, size // scale, device="meta")
             t = torch.zeros(batch, dtype=torch.long, device="meta")
             eps = model.diffusion.unet(latents, t, encoder_hidden_states=cond).sample
@@ -499,6 +505,23 @@ def _stage1_step(stage: Any) -> MetaStep:
             "VAE encoding (no grad, transient)" if vae is not None else "",
         ],
     )
+
+
+def _mapper_on_meta(mapper: nn.Module, tokens: Tensor) -> Tensor:
+    """The Q-Former mapper's forward on meta tokens, every token valid.
+
+    `FeatureMapper.forward` checks the token mask's values and transformers reads a 2-D key
+    mask's values to decide whether to drop it; meta tensors have no values. A 4-D boolean
+    key mask (what transformers builds from a padded batch) is used as given, so the probe
+    runs the masked cross-attention a padded training batch runs.
+    """
+    batch, k = tokens.shape[:2]
+    queries = mapper.queries.expand(batch, -1, -1)
+    keys = torch.ones(batch, 1, queries.shape[1], k, dtype=torch.bool, device=tokens.device)
+    out = mapper.qformer(
+        query_embeds=queries, encoder_hidden_states=tokens, encoder_attention_mask=keys
+    ).last_hidden_state
+    return mapper.proj(out)
 
 
 def _component(path: str, sub: str) -> str:
