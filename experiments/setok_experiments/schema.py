@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from setok_decoders.config import DiffusionDecoderConfig, MaskDecoderConfig
-from setok_tokenizer.config import SeTokConfig, from_dict, require, require_choice, require_min
+from setok_decoders.config import DecodersConfig
+from setok_tokenizer.config import SeTokConfig, require, require_choice, require_min
 from setokim.data.config import DataConfig
 from setokim.train.config import TrainerConfig, WandbConfig
 
@@ -109,6 +109,8 @@ class ClusterConfig:
 class ExperimentConfig:
     """One experiment: the model parts, the data, the objective, the trainer and the launch.
 
+    decoder: what the Stage I stage files hand their stage (`${decoder}`); the objectives
+        that do not read it keep the defaults, and widths left None come from the tokenizer.
     sweep: override key (or config group) -> list of values; the launcher runs the grid.
     variants: name -> list of Hydra override strings; crossed with the grid.
     """
@@ -117,7 +119,7 @@ class ExperimentConfig:
     description: str = ""
     run_root: str = "runs"
     tokenizer: SeTokConfig = field(default_factory=SeTokConfig)
-    decoder: dict[str, Any] = field(default_factory=dict)
+    decoder: DecodersConfig = field(default_factory=DecodersConfig)
     mllm: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
@@ -141,9 +143,6 @@ class ExperimentConfig:
                 _fail(
                     key, f"only eval experiments read it (+exp=eval), stage is {self.stage.name!r}"
                 )
-        for part, cls in (("diffusion", DiffusionDecoderConfig), ("mask", MaskDecoderConfig)):
-            if part in self.decoder:  # the Stage I stage builds them later; checked now
-                from_dict(cls, self.decoder[part], where=f"decoder.{part}")
         for key, values in self.sweep.items():
             if not isinstance(values, list | tuple) or not values:
                 _fail(f"sweep.{key}", f"must be a non-empty list of values, got {values!r}")

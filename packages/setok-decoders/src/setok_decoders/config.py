@@ -37,14 +37,15 @@ def tiny_unet_kwargs(**overrides: Any) -> dict[str, Any]:
 class MapperConfig:
     """The Q-Former feature mapper: learnable queries cross-attending to the SeTok tokens.
 
-    token_dim: width of the incoming tokens (the tokenizer's output width).
+    token_dim: width of the incoming tokens (the tokenizer's output width; None until the
+        stage that builds the decoder fills it in from its tokenizer).
     cross_attention_frequency=1 puts cross-attention in every layer, so num_layers=4 is
     the paper's "four cross-attention layers".
     bert_path: a local transformers BERT directory; when set, hidden sizes come from it
     and the Q-Former's self-attention/FFN weights are initialised from its first layers.
     """
 
-    token_dim: int = 64
+    token_dim: int | None = None
     num_queries: int = 16
     hidden_size: int = 64
     num_layers: int = 4
@@ -113,7 +114,8 @@ class DiffusionDecoderConfig:
 class MaskDecoderConfig:
     """A light Mask2Former/SAM-style mask decoder: tokens are the queries.
 
-    feature_dim: width of the encoder feature grid; token_dim: width of the tokens.
+    feature_dim: width of the encoder feature grid; token_dim: width of the tokens (both None
+        until the stage that builds the decoder fills them in from its tokenizer).
     mask_scale: the mask resolution is the feature grid times this (a power of two).
     pixel_context: the queries attend to the encoder features and the per-pixel embeddings
         are made from them (Mask2Former). False: the decoder sees only the grid's positions,
@@ -122,8 +124,8 @@ class MaskDecoderConfig:
         of SeTok's tokens; benchmarks/study_token_content.py).
     """
 
-    token_dim: int = 64
-    feature_dim: int = 64
+    token_dim: int | None = None
+    feature_dim: int | None = None
     hidden_dim: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -136,3 +138,11 @@ class MaskDecoderConfig:
         scale = self.mask_scale
         ok = scale >= 1 and not scale & (scale - 1)
         require(ok, self, "mask_scale", f"must be a power of two >= 1, got {scale}")
+
+
+@dataclass
+class DecodersConfig:
+    """The experiment's `decoder` group: Stage I's two decoders (only Stage I builds them)."""
+
+    diffusion: DiffusionDecoderConfig = field(default_factory=DiffusionDecoderConfig)
+    mask: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)

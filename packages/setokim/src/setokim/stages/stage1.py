@@ -120,6 +120,21 @@ class Stage1Config(GenerateFields):
         unknown = sorted(set(self.decoder) - {"diffusion", "mask"})
         if unknown:
             raise ValueError(f"stage1: unknown decoder key(s) {unknown}; known: diffusion, mask")
+        self.decoder = _drop_unset_widths(self.decoder)
+
+
+def _drop_unset_widths(decoder: Mapping[str, Any]) -> dict[str, Any]:
+    """The experiment's typed `decoder` group holds None for the widths the tokenizer decides;
+    leave them out as a partial mapping does, so `build_parts` fills them in."""
+    out = dict(decoder)
+    if isinstance(out.get("mask"), Mapping):
+        widths = ("token_dim", "feature_dim")
+        out["mask"] = {k: v for k, v in out["mask"].items() if v is not None or k not in widths}
+    diffusion = out.get("diffusion")
+    if isinstance(diffusion, Mapping) and isinstance(diffusion.get("mapper"), Mapping):
+        mapper = {k: v for k, v in diffusion["mapper"].items() if v is not None or k != "token_dim"}
+        out["diffusion"] = {**diffusion, "mapper": mapper}
+    return out
 
 
 class Stage1Model(nn.Module):
