@@ -273,11 +273,112 @@ def load_sharded_weights(
     return read
 
 
+def export_weight_files(export: str | os.PathLike[str]) -> dict[str, str]:
+    """tensor name -> file of a full SeTokIM export's weights: the transformers index of a
+    sharded export, else every tensor of its single `model.safetensors`."""
+    from safetensors import safe_open
+
+    from setokim.model.export import WEIGHTS_FILE
+
+    export = Path(export)
+    if (export / INDEX_FILE).is_file():
+        return read_index(export)
+    if not (export / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{export}: neither {INDEX_FILE} nor {WEIGHTS_FILE} (no weights)")
+    with safe_open(str(export / WEIGHTS_FILE), framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), WEIGHTS_FILE)  # noqa: SIM118
+
+
+def _materialise_buffers(llm: nn.Module) -> None:
+    """Compute the non-persistent buffers a meta-built transformers model lacks (a rotary
+    embedding's `inv_freq`: not in any export) with the model's own initialiser."""
+    for name, module in llm.named_modules():
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            raise RuntimeError(f"{name}: has meta buffers next to parameters; cannot rebuild them")
+        module.to_empty(device="cpu", recurse=False)
+        llm._init_weights(module)  # type: ignore[operator]
+
+
+def load_export_on_meta(directory: str | os.PathLike[str], **parts: Any) -> Any:
+    """A full SeTokIM export (Stage II) with its LLM built on the meta device and given the
+    export's tensors (`load_state_dict(assign=True)`), so host memory holds one copy of the
+    weights instead of a random LLM plus the loaded one. Reads `model.safetensors` or a
+    sharded export (`INDEX_FILE`). `parts` replace parts as in `SeTokIM.from_config`.
+    Remembers `directory` as the base of a later adapter export (as `from_pretrained` does).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from setok_tokenizer import SeTok
+    from setokim.model.export import (
+        FROZEN_PREFIXES,
+        SETOK_DIR,
+        TEXT_TOKENIZER_DIR,
+        is_adapter_export,
+        read_config,
+    )
+    from setokim.model.local import load_text_tokenizer
+    from setokim.model.setokim import _DTYPES, SeTokIM
+
+    directory = Path(directory)
+    if is_adapter_export(directory):
+        raise ValueError(f"{directory}: an adapter export; load it with SeTokIM.from_pretrained")
+    cfg, llm_config = read_config(directory)
+    if cfg.lora.enabled:
+        raise ValueError(
+            f"{directory}: holds LoRA weights; a Stage II (or merged) export is needed"
+        )
+    files = export_weight_files(directory)
+    hf = dict(llm_config)
+    model_type = hf.pop("model_type")
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
+        llm = llm.to(_DTYPES[cfg.llm.dtype])
+    parts.setdefault("text_tokenizer", load_text_tokenizer(directory / TEXT_TOKENIZER_DIR))
+    if "vision_tokenizer" not in parts:
+        parts["vision_tokenizer"] = SeTok.from_pretrained(str(directory / SETOK_DIR))
+    model = SeTokIM.from_config(cfg, llm=llm, **parts)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+    missing = sorted(set(own) - set(files))
+    unexpected = sorted(set(files) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(
+            f"export {str(directory)!r} does not fit the model: missing={missing[:5]} "
+            f"unexpected={unexpected[:5]}"
+        )
+    by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    state: dict[str, Tensor] = {}
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(directory / file), framework="pt") as handle:
+            for name in names:
+                value = handle.get_tensor(name)
+                if value.shape != own[name].shape:
+                    raise ValueError(
+                        f"{directory / file}: {name} has shape {tuple(value.shape)}, the model "
+                        f"{tuple(own[name].shape)}"
+                    )
+                state[name] = value.to(own[name].dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    _materialise_buffers(model.llm)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{directory}: still on the meta device after loading: {left[:5]}")
+    model.base_export = directory.resolve()
+    return model
+
+
 __all__ = [
     "INDEX_FILE",
     "assign_shards",
     "checkpoint_tensors",
     "export_checkpoint_weights",
+    "export_weight_files",
+    "load_export_on_meta",
     "load_sharded_weights",
     "read_index",
     "shard_name",

@@ -6,8 +6,10 @@ model's template and only assistant answers carry labels ("instruct" mode of
 adapters are injected into the LLM's projections and only they (plus `lora.train_heads`)
 train. Data: a per-batch mix of vqa, pope, rec, reasonseg, chat and edit.
 
-Initialisation: `init_from` is a Stage II `SeTokIM.save_pretrained` dir (its text tokenizer,
-SeTok and decoder paths come with it); None builds a seeded random tiny model (tests).
+Initialisation: `init_from` is a Stage II export, one `model.safetensors` or sharded
+(`setokim.model.sharded`): its LLM is built on the meta device and takes the exported tensors,
+so each rank holds one copy of the weights (text tokenizer, SeTok and decoder paths come with
+it); None builds a seeded random tiny model (tests).
 
 Export (`export`): an adapter export (`setokim.model.export`): the LoRA adapters, the
 `lora.train_heads` weights, the config and the text tokenizer, pointing at `init_from`
@@ -142,15 +144,17 @@ class Stage3Stage(MLLMStage):
     def build_model(self) -> nn.Module:
         """The Stage II model (or a random tiny one) with LoRA injected; all else frozen."""
         from setokim.model.lora import adapter_dtype, apply_lora, trainable_summary
-        from setokim.model.setokim import SeTokIM
 
         set_cpu_threads(self.cfg.cpu_threads)
         lora = self.model_cfg.lora
         if self.cfg.init_from is not None:
-            # Decoders are inference-only: Identity placeholders keep from_pretrained from
-            # loading them (and their weights out of training checkpoints); the config keeps
-            # their paths for the export.
-            model = SeTokIM.from_pretrained(
+            from setokim.model.sharded import load_export_on_meta
+
+            # The LLM is built on the meta device and given the export's tensors (one copy
+            # in host memory; a sharded export's shards are read file by file). Decoders
+            # are inference-only: Identity placeholders keep them from loading (and their
+            # weights out of training checkpoints); the config keeps their paths.
+            model = load_export_on_meta(
                 self.cfg.init_from,
                 text_tokenizer=self.text_tokenizer(),
                 image_decoder=nn.Identity(),
@@ -158,6 +162,8 @@ class Stage3Stage(MLLMStage):
             )
             model.image_decoder = model.mask_decoder = None
         else:
+            from setokim.model.setokim import SeTokIM
+
             cfg = replace(self.model_cfg, lora=replace(lora, enabled=False))
             vision = None
             if self.cfg.init_tokenizer is not None:
