@@ -82,7 +82,8 @@ def test_every_experiment_composes_and_builds_its_objects(exp: str, tmp_path: Pa
         ("stage1_shapes", "decoder.mask.mask_scale=3", "mask_scale"),
         ("setokim_shapes", "mllm.llm.dtype=float64", "dtype"),
         ("setokim_shapes", "mllm.lora.dropout=1.5", "dropout"),
-        # a misspelt key fails even where no stage reads the group; decoder is typed
+        # decoder and mllm are typed: a misspelt key or a wrong type fails naming it, also where
+        # no stage reads the group
         ("stage1_shapes", "decoder.mask.hidden_dimm=3", "decoder.mask.hidden_dimm"),
         (
             "quickstart",
@@ -92,6 +93,7 @@ def test_every_experiment_composes_and_builds_its_objects(exp: str, tmp_path: Pa
         ("setokim_shapes", "mllm.lora.rnak=4", "mllm.lora.rnak"),
         ("quickstart", "mllm.llm.hiden_size=8", "mllm.llm.hiden_size"),
         ("stage1_shapes", "decoder.mask.num_layers=two", "decoder.mask.num_layers"),
+        ("setokim_shapes", "mllm.lora.rank=four", "mllm.lora.rank"),
     ],
 )
 def test_bad_value_fails_at_compose_naming_the_key(exp: str, override: str, key: str) -> None:

@@ -199,10 +199,10 @@ def test_13b_stage3_refuses_a_7b_stage2_export(world: Path) -> None:
     def recipe(export: Path) -> SimpleNamespace:
         """The 13B Stage III recipe's values (a full validation would load the export)."""
         key = "stage.params.steps.0.params.init_from"
-        c = OmegaConf.to_container(
-            compose_experiment("setokim_vicuna13b_stage3", [f"{key}={export}"]), resolve=True
-        )
-        return SimpleNamespace(mllm=c["mllm"], stage=SimpleNamespace(params=c["stage"]["params"]))
+        composed = compose_experiment("setokim_vicuna13b_stage3", [f"{key}={export}"])
+        params = OmegaConf.to_container(composed.stage.params, resolve=True)
+        mllm = OmegaConf.to_object(composed.mllm)
+        return SimpleNamespace(mllm=mllm, stage=SimpleNamespace(params=params))
 
     seven = _stage2_export(world, "export_7b", "vicuna-7b-v1.5")
     thirteen = _stage2_export(world, "export_13b", "vicuna-13b-v1.5")

@@ -62,9 +62,9 @@ def test_recipe_composes_with_table7_settings(
     assert (t.mixed_precision, t.fsdp, t.activation_checkpointing) == ("bf16", "on", True)
     assert cfg.launcher.kind == "slurm"
     assert cfg.cluster.nodes == 2  # paper Appendix D.2: 16 GPUs (2 x 8 on gpu_a100)
-    assert cfg.mllm["llm"]["hidden_size"] == width
+    assert cfg.mllm.llm.hidden_size == width
     size = "13b" if width == 5120 else "7b"
-    assert cfg.mllm["llm"]["pretrained_path"].endswith(f"vicuna-{size}-v1.5")
+    assert cfg.mllm.llm.pretrained_path.endswith(f"vicuna-{size}-v1.5")
 
     # The job runs a one-step pipeline (so it exports); its trainer is the experiment's.
     assert cfg.stage.name == "pipeline"

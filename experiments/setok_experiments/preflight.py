@@ -179,8 +179,7 @@ def check_export_llm(cfg: ExperimentConfig) -> None:
     names: the export's LLM config and `mllm.llm.pretrained_path`'s config.json agree on
     hidden size and depth (a 7B Stage II export under the 13B Stage III recipe would
     otherwise train the 7B model). Checked where both files can be read here."""
-    llm = (cfg.mllm or {}).get("llm") or {}
-    path = llm.get("pretrained_path")
+    path = cfg.mllm.llm.pretrained_path
     if not isinstance(path, str) or not (Path(path) / "config.json").is_file():
         return
     want = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))

@@ -16,6 +16,7 @@ from typing import Any
 from setok_decoders.config import DecodersConfig
 from setok_tokenizer.config import SeTokConfig, require, require_choice, require_min
 from setokim.data.config import DataConfig
+from setokim.model.config import SeTokIMConfig
 from setokim.train.config import TrainerConfig, WandbConfig
 
 SCHEMA_NAME = "setok_experiment"
@@ -109,8 +110,9 @@ class ClusterConfig:
 class ExperimentConfig:
     """One experiment: the model parts, the data, the objective, the trainer and the launch.
 
-    decoder: what the Stage I stage files hand their stage (`${decoder}`); the objectives
-        that do not read it keep the defaults, and widths left None come from the tokenizer.
+    decoder / mllm: what the Stage I and SeTokIM stage files hand their stages (`${decoder}`,
+        `${mllm}`); the objectives that do not read them keep the defaults, and decoder
+        widths left None come from the tokenizer.
     sweep: override key (or config group) -> list of values; the launcher runs the grid.
     variants: name -> list of Hydra override strings; crossed with the grid.
     """
@@ -120,7 +122,7 @@ class ExperimentConfig:
     run_root: str = "runs"
     tokenizer: SeTokConfig = field(default_factory=SeTokConfig)
     decoder: DecodersConfig = field(default_factory=DecodersConfig)
-    mllm: dict[str, Any] = field(default_factory=dict)
+    mllm: SeTokIMConfig = field(default_factory=SeTokIMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
