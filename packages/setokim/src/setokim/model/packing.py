@@ -156,6 +156,108 @@ class SpecialIds:
     bos: int | None = None
 
 
+@dataclass
+class _Row:
+    """One sample tokenised: its token ids and train flags, and per image (in order) the
+    position after which it sits, whether it is an output or a region mask, its pixels."""
+
+    ids: list[int]
+    train: list[bool]
+    after: list[int] = field(default_factory=list)
+    output: list[bool] = field(default_factory=list)
+    region: list[bool] = field(default_factory=list)
+    pixels: list[Tensor] = field(default_factory=list)
+    image_shape: tuple[int, ...] | None = None  # the first image's, before any cut
+
+
+def _sample_row(
+    sample: Sample,
+    b: int,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: SpecialIds,
+    image_shape: tuple[int, ...] | None,
+    *,
+    add_bos: bool,
+    wrap_images: bool,
+    max_text_tokens: int | None,
+) -> _Row:
+    """Tokenise `samples[b]`; its images must have `image_shape` (the batch's, if known)."""
+    bos = [ids.bos] if add_bos and ids.bos is not None else []
+    row = _Row(ids=bos, train=[False] * len(bos), image_shape=image_shape)
+    n_images = 0 if sample.images is None else int(sample.images.shape[0])
+    if sample.images is not None and (sample.images.dim() != 4 or sample.images.shape[1] != 3):
+        raise ValueError(f"samples[{b}].images must be (n,3,H,W), got {tuple(sample.images.shape)}")
+    regions = _region_indices(sample, b, n_images)
+    placed: set[int] = set()
+    for seg in sample.segments:
+        if isinstance(seg, Text):
+            piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+            row.ids.extend(piece)
+            row.train.extend([seg.train] * len(piece))
+        elif isinstance(seg, Image):
+            if not 0 <= seg.index < n_images:
+                raise ValueError(
+                    f"samples[{b}] refers to image {seg.index} but has {n_images} images"
+                )
+            if seg.index in regions:
+                if not seg.output:
+                    raise ValueError(
+                        f"samples[{b}].region_images names image {seg.index}, which is used "
+                        "as an input; a region mask must be an output image"
+                    )
+                if not placed:
+                    raise ValueError(
+                        f"samples[{b}]: region image {seg.index} comes first; the input "
+                        "image its mask refers to must come before it"
+                    )
+            placed.add(seg.index)
+            img = sample.images[seg.index]
+            if row.image_shape is None:
+                row.image_shape = tuple(img.shape)
+            elif tuple(img.shape) != row.image_shape:
+                raise ValueError(
+                    f"samples[{b}].images[{seg.index}] has shape {tuple(img.shape)}, "
+                    f"the batch uses {row.image_shape}; resize images in the loader"
+                )
+            if wrap_images:
+                row.ids.append(ids.img_start)
+                row.train.append(seg.output)
+            row.after.append(len(row.ids))
+            row.output.append(seg.output)
+            row.region.append(seg.index in regions)
+            row.pixels.append(img)
+            if wrap_images:
+                row.ids.append(ids.img_end)
+                row.train.append(seg.output)
+        else:
+            raise TypeError(f"samples[{b}] has a segment of type {type(seg).__name__}")
+    unplaced = sorted(regions - placed)
+    if unplaced:
+        raise ValueError(f"samples[{b}].region_images {unplaced} are not placed in segments")
+    if max_text_tokens is not None and len(row.ids) > max_text_tokens:
+        _cut(row, max_text_tokens, wrap_images, f"samples[{b}] (key {sample.key!r})")
+    return row
+
+
+def _cut(row: _Row, max_text_tokens: int, wrap_images: bool, where: str) -> None:
+    """Cut `row` to `max_text_tokens`; an image whose span would be cut goes whole, with every
+    later image and the text from its `[Img]` on. The cut is logged."""
+    cut = max_text_tokens
+    for j, after in enumerate(row.after):
+        opens = after - 1 if wrap_images else after
+        closes = after + 1 if wrap_images else after
+        if closes > cut:
+            cut = min(cut, opens)
+            for kept in (row.after, row.output, row.region, row.pixels):
+                del kept[j:]
+            break
+    log.warning(
+        "%s: %d text tokens cut to %d (max_text_tokens=%d)",
+        where, len(row.ids), cut, max_text_tokens,
+    )  # fmt: skip
+    row.ids, row.train = row.ids[:cut], row.train[:cut]
+
+
 def collate_sequences(
     samples: Sequence[Sample],
     tokenizer: PreTrainedTokenizerBase,
@@ -177,107 +279,35 @@ def collate_sequences(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if len(samples) == 0:
         raise ValueError("samples is empty")
-    all_ids: list[list[int]] = []
-    all_train: list[list[bool]] = []
-    img_sample: list[int] = []
-    img_after: list[int] = []
-    img_output: list[bool] = []
-    img_region: list[bool] = []
-    pixels: list[Tensor] = []
+    rows: list[_Row] = []
     image_shape: tuple[int, ...] | None = None
     for b, sample in enumerate(samples):
-        first_image_index = len(img_sample)
-        tok_ids: list[int] = [ids.bos] if add_bos and ids.bos is not None else []
-        train: list[bool] = [False] * len(tok_ids)
-        n_images = 0 if sample.images is None else int(sample.images.shape[0])
-        if sample.images is not None and (sample.images.dim() != 4 or sample.images.shape[1] != 3):
-            raise ValueError(
-                f"samples[{b}].images must be (n,3,H,W), got {tuple(sample.images.shape)}"
-            )
-        regions = _region_indices(sample, b, n_images)
-        placed: set[int] = set()
-        first_image = True
-        for seg in sample.segments:
-            if isinstance(seg, Text):
-                piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
-                tok_ids.extend(piece)
-                train.extend([seg.train] * len(piece))
-            elif isinstance(seg, Image):
-                if not 0 <= seg.index < n_images:
-                    raise ValueError(
-                        f"samples[{b}] refers to image {seg.index} but has {n_images} images"
-                    )
-                if seg.index in regions:
-                    if not seg.output:
-                        raise ValueError(
-                            f"samples[{b}].region_images names image {seg.index}, which is used "
-                            "as an input; a region mask must be an output image"
-                        )
-                    if first_image:
-                        raise ValueError(
-                            f"samples[{b}]: region image {seg.index} comes first; the input "
-                            "image its mask refers to must come before it"
-                        )
-                placed.add(seg.index)
-                first_image = False
-                img = sample.images[seg.index]
-                if image_shape is None:
-                    image_shape = tuple(img.shape)
-                elif tuple(img.shape) != image_shape:
-                    raise ValueError(
-                        f"samples[{b}].images[{seg.index}] has shape {tuple(img.shape)}, "
-                        f"the batch uses {image_shape}; resize images in the loader"
-                    )
-                if wrap_images:
-                    tok_ids.append(ids.img_start)
-                    train.append(seg.output)
-                img_sample.append(b)
-                img_after.append(len(tok_ids))
-                img_output.append(seg.output)
-                img_region.append(seg.index in regions)
-                pixels.append(img)
-                if wrap_images:
-                    tok_ids.append(ids.img_end)
-                    train.append(seg.output)
-            else:
-                raise TypeError(f"samples[{b}] has a segment of type {type(seg).__name__}")
-        unplaced = sorted(regions - placed)
-        if unplaced:
-            raise ValueError(f"samples[{b}].region_images {unplaced} are not placed in segments")
-        if max_text_tokens is not None and len(tok_ids) > max_text_tokens:
-            cut = max_text_tokens
-            for j in range(first_image_index, len(img_sample)):  # this sample's, in order
-                opens = img_after[j] - 1 if wrap_images else img_after[j]
-                closes = img_after[j] + 1 if wrap_images else img_after[j]
-                if closes > cut:  # its span would be cut: drop it and every later image
-                    cut = min(cut, opens)
-                    for kept in (img_sample, img_after, img_output, img_region, pixels):
-                        del kept[j:]
-                    break
-            log.warning(
-                "samples[%d] (key %r): %d text tokens cut to %d (max_text_tokens=%d)",
-                b, sample.key, len(tok_ids), cut, max_text_tokens,
-            )  # fmt: skip
-            tok_ids, train = tok_ids[:cut], train[:cut]
-        all_ids.append(tok_ids)
-        all_train.append(train)
-    length = max(1, max(len(t) for t in all_ids))
+        row = _sample_row(
+            sample, b, tokenizer, ids, image_shape,
+            add_bos=add_bos, wrap_images=wrap_images, max_text_tokens=max_text_tokens,
+        )  # fmt: skip
+        image_shape = row.image_shape
+        rows.append(row)
+    length = max(1, max(len(r.ids) for r in rows))
     text_ids = torch.full((len(samples), length), ids.pad, dtype=torch.long)
     text_train = torch.zeros((len(samples), length), dtype=torch.bool)
-    for b, (t, m) in enumerate(zip(all_ids, all_train, strict=True)):
-        text_ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        text_train[b, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        text_ids[b, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        text_train[b, : len(r.train)] = torch.tensor(r.train, dtype=torch.bool)
+    pixels = [p for r in rows for p in r.pixels]
     return SequenceLayout(
         text_ids=text_ids,
-        text_len=torch.tensor([len(t) for t in all_ids], dtype=torch.long),
+        text_len=torch.tensor([len(r.ids) for r in rows], dtype=torch.long),
         text_train=text_train,
-        image_sample=torch.tensor(img_sample, dtype=torch.long),
-        image_after=torch.tensor(img_after, dtype=torch.long),
-        image_output=torch.tensor(img_output, dtype=torch.bool),
+        image_sample=torch.tensor(
+            [b for b, r in enumerate(rows) for _ in r.after], dtype=torch.long
+        ),
+        image_after=torch.tensor([a for r in rows for a in r.after], dtype=torch.long),
+        image_output=torch.tensor([o for r in rows for o in r.output], dtype=torch.bool),
         pixels=torch.stack(pixels).float() if pixels else None,
         padding_side=padding_side,
         keys=[s.key for s in samples],
-        image_is_region=torch.tensor(img_region, dtype=torch.bool),
+        image_is_region=torch.tensor([g for r in rows for g in r.region], dtype=torch.bool),
     )
 
 
