@@ -17,6 +17,8 @@ colour and shape from the token and from the encoder's mean feature). Variants:
   for the semantics the paper's CLIP-pretrained encoder brings);
 - name_token_match: `token_match` + the same classifiers on each object's token (the
   token whose cluster overlaps it best), i.e. through the merger;
+- painter: `pixel` + the token painter (`setok_decoders.painter`): each token paints its
+  own layer of the image from (token, position) alone, trained to reconstruct the pixels;
 - ceiling: no training: the same linear shape probe on each object's true visible mask
   (a window centred on it) at 16x16 (the token grid), 32x32 and 64x64 (the pixels): how
   much shape a linear read-out of the footprint itself can give.
@@ -47,6 +49,7 @@ VARIANTS = (
     "attr",
     "attr_token_match",
     "name_token_match",
+    "painter",
     "ceiling",
 )
 DECODER_YAML = Path(__file__).resolve().parents[1] / "experiments/conf/decoder/stage1_tiny.yaml"
@@ -140,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         merger=MergerConfig(num_blocks=args.merger_blocks, num_heads=2),
     )
     decoder = yaml.safe_load(DECODER_YAML.read_text(encoding="utf-8"))
-    decoder["mask"]["pixel_context"] = args.variant == "pixel"
-    setok, diffusion, mask_decoder = build_parts(tok_cfg, decoder)
+    decoder["mask"]["pixel_context"] = args.variant in ("pixel", "painter")
+    setok, diffusion, mask_decoder, painter = build_parts(
+        tok_cfg, decoder, painter=args.variant == "painter"
+    )
     from setokim.data.shapes_world import COLORS, SHAPES
 
     vocab = {"colour": list(COLORS), "shape": list(SHAPES)}
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         modules.append(heads)
     if args.variant == "token_diffusion":
         modules.append(diffusion)
+    if painter is not None:
+        modules.append(painter)
     for p in setok.parameters():  # the encoder trains (Stage I sub-phase 2)
         p.requires_grad_(True)
     params = list({id(p): p for m in modules for p in m.parameters()}.values())
@@ -219,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
                 d = diffusion.loss(images, out.tokens, out.token_mask)
                 loss = loss + d
                 terms["diffusion"] = float(d.detach())
+            if painter is not None:
+                painted, _ = painter(out.tokens, out.token_mask)
+                target = resize_images(batch["pixels"], painter.config.image_size)
+                paint = torch.nn.functional.mse_loss(painted, target)
+                loss = loss + paint
+                terms["painter"] = float(paint.detach())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -235,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.variant}: owned {row['owned']:.3f} colour tok/enc {row['token_colour']:.3f}/"
           f"{row['encoder_colour']:.3f} shape tok/enc {row['token_shape']:.3f}/"
           f"{row['encoder_shape']:.3f} (chance {row['chance_shape']:.3f})")  # fmt: skip
-    print(json.dumps({"variant": args.variant, **vars(args), "s_per_step": seconds, **row}))
+    spec = {**vars(args), "world": args.world.as_dict()}
+    print(json.dumps({"variant": args.variant, **spec, "s_per_step": seconds, **row}))
     return 0
 
 
