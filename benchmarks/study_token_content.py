@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 from probe_tokens import probe_row, scenes  # the script's folder is on sys.path
+
 from setokim.data.shapes_world import World
 
 VARIANTS = (
