@@ -101,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         help='the Shapes World, JSON: {"shapes": [...], "object_scale": 1.6, "max_rotation": 0}',
     )  # fmt: skip
     parser.add_argument("--merger-blocks", type=int, default=1)
+    parser.add_argument(
+        "--relative-pe", action="store_true", help="the merger's centroid-relative PE"
+    )
+    parser.add_argument(
+        "--centred-painter", action="store_true", help="the painter paints around centroids"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out-dir", default="runs/study_token_content")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from setok_decoders import mask_loss, object_grouping_loss, resize_masks
+    from setok_decoders import mask_centroids, mask_loss, object_grouping_loss, resize_masks
     from setok_tokenizer import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
     from setokim.data import make_loader
     from setokim.data.generate import generate_dataset
@@ -141,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             },
         ),
         clustering=ClusteringConfig(max_clusters=12, assignment="hard", knn_k=3),
-        merger=MergerConfig(num_blocks=args.merger_blocks, num_heads=2),
+        merger=MergerConfig(
+            num_blocks=args.merger_blocks, num_heads=2, relative_pe=args.relative_pe
+        ),
     )
     decoder = yaml.safe_load(DECODER_YAML.read_text(encoding="utf-8"))
     decoder["mask"]["pixel_context"] = args.variant in ("pixel", "painter")
+    decoder.setdefault("painter", {})["centred"] = args.centred_painter
     setok, diffusion, mask_decoder, painter = build_parts(
         tok_cfg, decoder, painter=args.variant == "painter"
     )
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss = loss + d
                 terms["diffusion"] = float(d.detach())
             if painter is not None:
-                painted, _ = painter(out.tokens, out.token_mask)
+                painted, _ = painter(out.tokens, out.token_mask, mask_centroids(out.masks.float()))
                 target = resize_images(batch["pixels"], painter.config.image_size)
                 paint = torch.nn.functional.mse_loss(painted, target)
                 loss = loss + paint

@@ -62,3 +62,23 @@ def test_tokens_decide_what_is_painted():
     with torch.no_grad():
         swapped = painter(tokens.flip(0), valid)[0]
     assert torch.nn.functional.mse_loss(swapped, target.flip(0)) < 0.02
+
+
+def test_centroids_share_the_pixel_frame_and_centred_painting_moves_with_the_centre():
+    from setok_decoders import mask_centroids
+
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, 0, 0] = 1.0  # top-left cell
+    masks[0, 1, 1:3, 1:3] = 1.0  # the middle
+    centres = mask_centroids(masks)
+    torch.testing.assert_close(centres, torch.tensor([[[-0.75, -0.75], [0.0, 0.0]]]))
+    painter = TokenPainter(PainterConfig(token_dim=6, image_size=8, hidden_dim=16, centred=True))
+    tokens, valid = torch.randn(1, 1, 6), torch.ones(1, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="centres"):
+        painter(tokens, valid)
+    # one token, moved by two pixels (0.5 in [-1, 1] units): its picture moves with it
+    tokens2 = tokens.expand(1, 2, 6)
+    layers_valid = torch.tensor([[True, False]])
+    a, _ = painter(tokens2, layers_valid, torch.tensor([[[0.0, 0.0], [0.0, 0.0]]]))
+    b, _ = painter(tokens2, layers_valid, torch.tensor([[[0.5, 0.0], [0.0, 0.0]]]))
+    torch.testing.assert_close(b[..., 2:6], a[..., 0:4])

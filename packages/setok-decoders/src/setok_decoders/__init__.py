@@ -32,6 +32,7 @@ _EXPORTS = {
     "MaskDecoder": "mask_decoder",
     "PainterConfig": "painter",
     "TokenPainter": "painter",
+    "mask_centroids": "painter",
     "set_trainable": "trainable",
     "trainable_parameter_names": "trainable",
     "trainable_table": "trainable",

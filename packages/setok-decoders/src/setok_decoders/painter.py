@@ -26,6 +26,9 @@ class PainterConfig:
     image_size: the side of the grid painted (the target image is resized to it).
     hidden_dim / num_layers: the per-pixel MLP.
     frequencies: Fourier features per axis (sin and cos of 2^k pi x, k < frequencies).
+    centred: positions are taken relative to each token's cluster centroid (given to
+        `forward`), as in invariant slot attention: the token then only has to hold its
+        silhouette in its own frame, not where it lies.
     """
 
     token_dim: int | None = None
@@ -33,6 +36,7 @@ class PainterConfig:
     hidden_dim: int = 64
     num_layers: int = 3
     frequencies: int = 6
+    centred: bool = False
 
     def __post_init__(self) -> None:
         for key in ("image_size", "hidden_dim", "num_layers", "frequencies"):
@@ -42,14 +46,34 @@ class PainterConfig:
             raise ValueError(f"painter.token_dim: must be >= 1 or null, got {self.token_dim}")
 
 
-def fourier_positions(size: int, frequencies: int) -> Tensor:
-    """(size*size, 2 + 4*frequencies): x, y in [-1, 1] and their sin/cos at 2^k pi."""
-    axis = torch.linspace(-1.0, 1.0, size)
+def cell_centres(n: int, device=None, dtype=torch.float32) -> Tensor:
+    """(n,) centres of n equal cells spanning [-1, 1]: any grid size maps to one frame."""
+    return (torch.arange(n, device=device, dtype=dtype) + 0.5) / n * 2.0 - 1.0
+
+
+def pixel_grid(size: int) -> Tensor:
+    """(size*size, 2) pixel centres (x, y) in [-1, 1], raster order."""
+    axis = cell_centres(size)
     y, x = torch.meshgrid(axis, axis, indexing="ij")
-    xy = torch.stack([x.flatten(), y.flatten()], dim=-1)
-    scales = (2.0 ** torch.arange(frequencies)) * math.pi
-    angles = xy[:, :, None] * scales  # (P, 2, F)
-    return torch.cat([xy, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
+    return torch.stack([x.flatten(), y.flatten()], dim=-1)
+
+
+def fourier_features(xy: Tensor, frequencies: int) -> Tensor:
+    """(..., 2) coordinates -> (..., 2 + 4*frequencies): x, y and their sin/cos at 2^k pi."""
+    scales = (2.0 ** torch.arange(frequencies, device=xy.device, dtype=xy.dtype)) * math.pi
+    angles = xy[..., None] * scales  # (..., 2, F)
+    return torch.cat([xy, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+
+
+def mask_centroids(masks: Tensor) -> Tensor:
+    """(B, K, h, w) non-negative masks -> (B, K, 2) centroids (x, y) in [-1, 1] (0 if empty)."""
+    h, w = masks.shape[-2:]
+    ys = cell_centres(h, masks.device, masks.dtype)
+    xs = cell_centres(w, masks.device, masks.dtype)
+    total = masks.sum((-2, -1)).clamp_min(1e-12)
+    cx = (masks.sum(-2) * xs).sum(-1) / total
+    cy = (masks.sum(-1) * ys).sum(-1) / total
+    return torch.stack([cx, cy], dim=-1)
 
 
 class TokenPainter(nn.Module):
@@ -60,24 +84,33 @@ class TokenPainter(nn.Module):
         if config.token_dim is None:
             raise ValueError("painter.token_dim: not set (Stage I fills it from the tokenizer)")
         self.config = config
-        self.register_buffer(
-            "positions", fourier_positions(config.image_size, config.frequencies), persistent=False
-        )
+        self.register_buffer("grid", pixel_grid(config.image_size), persistent=False)
         h = config.hidden_dim
         self.token_proj = nn.Linear(config.token_dim, h)
-        self.position_proj = nn.Linear(self.positions.shape[-1], h)
+        self.position_proj = nn.Linear(2 + 4 * config.frequencies, h)
         layers: list[nn.Module] = []
         for _ in range(config.num_layers):
             layers += [nn.GELU(), nn.Linear(h, h)]
         layers += [nn.GELU(), nn.Linear(h, 4)]
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, tokens: Tensor, valid: Tensor, centres: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """centres (B, K, 2) in [-1, 1] (`mask_centroids` of the clusters): needed when
+        `config.centred`, where each token paints around its own centre."""
         if not bool(valid.any(dim=1).all()):
             raise ValueError("painter: an image without any valid token")
         b, k, _ = tokens.shape
         s = self.config.image_size
-        hidden = self.token_proj(tokens)[:, :, None, :] + self.position_proj(self.positions)
+        if self.config.centred:
+            if centres is None or centres.shape != (b, k, 2):
+                raise ValueError(f"painter: centred needs centres of shape ({b}, {k}, 2)")
+            xy = self.grid - centres[:, :, None, :]  # (B, K, P, 2)
+        else:
+            xy = self.grid
+        positions = self.position_proj(fourier_features(xy, self.config.frequencies))
+        hidden = self.token_proj(tokens)[:, :, None, :] + positions
         out = self.mlp(hidden)  # (B, K, P, 4)
         colour = torch.sigmoid(out[..., :3])
         logits = out[..., 3].masked_fill(~valid[:, :, None], float("-inf"))

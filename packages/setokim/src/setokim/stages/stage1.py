@@ -36,6 +36,7 @@ from setok_decoders import (
     MaskDecoderConfig,
     PainterConfig,
     TokenPainter,
+    mask_centroids,
     mask_loss,
     object_grouping_loss,
     resize_masks,
@@ -171,7 +172,8 @@ class Stage1Model(nn.Module):
         images = resize_images(pixels, self.diffusion.config.image_size)
         terms = {"diffusion": self.diffusion.loss(images, out.tokens, out.token_mask)}
         if self.painter is not None:
-            painted, _ = self.painter(out.tokens, out.token_mask)
+            centres = mask_centroids(out.masks.float())
+            painted, _ = self.painter(out.tokens, out.token_mask, centres)
             target = resize_images(pixels, self.painter.config.image_size)
             terms["painter"] = F.mse_loss(painted, target)
         if with_masks:
@@ -232,7 +234,9 @@ def build_parts(
         return (*parts, None)
     paint_spec = {"token_dim": width, **dict(decoder.get("painter", {}))}
     if paint_spec["token_dim"] != width:
-        raise ValueError(f"decoder.painter.token_dim must be {width}, got {paint_spec['token_dim']}")
+        raise ValueError(
+            f"decoder.painter.token_dim must be {width}, got {paint_spec['token_dim']}"
+        )
     return (*parts, TokenPainter(from_dict(PainterConfig, paint_spec, where="decoder.painter")))
 
 
