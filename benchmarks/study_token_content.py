@@ -17,6 +17,8 @@ colour and shape from the token and from the encoder's mean feature). Variants:
   for the semantics the paper's CLIP-pretrained encoder brings);
 - name_token_match: `token_match` + the same classifiers on each object's token (the
   token whose cluster overlaps it best), i.e. through the merger;
+- painter: `pixel` + the token painter (`setok_decoders.painter`): each token paints its
+  own layer of the image from (token, position) alone, trained to reconstruct the pixels;
 - ceiling: no training: the same linear shape probe on each object's true visible mask
   (a window centred on it) at 16x16 (the token grid), 32x32 and 64x64 (the pixels): how
   much shape a linear read-out of the footprint itself can give.
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 from probe_tokens import probe_row, scenes  # the script's folder is on sys.path
+
 from setokim.data.shapes_world import World
 
 VARIANTS = (
@@ -47,6 +50,7 @@ VARIANTS = (
     "attr",
     "attr_token_match",
     "name_token_match",
+    "painter",
     "ceiling",
 )
 DECODER_YAML = Path(__file__).resolve().parents[1] / "experiments/conf/decoder/stage1_tiny.yaml"
@@ -97,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         help='the Shapes World, JSON: {"shapes": [...], "object_scale": 1.6, "max_rotation": 0}',
     )  # fmt: skip
     parser.add_argument("--merger-blocks", type=int, default=1)
+    parser.add_argument(
+        "--relative-pe", action="store_true", help="the merger's centroid-relative PE"
+    )
+    parser.add_argument(
+        "--centred-painter", action="store_true", help="the painter paints around centroids"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out-dir", default="runs/study_token_content")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from setok_decoders import mask_loss, object_grouping_loss, resize_masks
+    from setok_decoders import mask_centroids, mask_loss, object_grouping_loss, resize_masks
     from setok_tokenizer import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
     from setokim.data import make_loader
     from setokim.data.generate import generate_dataset
@@ -137,11 +147,16 @@ def main(argv: list[str] | None = None) -> int:
             },
         ),
         clustering=ClusteringConfig(max_clusters=12, assignment="hard", knn_k=3),
-        merger=MergerConfig(num_blocks=args.merger_blocks, num_heads=2),
+        merger=MergerConfig(
+            num_blocks=args.merger_blocks, num_heads=2, relative_pe=args.relative_pe
+        ),
     )
     decoder = yaml.safe_load(DECODER_YAML.read_text(encoding="utf-8"))
-    decoder["mask"]["pixel_context"] = args.variant == "pixel"
-    setok, diffusion, mask_decoder = build_parts(tok_cfg, decoder)
+    decoder["mask"]["pixel_context"] = args.variant in ("pixel", "painter")
+    decoder.setdefault("painter", {})["centred"] = args.centred_painter
+    setok, diffusion, mask_decoder, painter = build_parts(
+        tok_cfg, decoder, painter=args.variant == "painter"
+    )
     from setokim.data.shapes_world import COLORS, SHAPES
 
     vocab = {"colour": list(COLORS), "shape": list(SHAPES)}
@@ -154,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         modules.append(heads)
     if args.variant == "token_diffusion":
         modules.append(diffusion)
+    if painter is not None:
+        modules.append(painter)
     for p in setok.parameters():  # the encoder trains (Stage I sub-phase 2)
         p.requires_grad_(True)
     params = list({id(p): p for m in modules for p in m.parameters()}.values())
@@ -219,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                 d = diffusion.loss(images, out.tokens, out.token_mask)
                 loss = loss + d
                 terms["diffusion"] = float(d.detach())
+            if painter is not None:
+                painted, _ = painter(out.tokens, out.token_mask, mask_centroids(out.masks.float()))
+                target = resize_images(batch["pixels"], painter.config.image_size)
+                paint = torch.nn.functional.mse_loss(painted, target)
+                loss = loss + paint
+                terms["painter"] = float(paint.detach())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -235,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.variant}: owned {row['owned']:.3f} colour tok/enc {row['token_colour']:.3f}/"
           f"{row['encoder_colour']:.3f} shape tok/enc {row['token_shape']:.3f}/"
           f"{row['encoder_shape']:.3f} (chance {row['chance_shape']:.3f})")  # fmt: skip
-    print(json.dumps({"variant": args.variant, **vars(args), "s_per_step": seconds, **row}))
+    spec = {**vars(args), "world": args.world.as_dict()}
+    print(json.dumps({"variant": args.variant, **spec, "s_per_step": seconds, **row}))
     return 0
 
 

@@ -133,7 +133,9 @@ def test_match_on_decides_which_object_each_token_learns():
     order = [1, 2, 0]
     clusters = obj[:, order].clone()
     clusters[1, 2] = obj[1, 1]  # image 1's object 2 is invalid: token 2 shares object 1
-    out = mask_loss(logits, token_valid, obj, valid, kl_weight=0.0, match_on=clusters[:, :, ::4, ::4])
+    out = mask_loss(
+        logits, token_valid, obj, valid, kl_weight=0.0, match_on=clusters[:, :, ::4, ::4]
+    )
     out.total.backward()
     grad = logits.grad
     # token 0 learns object 1 of image 0: its gradient pulls up exactly object 1's pixels

@@ -33,12 +33,17 @@ def _case(seed: int, soft: bool, b: int = 3, k: int = 5, h: int = 4, w: int = 5,
     return x, masks, valid
 
 
+@pytest.mark.parametrize("relative_pe", [False, True])
 @pytest.mark.parametrize("layout", ["rows", "image", "auto"])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("out_dim", [None, 24])
-def test_batched_equals_loop(soft: bool, out_dim: int | None, layout: str) -> None:
+def test_batched_equals_loop(
+    soft: bool, out_dim: int | None, layout: str, relative_pe: bool
+) -> None:
     torch.manual_seed(0)
-    merger = ClusterMerger(16, num_blocks=2, num_heads=2, out_dim=out_dim).eval()
+    merger = ClusterMerger(
+        16, num_blocks=2, num_heads=2, out_dim=out_dim, relative_pe=relative_pe
+    ).eval()
     x, masks, valid = _case(1, soft)
     batched = merger(x, masks, valid, layout=layout)
     loop = merger.forward_loop(x, masks, valid)
@@ -177,3 +182,37 @@ def test_bad_input_names_the_argument() -> None:
         merger(x, masks, valid, layout="diagonal")
     with pytest.raises(ValueError, match="num_heads"):
         ClusterMerger(15, num_heads=2)
+
+
+def test_relative_pe_describes_the_silhouette_wherever_it_lies() -> None:
+    """Offsets from the centroid are the same for a cluster moved across the grid, and differ
+    for another silhouette; with relative_pe the token changes with the silhouette even when
+    every feature is the same."""
+    merger = ClusterMerger(16, num_blocks=1, num_heads=2, relative_pe=True).eval()
+    h = w = 6
+
+    def mask(cells: list[tuple[int, int]]) -> torch.Tensor:
+        m = torch.zeros(1, 1, h * w)
+        for r, c in cells:
+            m[0, 0, r * w + c] = 1.0
+        return m
+
+    ell = [(0, 0), (1, 0), (2, 0), (2, 1)]
+    moved = [(r + 3, c + 4) for r, c in ell]
+    bar = [(0, 0), (0, 1), (0, 2), (0, 3)]
+
+    def offsets(cells: list[tuple[int, int]]) -> torch.Tensor:
+        m = mask(cells)
+        _, _, n = m.nonzero(as_tuple=True)
+        zero = torch.zeros_like(n)
+        return merger._offsets(h, w, m, zero, zero, n)
+
+    torch.testing.assert_close(offsets(ell), offsets(moved))
+    assert not torch.allclose(offsets(ell).mean(0), offsets(bar).mean(0), atol=1e-3)
+    x = torch.ones(1, h, w, 16)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    plain = ClusterMerger(16, num_blocks=1, num_heads=2, use_pe=False).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x, mask(ell), valid), plain(x, mask(bar), valid))
+        assert not torch.allclose(merger(x, mask(ell), valid), merger(x, mask(bar), valid))
+    assert not ClusterMerger(16, use_pe=False, relative_pe=True).relative_pe  # w/o PE: none

@@ -296,3 +296,28 @@ def test_two_object_toy_keeps_two_clusters_over_many_steps(data_dir: Path) -> No
             assert (left == left[:, :1]).all() and (right == right[:, :1]).all()
             assert (left[:, 0] != right[:, 0]).all()
     assert counts == [[2, 2, 2, 2]] * 3, counts
+
+
+def test_painter_trains_with_its_weight_and_is_absent_without(data_dir: Path) -> None:
+    weights = dict(diffusion_weight=0.0, mask_weight=0.0, group_weight=0.0)
+    stage = _stage(data_dir, subphase=2, painter_weight=1.0,
+                   decoder={**TINY_DECODER, "painter": {"image_size": 8, "hidden_dim": 16}},
+                   **weights)  # fmt: skip
+    model = stage.build_model()
+    assert model.painter is not None and model.painter.config.image_size == 8
+    assert all(p.requires_grad for p in model.painter.parameters())
+    batch = next(stage.batches(0, 1, 0, 4))
+    loss0, m0 = _eval_loss(stage, model, batch)
+    assert loss0 == pytest.approx(m0["painter"]) and m0["painter"] > 0
+    merger0 = _snapshot(model.setok.merger)
+    _fit(stage, model, batch, steps=10, lr=1e-2)
+    _, m1 = _eval_loss(stage, model, batch)
+    assert m1["painter"] < m0["painter"]
+    assert any(not torch.equal(v, dict(model.setok.merger.named_parameters())[k])
+               for k, v in merger0.items())  # fmt: skip  # reconstruction reaches the tokens
+    assert _stage(data_dir, subphase=2).build_model().painter is None
+    with pytest.raises(ValueError, match="painter_weight"):
+        _stage(data_dir, painter_weight=-1.0)
+    with pytest.raises(ValueError, match="decoder.painter"):
+        _stage(data_dir, painter_weight=1.0,
+               decoder={**TINY_DECODER, "painter": {"hidden_dimm": 4}}).build_model()  # fmt: skip

@@ -1,5 +1,5 @@
-"""setok_decoders: the Stage I decoders (Q-Former mapper, diffusion decoder, mask decoder)
-and their losses (Eq. 3-4 of the SeTok paper).
+"""setok_decoders: the Stage I decoders (Q-Former mapper, diffusion decoder, mask decoder,
+token painter) and their losses (Eq. 3-4 of the SeTok paper).
 
 Heavy modules (diffusers, transformers) load on first attribute access, so importing the
 losses alone stays cheap.
@@ -30,6 +30,9 @@ _EXPORTS = {
     "DiffusionDecoder": "diffusion",
     "make_sampler": "diffusion",
     "MaskDecoder": "mask_decoder",
+    "PainterConfig": "config",
+    "TokenPainter": "painter",
+    "mask_centroids": "painter",
     "set_trainable": "trainable",
     "trainable_parameter_names": "trainable",
     "trainable_table": "trainable",

@@ -141,8 +141,36 @@ class MaskDecoderConfig:
 
 
 @dataclass
+class PainterConfig:
+    """token_dim: the tokenizer's output width (filled in by Stage I when None).
+    image_size: the side of the grid painted (the target image is resized to it).
+    hidden_dim / num_layers: the per-pixel MLP.
+    frequencies: Fourier features per axis (sin and cos of 2^k pi x, k < frequencies).
+    centred: positions are taken relative to each token's cluster centroid (given to
+        `forward`), as in invariant slot attention: the token then only has to hold its
+        silhouette in its own frame, not where it lies.
+    """
+
+    token_dim: int | None = None
+    image_size: int = 32
+    hidden_dim: int = 64
+    num_layers: int = 3
+    frequencies: int = 6
+    centred: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("image_size", "hidden_dim", "num_layers", "frequencies"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"painter.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.token_dim is not None and self.token_dim < 1:
+            raise ValueError(f"painter.token_dim: must be >= 1 or null, got {self.token_dim}")
+
+
+@dataclass
 class DecodersConfig:
-    """The experiment's `decoder` group: Stage I's two decoders (only Stage I builds them)."""
+    """The experiment's `decoder` group: Stage I's decoders (only Stage I builds them; the
+    painter only with stage.params.painter_weight > 0)."""
 
     diffusion: DiffusionDecoderConfig = field(default_factory=DiffusionDecoderConfig)
     mask: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    painter: PainterConfig = field(default_factory=PainterConfig)

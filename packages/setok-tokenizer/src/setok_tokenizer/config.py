@@ -160,11 +160,14 @@ class MergerConfig:
     """The cluster merger: L transformer blocks over each cluster, then masked mean.
 
     enabled=False is the paper's "w/o merger" ablation (plain masked mean);
-    use_pe=False is "w/o PE".
+    use_pe=False is "w/o PE". relative_pe (ours, off by default) adds a second embedding of
+    each member's offset from its cluster's centroid, so a token also carries its
+    cluster's silhouette wherever it lies (setok_tokenizer.merger).
     """
 
     enabled: bool = True
     use_pe: bool = True
+    relative_pe: bool = False
     num_blocks: int = 2
     num_heads: int = 2
     mlp_ratio: float = 4.0

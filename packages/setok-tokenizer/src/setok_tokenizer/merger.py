@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from setok_tokenizer.position import sincos_2d
+from setok_tokenizer.position import grid_coordinates, sincos_2d, sincos_offsets
 
 
 class MergerBlock(nn.Module):
@@ -50,8 +50,11 @@ class ClusterMerger(nn.Module):
     """Merge the features of each cluster into one token.
 
     enabled=False is the paper's "w/o merger" ablation: the token is the mask-weighted mean
-    of the raw features (no PE, no blocks). use_pe=False is "w/o PE". Invalid clusters and
-    clusters with no positive mask weight give zero tokens.
+    of the raw features (no PE, no blocks). use_pe=False is "w/o PE". relative_pe (ours)
+    adds to each member a second embedding of its offset from the cluster's mask-weighted
+    centroid, so that the pooled token describes the cluster's silhouette independently of
+    where it lies (the absolute PE says where). Invalid clusters and clusters with no
+    positive mask weight give zero tokens.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class ClusterMerger(nn.Module):
         use_pe: bool = True,
         enabled: bool = True,
         out_dim: int | None = None,
+        relative_pe: bool = False,
     ) -> None:
         super().__init__()
         if dim < 4:
@@ -74,6 +78,7 @@ class ClusterMerger(nn.Module):
         self.dim = dim
         self.use_pe = use_pe
         self.enabled = enabled
+        self.relative_pe = relative_pe and use_pe and enabled
         self.blocks = nn.ModuleList(
             [MergerBlock(dim, num_heads, mlp_ratio) for _ in range(num_blocks if enabled else 0)]
         )
@@ -109,6 +114,21 @@ class ClusterMerger(nn.Module):
         if self.enabled and self.use_pe:
             return feats, feats + sincos_2d(h, w, d, dtype=x.dtype, device=x.device)
         return feats, feats
+
+    def _offsets(
+        self,
+        h: int,
+        w: int,
+        weights: torch.Tensor,
+        b_idx: torch.Tensor,
+        k_idx: torch.Tensor,
+        n_idx: torch.Tensor,
+    ) -> torch.Tensor:
+        """Relative PE of entries (b, k, n): position n minus cluster (b, k)'s centroid."""
+        coords = grid_coordinates(h, w, dtype=weights.dtype, device=weights.device)
+        total = weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        centroids = (weights @ coords) / total  # (B, K, 2)
+        return sincos_offsets(coords[n_idx] - centroids[b_idx, k_idx], self.dim)
 
     def _finish(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
@@ -146,7 +166,10 @@ class ClusterMerger(nn.Module):
 
         eb, ek, en = selected.nonzero(as_tuple=True)  # entries, ordered by (image, cluster)
         m = weights[eb, ek, en]
-        entries = inp[eb, en] * m[:, None]  # X̂ = (X + PE) ⊙ M, one row per (b, k, n) entry
+        entries = inp[eb, en]  # X + PE, one row per (b, k, n) entry
+        if self.relative_pe:
+            entries = entries + self._offsets(x.shape[1], x.shape[2], weights, eb, ek, en)
+        entries = entries * m[:, None]  # X̂ = (X + PE) ⊙ M
         if eb.numel() == 0:
             return self._finish(x.new_zeros(b, k, d), keep)
         if layout == "auto":
@@ -193,8 +216,9 @@ class ClusterMerger(nn.Module):
         self, x: torch.Tensor, masks: torch.Tensor, cluster_valid: torch.Tensor
     ) -> torch.Tensor:
         """Per-image, per-cluster reference with the same math (tests and benchmarks)."""
-        b, _, _, k = self._check(x, masks, cluster_valid)
+        b, h, w, k = self._check(x, masks, cluster_valid)
         feats, inp = self._inputs(x)
+        weights = masks.to(x.dtype) * cluster_valid[..., None].to(x.dtype)
         out = []
         for bi in range(b):
             row = []
@@ -206,7 +230,11 @@ class ClusterMerger(nn.Module):
                     continue
                 m = wts[idx]
                 if self.enabled:
-                    seq = (inp[bi, idx] * m[:, None])[None]
+                    rows = inp[bi, idx]
+                    if self.relative_pe:
+                        one = torch.full_like(idx, bi), torch.full_like(idx, ki)
+                        rows = rows + self._offsets(h, w, weights, *one, idx)
+                    seq = (rows * m[:, None])[None]
                     for block in self.blocks:
                         seq = block(seq)
                     y = seq[0]

@@ -40,3 +40,27 @@ def sincos_2d(
     if pad:
         emb = torch.cat([emb, emb.new_zeros(h * w, pad)], dim=1)
     return emb.to(dtype=dtype, device=device)
+
+
+def grid_coordinates(h: int, w: int, *, dtype: torch.dtype = torch.float32, device=None):
+    """(h*w, 2) (row, column) of each raster position of an h×w grid."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    return torch.stack([rows, cols], dim=1).to(dtype)
+
+
+def sincos_offsets(offsets: torch.Tensor, dim: int) -> torch.Tensor:
+    """(E, 2) real (row, column) offsets -> (E, dim) embeddings laid out as `sincos_2d`.
+
+    For offsets from a cluster's centroid: summed over a cluster's positions they describe
+    its silhouette wherever it lies (the merger's `relative_pe`)."""
+    if dim < 4:
+        raise ValueError(f"sincos_offsets: dim must be >= 4, got dim={dim}")
+    quarter = dim // 4
+    emb = torch.cat(
+        [_sincos_1d(offsets[:, 0], 2 * quarter), _sincos_1d(offsets[:, 1], 2 * quarter)], dim=1
+    )
+    pad = dim - emb.shape[1]
+    if pad:
+        emb = torch.cat([emb, emb.new_zeros(offsets.shape[0], pad)], dim=1)
+    return emb.to(dtype=offsets.dtype)

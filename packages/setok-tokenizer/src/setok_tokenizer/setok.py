@@ -73,6 +73,7 @@ class SeTok(nn.Module):
                 num_heads=m.num_heads,
                 mlp_ratio=m.mlp_ratio,
                 use_pe=m.use_pe,
+                relative_pe=m.relative_pe,
                 enabled=m.enabled,
                 out_dim=m.out_dim,
             )

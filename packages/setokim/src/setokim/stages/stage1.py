@@ -34,6 +34,9 @@ from setok_decoders import (
     DiffusionDecoderConfig,
     MaskDecoder,
     MaskDecoderConfig,
+    PainterConfig,
+    TokenPainter,
+    mask_centroids,
     mask_loss,
     object_grouping_loss,
     resize_masks,
@@ -63,8 +66,12 @@ _DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_stage1", "task"
 class Stage1Config(GenerateFields):
     """tokenizer / data: partial SeTokConfig / DataConfig mappings over the defaults above.
 
-    decoder: {"diffusion": DiffusionDecoderConfig fields, "mask": MaskDecoderConfig fields};
-        token/feature widths left out are filled from the tokenizer.
+    decoder: {"diffusion": DiffusionDecoderConfig fields, "mask": MaskDecoderConfig fields,
+        "painter": PainterConfig fields}; token/feature widths left out are filled from the
+        tokenizer.
+    painter_weight: weight of the token painter's reconstruction (setok_decoders.painter,
+        ours): each token paints its own layer, so the tokens must hold colour and
+        silhouette. 0 (the default) builds no painter.
     subphase: 1 or 2 (what trains, see the module docstring).
     subphase1_batches: with subphase=2, the first N micro-batches of the run are sub-phase 1.
     init_from: a checkpoint step directory of an earlier Stage I run (model weights only).
@@ -92,6 +99,7 @@ class Stage1Config(GenerateFields):
     dice_weight: float = 1.0
     match_cost: str = "bce_dice"
     group_weight: float = 0.0
+    painter_weight: float = 0.0
     kl_mask_floor: float = 1e-4
     cpu_threads: int | None = None
 
@@ -111,15 +119,18 @@ class Stage1Config(GenerateFields):
             "bce_weight",
             "dice_weight",
             "group_weight",
+            "painter_weight",
         )
         for key in (*weights, "kl_mask_floor"):
             if getattr(self, key) < 0:
                 raise ValueError(f"stage1: {key} must be >= 0, got {getattr(self, key)}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"stage1: cpu_threads must be >= 1 or null, got {self.cpu_threads}")
-        unknown = sorted(set(self.decoder) - {"diffusion", "mask"})
+        unknown = sorted(set(self.decoder) - {"diffusion", "mask", "painter"})
         if unknown:
-            raise ValueError(f"stage1: unknown decoder key(s) {unknown}; known: diffusion, mask")
+            raise ValueError(
+                f"stage1: unknown decoder key(s) {unknown}; known: diffusion, mask, painter"
+            )
         self.decoder = _drop_unset_widths(self.decoder)
 
 
@@ -130,6 +141,10 @@ def _drop_unset_widths(decoder: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("mask"), Mapping):
         widths = ("token_dim", "feature_dim")
         out["mask"] = {k: v for k, v in out["mask"].items() if v is not None or k not in widths}
+    if isinstance(out.get("painter"), Mapping):
+        out["painter"] = {
+            k: v for k, v in out["painter"].items() if v is not None or k != "token_dim"
+        }
     diffusion = out.get("diffusion")
     if isinstance(diffusion, Mapping) and isinstance(diffusion.get("mapper"), Mapping):
         mapper = {k: v for k, v in diffusion["mapper"].items() if v is not None or k != "token_dim"}
@@ -138,13 +153,21 @@ def _drop_unset_widths(decoder: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Stage1Model(nn.Module):
-    """Tokenizer + diffusion decoder + mask decoder; forward returns the unweighted loss terms."""
+    """Tokenizer + diffusion decoder + mask decoder (+ token painter); forward returns the
+    unweighted loss terms."""
 
-    def __init__(self, setok: SeTok, diffusion: DiffusionDecoder, mask_decoder: MaskDecoder):
+    def __init__(
+        self,
+        setok: SeTok,
+        diffusion: DiffusionDecoder,
+        mask_decoder: MaskDecoder,
+        painter: TokenPainter | None = None,
+    ):
         super().__init__()
         self.setok = setok
         self.diffusion = diffusion
         self.mask_decoder = mask_decoder
+        self.painter = painter
         self.encoder_grad = True
         self.setok.encoder.register_forward_hook(self._gate_encoder)
 
@@ -162,11 +185,16 @@ class Stage1Model(nn.Module):
         encoder_grad: bool = True,
         mask_kwargs: Mapping[str, Any] | None = None,
     ) -> dict[str, Tensor]:
-        """pixels (B,3,S,S) in [0,1] -> {"diffusion"[, "mask", "kl", "bce", "dice"]}."""
+        """pixels (B,3,S,S) in [0,1] -> {"diffusion"[, "painter"][, "mask", "kl", ...]}."""
         self.encoder_grad = encoder_grad
         out = self.setok(self.setok.preprocess(pixels))
         images = resize_images(pixels, self.diffusion.config.image_size)
         terms = {"diffusion": self.diffusion.loss(images, out.tokens, out.token_mask)}
+        if self.painter is not None:
+            centres = mask_centroids(out.masks.float())
+            painted, _ = self.painter(out.tokens, out.token_mask, centres)
+            target = resize_images(pixels, self.painter.config.image_size)
+            terms["painter"] = F.mse_loss(painted, target)
         if with_masks:
             if object_masks is None or object_valid is None:
                 raise ValueError("sub-phase 2 needs object_masks and object_valid in the batch")
@@ -199,9 +227,10 @@ def resize_images(pixels: Tensor, size: int) -> Tensor:
 
 
 def build_parts(
-    tokenizer: SeTokConfig, decoder: Mapping[str, Any]
-) -> tuple[SeTok, DiffusionDecoder, MaskDecoder]:
-    """The three modules; token/feature widths missing from `decoder` come from the tokenizer."""
+    tokenizer: SeTokConfig, decoder: Mapping[str, Any], painter: bool = False
+) -> tuple[SeTok, DiffusionDecoder, MaskDecoder, TokenPainter | None]:
+    """The modules (the painter only when asked); token/feature widths missing from
+    `decoder` come from the tokenizer."""
     setok = SeTok.from_config(tokenizer)
     width, feat = setok.output_dim, setok.encoder.feature_dim
     diff_spec = dict(decoder.get("diffusion", {}))
@@ -219,12 +248,22 @@ def build_parts(
             f"got {mask_spec['token_dim']}/{mask_spec['feature_dim']}"
         )
     mask_cfg = from_dict(MaskDecoderConfig, mask_spec)
-    return setok, DiffusionDecoder(diff_cfg), MaskDecoder(mask_cfg)
+    parts = setok, DiffusionDecoder(diff_cfg), MaskDecoder(mask_cfg)
+    if not painter:
+        return (*parts, None)
+    paint_spec = {"token_dim": width, **dict(decoder.get("painter", {}))}
+    if paint_spec["token_dim"] != width:
+        raise ValueError(
+            f"decoder.painter.token_dim must be {width}, got {paint_spec['token_dim']}"
+        )
+    return (*parts, TokenPainter(from_dict(PainterConfig, paint_spec, where="decoder.painter")))
 
 
 def trainable_patterns(model: Stage1Model, subphase: int, train_encoder: bool) -> list[str]:
     """Glob patterns over the model's parameter names that train in `subphase`."""
     patterns = ["diffusion." + p for p in model.diffusion.trainable_patterns()]
+    if model.painter is not None:
+        patterns.append("painter.*")
     for part in ("merger", "resampler", "proj"):
         module = getattr(model.setok, part, None)
         if module is not None and any(True for _ in module.parameters()):
@@ -260,7 +299,9 @@ class Stage1Stage:
         cfg = self.cfg
         set_cpu_threads(cfg.cpu_threads)
         # SeTok's encoder.freeze is overridden: the sub-phase decides what trains.
-        model = Stage1Model(*build_parts(self.tokenizer_cfg, cfg.decoder))
+        model = Stage1Model(
+            *build_parts(self.tokenizer_cfg, cfg.decoder, painter=cfg.painter_weight > 0)
+        )
         if cfg.init_from:
             from setokim.train.checkpoint import load_model_state
 
@@ -340,6 +381,8 @@ class Stage1Stage:
             },
         )
         loss = cfg.diffusion_weight * terms["diffusion"]
+        if "painter" in terms:
+            loss = loss + cfg.painter_weight * terms["painter"]
         if phase == 2:
             loss = loss + cfg.mask_weight * terms["mask"] + cfg.group_weight * terms["group"]
         metrics = {k: float(v.detach()) for k, v in terms.items()}
