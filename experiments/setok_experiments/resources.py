@@ -25,7 +25,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -529,15 +529,27 @@ def _component(path: str, sub: str) -> str:
     return str(root / sub) if (root / sub).is_dir() else str(root)
 
 
+def _plain(value: Any) -> Any:
+    """Dataclasses inside mappings and lists as plain dicts (recursively)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def training_steps(cfg: ExperimentConfig) -> Iterator[tuple[str, Any, TrainerConfig]]:
     """(stage name, built stage, trainer config) for every training step of the experiment."""
     from setokim.stages import build_stage
     from setokim.stages.pipeline import trainer_config
 
-    name, params = cfg.stage.name, dict(cfg.stage.params)
+    # Plain data, as a job reads it from its YAML: the typed groups a recipe interpolates
+    # into stage.params (${trainer}, ${decoder}, ${mllm}) arrive here as dataclasses.
+    name, params = cfg.stage.name, _plain(dict(cfg.stage.params))
     if name == "pipeline":
-        raw = params.get("trainer") or {}
-        base = asdict(raw) if isinstance(raw, TrainerConfig) else dict(raw)
+        base = dict(params.get("trainer") or {})
         for step in params.get("steps") or []:
             trainer = trainer_config(dict(step.get("trainer") or {}), base)
             yield step["name"], build_stage(step["name"], dict(step.get("params") or {})), trainer
