@@ -177,3 +177,73 @@ def test_slurm_warning_signal_checkpoints_and_requeues_through_submitit(
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
     status = _wait_for(lambda: _finished_after_requeue(run_dir), 300, "the requeued job to finish")
     assert status["step"] == 40 and status["resumed_from"] >= 6
+
+
+# ---- two nodes: one slurmd per node on the dev cluster (up.sh, SETOK_SLURM_DEV_NODES=2) -------
+_RANK_PROBE = """
+import json, os, torch, torch.distributed as dist
+from setokim.train.distributed import detect_env, init_distributed, shutdown_distributed
+env = detect_env()
+made = init_distributed(env, torch.device("cpu"))
+total = torch.tensor([env.rank + 1.0])
+dist.all_reduce(total)  # the ranks of both nodes meet in one gloo group
+shutdown_distributed(made)
+keys = ("SLURM_NODEID", "SLURMD_NODENAME", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NODELIST")
+print(json.dumps({**{k: os.environ[k] for k in keys}, "rank": env.rank,
+                  "world_size": env.world_size, "source": env.source,
+                  "master": f"{env.master_addr}:{env.master_port}", "sum": float(total)}))
+"""
+
+
+def _two_nodes() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.split()  # fmt: skip
+    if len(set(out)) < 2:
+        pytest.fail(f"the dev cluster has nodes {out}; up.sh starts 2 (SETOK_SLURM_DEV_NODES)")
+    return sorted(set(out))
+
+
+def test_two_node_job_through_submitit_runs_a_rank_on_each_node(tmp_path: Path) -> None:
+    import sys
+
+    import submitit
+
+    nodes = _two_nodes()
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    executor.update_parameters(slurm_partition="dev", nodes=2, tasks_per_node=1,
+                               cpus_per_task=1, mem_gb=1, timeout_min=5)  # fmt: skip
+    probe = submitit.helpers.CommandFunction([sys.executable, "-c", _RANK_PROBE], verbose=False)
+    job = executor.submit(probe)
+    outputs = _wait_for(lambda: job.done() and job.results(), 240, f"job {job.job_id}")
+    ranks = sorted((json.loads(out.strip().splitlines()[-1]) for out in outputs),
+                   key=lambda r: r["rank"])  # fmt: skip
+    assert [r["SLURM_NODEID"] for r in ranks] == ["0", "1"]
+    assert sorted(r["SLURMD_NODENAME"] for r in ranks) == nodes[:2]
+    assert [r["SLURM_PROCID"] for r in ranks] == ["0", "1"]
+    for r in ranks:
+        assert r["source"] == "slurm" and r["world_size"] == 2 and r["SLURM_NTASKS"] == "2"
+        assert r["sum"] == 3.0  # 1 + 2: both ranks joined the same process group
+    assert ranks[0]["master"] == ranks[1]["master"]  # both derive it from the nodelist
+    assert ranks[0]["master"].split(":")[0] == ranks[0]["SLURMD_NODENAME"]  # node 0's host
+
+
+def test_two_node_recipe_trains_one_rank_per_node_through_the_launcher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes = _two_nodes()
+    root = tmp_path / "runs"
+    args = ["+exp=smoke_toy", f"run_root={root}", "--only", "seed=0", "trainer.max_steps=4",
+            *SLURM, "cluster.nodes=2", "--wait"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr()
+    ((run_dir, job),) = _jobs(root / "smoke_toy").items()
+    status = read_status(run_dir)
+    assert status is not None and status["state"] == "COMPLETED" and status["step"] == 4
+    trainer = json.loads((Path(run_dir) / "trainer.json").read_text())
+    assert trainer["env_source"] == "slurm" and trainer["fsdp"] is True
+    step = Path(status["checkpoint"]) / "trainer_state.json"
+    assert json.loads(step.read_text())["world_size"] == 2
+    # the job step ran on both nodes
+    query = ["sacct", "-j", job["job_id"], "-n", "-P", "-o", "JobID,NodeList"]
+    acct = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout
+    steps = dict(line.split("|") for line in acct.splitlines() if line)
+    assert steps[f"{job['job_id']}.0"].split(",") == nodes[:2], steps

@@ -151,7 +151,7 @@ def wait(submissions: Sequence[Submission], timeout_s: float, poll_s: float) -> 
 
 def _finished(sub: Submission) -> Outcome:
     try:
-        result = sub.job.result()
+        result = sub.job.results()[0]  # rank 0's (a multi-node job has one per task)
     except Exception as err:  # noqa: BLE001 — submitit re-raises the job's failure
         message = str(err).strip().splitlines()
         return Outcome(sub.job_id, "FAILED", error=message[-1] if message else repr(err))

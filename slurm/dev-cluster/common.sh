@@ -18,8 +18,21 @@ DB_PORT="${SETOK_SLURM_DEV_DB_PORT:-3316}"
 CLUSTER="${SETOK_SLURM_DEV_CLUSTER:-setokdev}"
 PARTITION="${SETOK_SLURM_DEV_PARTITION:-dev}"
 
+# Nodes: one slurmd per node on this machine (Debian builds slurmd with MULTIPLE_SLURMD: `-N`
+# names the node). Node 0 is this host's short name (MASTER_ADDR of a multi-node job is the
+# first node's name, so it must resolve); node i > 0 is "<host>-n<i>" on port
+# SLURMD_PORT + 1 + i (DBD_PORT takes SLURMD_PORT + 1 by default), each with its own spool
+# dir, log and pid file (slurm.conf's %n).
+HOST="$(hostname -s)"
+NODE_COUNT="${SETOK_SLURM_DEV_NODES:-2}"
+node_name() { if [ "$1" = 0 ]; then echo "$HOST"; else echo "$HOST-n$1"; fi; }
+node_port() { if [ "$1" = 0 ]; then echo "$SLURMD_PORT"; else echo $((SLURMD_PORT + 1 + $1)); fi; }
+# pid record of node i's slurmd ("slurmd" for node 0, as before there were several)
+slurmd_record() { if [ "$1" = 0 ]; then echo slurmd; else echo "slurmd-n$1"; fi; }
+
 # Daemons in start order; down.sh stops them in reverse.
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+DAEMONS=(munged mariadbd slurmdbd slurmctld)
+for ((node = 0; node < NODE_COUNT; node++)); do DAEMONS+=("$(slurmd_record "$node")"); done
 
 log() { printf '[setok-slurm-dev] %s\n' "$*" >&2; }
 
@@ -73,5 +86,35 @@ wait_for() {  # seconds cmd...
   until "$@" >/dev/null 2>&1; do
     if [ "$SECONDS" -ge "$deadline" ]; then return 1; fi
     sleep 0.2
+  done
+}
+
+# Stop a daemon up.sh recorded (SIGTERM, then SIGKILL after 20 s); no-op when it is gone.
+stop_daemon() {  # name
+  local name="$1" file="$RUN/$1.pid" pid
+  [ -f "$file" ] || return 0
+  if ! is_running "$name"; then
+    rm -f "$file"
+    return 0
+  fi
+  pid="$(recorded_pid "$name")"
+  kill -TERM "$pid" 2>/dev/null || true
+  # A stopped daemon may linger as <defunct> for a few seconds: is_running counts that as gone.
+  if ! wait_for 20 bash -c "! { source '$HERE/common.sh'; is_running '$name'; }"; then
+    log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_for 5 bash -c "! { source '$HERE/common.sh'; is_running '$name'; }" || true
+  fi
+  rm -f "$file"
+  log "stopped $name (pid $pid)"
+}
+
+# Stop every node's slurmd that up.sh recorded.
+stop_slurmds() {
+  local file
+  for file in "$RUN"/slurmd.pid "$RUN"/slurmd-n*.pid; do
+    [ -f "$file" ] || continue
+    file="${file##*/}"
+    stop_daemon "${file%.pid}"
   done
 }

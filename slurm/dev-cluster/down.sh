@@ -14,26 +14,8 @@ case "${1:-}" in
   *) log "unknown argument: $1 (expected --purge)"; exit 2 ;;
 esac
 
-stop_daemon() {  # name
-  local name="$1" file="$RUN/$1.pid" pid
-  [ -f "$file" ] || return 0
-  if ! is_running "$name"; then
-    rm -f "$file"
-    return 0
-  fi
-  pid="$(recorded_pid "$name")"
-  kill -TERM "$pid" 2>/dev/null || true
-  # A stopped daemon may linger as <defunct> for a few seconds: is_running counts that as gone.
-  if ! wait_for 20 bash -c "! { source '$HERE/common.sh'; is_running '$name'; }"; then
-    log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    wait_for 5 bash -c "! { source '$HERE/common.sh'; is_running '$name'; }" || true
-  fi
-  rm -f "$file"
-  log "stopped $name (pid $pid)"
-}
-
 if [ -d "$RUN" ]; then
+  stop_slurmds  # every node's, also of nodes an earlier up.sh had and this one does not
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[$i]}"; done
 fi
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Bring up a real single-node SLURM cluster on this machine (munge, MariaDB, slurmdbd,
-# slurmctld, slurmd) from Debian packages. Idempotent: running daemons are left alone.
+# Bring up a real SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld, and one
+# slurmd per node: 2 nodes by default, SETOK_SLURM_DEV_NODES=N) from Debian packages.
+# Idempotent: running daemons are left alone.
 # State lives in $SETOK_SLURM_DEV_DIR (default /var/lib/setok-slurm-dev), never in the repo.
 # Needs root. Stop with down.sh. See README.md beside this file.
 set -euo pipefail
@@ -36,13 +37,13 @@ if [ -n "$missing" ]; then
 fi
 
 # --- directories and config -----------------------------------------------------------
-mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/spool/ctld" "$STATE/spool/d" "$STATE/munge" "$STATE/mysql-run"
+mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/spool/ctld" "$STATE/munge" "$STATE/mysql-run"
+for ((node = 0; node < NODE_COUNT; node++)); do mkdir -p "$STATE/spool/d-$(node_name "$node")"; done
 chmod 755 "$STATE"
 chown munge:munge "$STATE/munge" && chmod 700 "$STATE/munge"
 mkdir -p "$LOG/munge" && chown munge:munge "$LOG/munge" && chmod 700 "$LOG/munge"
 chown mysql:mysql "$STATE/mysql-run"
 
-HOST="$(hostname -s)"
 NODE_LINE="$(slurmd -C | head -n1)"
 real_cpus="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$NODE_LINE")"
 real_mem="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$NODE_LINE")"
@@ -55,6 +56,16 @@ if [ -n "${SETOK_SLURM_DEV_CPUS:-}" ]; then
 fi
 DEF_MEM=$((real_mem / real_cpus / 2))
 [ "$DEF_MEM" -gt 2048 ] && DEF_MEM=2048
+# Every node has this machine's CPUs and memory (the nodes share them: a dev cluster) and
+# its own slurmd port; all are reached at 127.0.0.1.
+NODE_LINES=""
+NODES=""
+for ((node = 0; node < NODE_COUNT; node++)); do
+  name="$(node_name "$node")"
+  line="NodeName=$name NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$(node_port "$node") ${NODE_LINE#NodeName=* } State=UNKNOWN"
+  NODE_LINES="$NODE_LINES${NODE_LINES:+\\n}$line"
+  NODES="$NODES${NODES:+,}$name"
+done
 
 if [ ! -s "$ETC/db_pass" ]; then
   (umask 077 && head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$ETC/db_pass")
@@ -67,17 +78,28 @@ render() {  # template output mode
     -e "s|@PARTITION@|$PARTITION|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
     -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" -e "s|@DBD_PORT@|$DBD_PORT|g" \
     -e "s|@DB_PORT@|$DB_PORT|g" -e "s|@DB_PASS@|$DB_PASS|g" -e "s|@DEF_MEM@|$DEF_MEM|g" \
-    -e "s|@SLURMD_PARAMS@|$SLURMD_PARAMS|g" -e "s|@NODE_LINE@|$NODE_LINE|g" "$1" >"$tmp"
+    -e "s|@SLURMD_PARAMS@|$SLURMD_PARAMS|g" -e "s|@NODE_LINES@|$NODE_LINES|g" \
+    -e "s|@NODES@|$NODES|g" "$1" >"$tmp"
   chmod "$3" "$tmp"
   if [ -f "$2" ] && cmp -s "$tmp" "$2"; then
     rm -f "$tmp"
   else
     mv "$tmp" "$2"
-    if is_running slurmctld; then log "config $2 changed: run down.sh && up.sh to apply"; fi
+    CHANGED=1
   fi
 }
+CHANGED=0
 render "$HERE/slurm.conf.in" "$ETC/slurm.conf" 644
+if [ "$CHANGED" = 1 ] && is_running slurmctld; then
+  # Nodes (or anything else) changed under a running cluster: slurmctld and the slurmds
+  # read slurm.conf only at start, so restart them (state and job ids are kept).
+  log "slurm.conf changed: restarting slurmctld and the slurmds"
+  stop_slurmds
+  stop_daemon slurmctld
+fi
+CHANGED=0
 render "$HERE/slurmdbd.conf.in" "$ETC/slurmdbd.conf" 600
+if [ "$CHANGED" = 1 ] && is_running slurmdbd; then log "slurmdbd.conf changed: run down.sh && up.sh"; fi
 
 # Let plain `sinfo`/`sbatch` (and submitit) find the cluster without SLURM_CONF, unless the
 # machine already has a real slurm.conf of its own.
@@ -153,16 +175,23 @@ if ! is_running slurmctld; then
     { log "slurmctld did not come up; see $LOG/slurmctld.log"; exit 1; }
 fi
 
-# --- slurmd ---------------------------------------------------------------------------
-if ! is_running slurmd; then
-  start_daemon slurmd /usr/sbin/slurmd -D
-fi
-node_ready() { sinfo -h -n "$HOST" -o %T | grep -Eq '^(idle|mixed|allocated|completing)'; }
-if ! wait_for 30 node_ready; then
+# --- slurmd, one per node (-N: the node this daemon is) --------------------------------
+for ((node = 0; node < NODE_COUNT; node++)); do
+  record="$(slurmd_record "$node")"
+  if ! is_running "$record"; then
+    start_daemon "$record" /usr/sbin/slurmd -D -N "$(node_name "$node")"
+  fi
+done
+nodes_ready() {
+  local states
+  states="$(sinfo -h -N -n "$NODES" -o %T)" || return 1
+  [ "$(grep -Ec '^(idle|mixed|allocated|completing)' <<<"$states")" = "$NODE_COUNT" ]
+}
+if ! wait_for 30 nodes_ready; then
   # A node left down/drained by an earlier run: bring it back.
-  scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
-  wait_for 20 node_ready || { log "node $HOST not ready: $(sinfo -h -o '%T %E')"; exit 1; }
+  scontrol update nodename="$NODES" state=resume >/dev/null 2>&1 || true
+  wait_for 20 nodes_ready || { log "nodes $NODES not ready: $(sinfo -h -N -o '%N %T %E')"; exit 1; }
 fi
 
-log "up: cluster=$CLUSTER partition=$PARTITION node=$HOST state=$STATE"
+log "up: cluster=$CLUSTER partition=$PARTITION nodes=$NODES state=$STATE"
 sinfo
