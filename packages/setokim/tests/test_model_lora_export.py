@@ -178,3 +178,42 @@ def test_save_refuses_what_an_adapter_export_would_lose(base_dir, lora_model, tm
         SeTokIM.from_pretrained(base_dir, base=base_dir)
     with pytest.raises(FileNotFoundError, match="missing_base"):
         lora_model.save_pretrained(tmp_path / "y", base=tmp_path / "missing_base")
+
+
+def _shard(full: Path, out: Path) -> Path:
+    """`full` as a sharded export (two shards and the transformers index), as Stage II on
+    two ranks writes it."""
+    from setokim.model.sharded import INDEX_FILE, assign_shards, shard_name
+
+    top = lambda d, names: [export.WEIGHTS_FILE] if Path(d) == full else []  # noqa: E731
+    shutil.copytree(full, out, ignore=top)
+    state = load_file(str(full / export.WEIGHTS_FILE))
+    groups = assign_shards({k: v.numel() * v.element_size() for k, v in state.items()}, 2)
+    for i, names in enumerate(groups):
+        save_file({n: state[n] for n in names}, str(out / shard_name(i, 2)))
+    weight_map = {n: shard_name(i, 2) for i, names in enumerate(groups) for n in names}
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def test_adapter_export_over_a_sharded_base(base_dir, tmp_path):
+    sharded = _shard(base_dir, tmp_path / "s2_sharded")
+    ours, want = (SeTokIM.from_pretrained(d).state_dict() for d in (sharded, base_dir))
+    assert set(ours) == set(want) and all(torch.equal(ours[k], want[k]) for k in want)
+    model = _lora_model(sharded)
+    out = model.save_pretrained(tmp_path / "s3")  # the base check reads both shards
+    info = json.loads((out / export.BASE_FILE).read_text())
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= set(
+        info["weights_sha256"]
+    )
+    loaded = SeTokIM.from_pretrained(out)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+    with torch.no_grad():  # a weight outside the adapters, in whichever shard holds it
+        model.llm.lm_head.weight.mul_(1.01)
+    with pytest.raises(ValueError, match=r"llm\.lm_head\.weight.*full=True"):
+        model.save_pretrained(tmp_path / "lost")
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    (sharded / "model.safetensors.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors.index.json"):
+        SeTokIM.from_pretrained(out)

@@ -5,6 +5,9 @@ Full export (Stage II; Stage III with `full=True`, LoRA merged into the LLM weig
     model.safetensors     every weight that training changes (LLM, projector, regression head)
     text_tokenizer/       the text tokenizer with SeTokIM's special tokens
     setok/                the frozen Stage I SeTok
+A sharded full export (Stage II on several ranks, `sharded.export_checkpoint_weights`) has
+`model.safetensors.index.json` and `model-0000r-of-0000W.safetensors` instead of
+`model.safetensors`; everything here that reads a full export's weights reads either.
 
 Adapter export (Stage III's default; megabytes instead of the LLM's gigabytes):
     setokim_config.json   as above, with `lora` enabled
@@ -106,10 +109,14 @@ def resolve_base(adapter_dir: str | os.PathLike[str], stored: str | os.PathLike[
 
 def _check_full_export(base: Path, where: str, stored: str | None = None) -> None:
     note = f" (recorded as {stored!r}; relative paths start at the adapter dir)" if stored else ""
-    if not (base / CONFIG_FILE).is_file() or not (base / WEIGHTS_FILE).is_file():
+    from setokim.model.sharded import INDEX_FILE
+
+    weights = (base / WEIGHTS_FILE).is_file() or (base / INDEX_FILE).is_file()
+    if not (base / CONFIG_FILE).is_file() or not weights:
         raise FileNotFoundError(
             f"{where}: base export {str(base)!r}{note} is missing or is not a full SeTokIM "
-            f"export (needs {CONFIG_FILE} and {WEIGHTS_FILE}); pass base=<its new dir> if it moved"
+            f"export (needs {CONFIG_FILE} and {WEIGHTS_FILE} or a sharded export's "
+            f"{INDEX_FILE}); pass base=<its new dir> if it moved"
         )
     if is_adapter_export(base):
         raise ValueError(f"{where}: base export {str(base)!r}{note} is itself an adapter export")
@@ -138,8 +145,11 @@ def _write_common(model: SeTokIM, tmp: Path, config: Any) -> None:
 
 
 def _check_base_weights(model: SeTokIM, base: Path, heads: list[str]) -> None:
-    """Every weight the adapter export leaves out must equal the base's, else it would be lost."""
+    """Every weight the adapter export leaves out must equal the base's, else it would be lost.
+    The base is one `model.safetensors` or a sharded export (each shard opened once)."""
     from safetensors import safe_open
+
+    from setokim.model.sharded import export_weight_files
 
     skip = tuple(f"{h}." for h in heads)
     ours = {
@@ -147,19 +157,22 @@ def _check_base_weights(model: SeTokIM, base: Path, heads: list[str]) -> None:
         for k, v in model.trainable_state_dict().items()
         if "lora_" not in k and not k.startswith(skip)
     }
-    with safe_open(str(base / WEIGHTS_FILE), framework="pt") as f:
-        theirs = {k for k in f.keys() if not k.startswith(skip)}  # noqa: SIM118
-        if theirs != set(ours):
-            extra, lacking = sorted(theirs - set(ours)), sorted(set(ours) - theirs)
-            raise ValueError(
-                f"base export {str(base)!r} does not fit the model: keys only in the base "
-                f"{extra[:5]}, only in the model {lacking[:5]}"
-            )
-        changed = [
-            k
-            for k, v in ours.items()
-            if not torch.equal(v.detach().cpu(), f.get_tensor(k).to(v.dtype))
-        ]
+    where = {k: f for k, f in export_weight_files(base).items() if not k.startswith(skip)}
+    if set(where) != set(ours):
+        extra, lacking = sorted(set(where) - set(ours)), sorted(set(ours) - set(where))
+        raise ValueError(
+            f"base export {str(base)!r} does not fit the model: keys only in the base "
+            f"{extra[:5]}, only in the model {lacking[:5]}"
+        )
+    changed: list[str] = []
+    for file in sorted(set(where.values())):
+        with safe_open(str(base / file), framework="pt") as f:
+            changed += [
+                k
+                for k, v in ours.items()
+                if where[k] == file
+                and not torch.equal(v.detach().cpu(), f.get_tensor(k).to(v.dtype))
+            ]
     if changed:
         raise ValueError(
             f"weights outside the LoRA adapters and lora.train_heads differ from base export "
@@ -182,11 +195,18 @@ def save_full(model: SeTokIM, directory: str | os.PathLike[str], *, merge: bool)
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS_FILE))
-        _write_common(model, tmp, config)
-        if hasattr(model.vision_tokenizer, "save_pretrained"):
-            model.vision_tokenizer.save_pretrained(str(tmp / SETOK_DIR))
+        write_full_parts(model, tmp, config)
 
     return write_dir_atomically(directory, fill)
+
+
+def write_full_parts(model: SeTokIM, directory: Path, config: Any) -> None:
+    """A full export's files besides its weights (config, text tokenizer, SeTok): shared by
+    `save_full` and a sharded export, whose weights every rank writes
+    (`sharded.export_checkpoint_weights`)."""
+    _write_common(model, directory, config)
+    if hasattr(model.vision_tokenizer, "save_pretrained"):
+        model.vision_tokenizer.save_pretrained(str(directory / SETOK_DIR))
 
 
 def save_adapter(
@@ -262,9 +282,15 @@ def _build(
 
 
 def _load_weights(model: SeTokIM, path: Path) -> None:
+    """A full export's weights (`path`: its folder; one file or a sharded export) into `model`."""
     from safetensors.torch import load_file
 
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    from setokim.model.sharded import export_weight_files
+
+    state: dict[str, Tensor] = {}
+    for file in sorted(set(export_weight_files(path).values())):
+        state.update(load_file(str(path / file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
     if missing or unexpected:
         raise RuntimeError(
@@ -279,7 +305,7 @@ def load_full(cls: type[SeTokIM], directory: Path, parts: dict[str, Any]) -> SeT
     model = _build(
         cls, cfg, llm_config, directory / TEXT_TOKENIZER_DIR, directory / SETOK_DIR, parts
     )
-    _load_weights(model, directory / WEIGHTS_FILE)
+    _load_weights(model, directory)
     if not cfg.lora.enabled:
         model.base_export = directory.resolve()
     return model
@@ -315,7 +341,7 @@ def load_adapter(
     model = _build(
         cls, plain, llm_config, directory / TEXT_TOKENIZER_DIR, base_dir / SETOK_DIR, parts
     )
-    _load_weights(model, base_dir / WEIGHTS_FILE)
+    _load_weights(model, base_dir)
     apply_lora(model, cfg.lora)
     model.config = cfg
     load_adapter_weights(model, load_file(str(directory / ADAPTER_FILE)), where)
@@ -370,4 +396,5 @@ __all__ = [
     "save_adapter",
     "save_full",
     "weights_sha256",
+    "write_full_parts",
 ]
