@@ -9,7 +9,10 @@ record, so a killed pipeline continues with the step it was in. The next step's 
 Exports: each objective's `export(checkpoint, out_dir)`: stage1 -> `stage1.export_parts`
 (tokenizer/, diffusion/, mask_decoder/), stage2 / stage3 -> `SeTokIM.save_pretrained`.
 
-Several ranks: every rank trains; rank 0 exports and the others wait for the step record.
+Several ranks: every rank trains (in one process group the pipeline joins for all steps);
+a stage with `collective_export` (Stage II) is exported by every rank, each writing its
+shard (`export_collective`); other stages are exported by rank 0 while the others wait for
+the step record.
 
 CLI (a plain YAML/JSON file with `trainer` defaults and `steps`, as in the experiment's
 `stage.params` when `stage.name: pipeline`):
@@ -104,6 +107,26 @@ def export_step(stage: Any, checkpoint: Path, out: Path) -> Path | None:
     return out
 
 
+def collective(stage: Any) -> bool:
+    """True when every rank exports `stage` (its `collective_export`, several ranks)."""
+    import torch.distributed as dist
+
+    wanted = bool(getattr(stage, "collective_export", False))
+    return wanted and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def export_collective(stage: Any, checkpoint: Path, out: Path) -> Path:
+    """Every rank: `stage.export` writes `out` itself, atomically and resumably (a killed
+    export keeps its finished shards); a complete `out` that a kill left without its step
+    record is written again."""
+    import torch.distributed as dist
+
+    if _rank() == 0 and out.exists():
+        shutil.rmtree(out)
+    dist.barrier()
+    return Path(stage.export(checkpoint, out))
+
+
 def _wait_for_record(step_dir: Path, timeout_s: float = 3600.0) -> StepRecord:
     start = time.monotonic()
     while (rec := read_record(step_dir)) is None:
@@ -121,8 +144,12 @@ def run_pipeline(
     trainer_defaults: Mapping[str, Any] | None = None,
 ) -> PipelineResult:
     """Train and export `steps` = [(stage name, stage params, trainer cfg or mapping), ...]."""
-    from setokim.stages import build_stage
-    from setokim.train import train
+    from setokim.train.distributed import (
+        detect_env,
+        init_distributed,
+        select_device,
+        shutdown_distributed,
+    )
 
     names = [s[0] for s in steps]
     if not steps:
@@ -131,9 +158,21 @@ def run_pipeline(
         raise ValueError(
             f"steps: stage names must be unique (each gets run_dir/<name>), got {names}"
         )
-    root = Path(run_dir)
+    env = detect_env()  # one group for every step, so a collective export still has it
+    created = init_distributed(env, select_device(env))
+    try:
+        return _run_steps(steps, Path(run_dir), wandb, dict(trainer_defaults or {}))
+    finally:
+        shutdown_distributed(created)
+
+
+def _run_steps(
+    steps: Sequence[StepSpec], root: Path, wandb: WandbConfig | None, base: dict[str, Any]
+) -> PipelineResult:
+    from setokim.stages import build_stage
+    from setokim.train import train
+
     root.mkdir(parents=True, exist_ok=True)
-    base = dict(trainer_defaults or {})
     result = PipelineResult()
     previous: Path | None = None
     for index, (name, params, trainer_spec) in enumerate(steps):
@@ -159,12 +198,16 @@ def run_pipeline(
             result.preempted = True
             print(f"pipeline: step {index} {name!r} preempted at step {out.step}; relaunch resumes")
             return result
+        together = collective(stage)
+        export: Path | None = None
+        if together or _rank() == 0:
+            if out.checkpoint is None:
+                raise RuntimeError(f"step {name!r}: training left no checkpoint to export")
+            write = export_collective if together else export_step
+            export = write(stage, out.checkpoint, step_dir / "export")
         if _rank() != 0:
             rec = _wait_for_record(step_dir)
         else:
-            if out.checkpoint is None:
-                raise RuntimeError(f"step {name!r}: training left no checkpoint to export")
-            export = export_step(stage, out.checkpoint, step_dir / "export")
             rec = StepRecord(
                 name=name,
                 step=out.step,

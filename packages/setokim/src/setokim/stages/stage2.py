@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from setok_tokenizer.config import from_dict
@@ -145,6 +146,40 @@ def export_model(
     return model.save_pretrained(out_dir)
 
 
+def export_sharded(
+    stage: Any, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> Path:
+    """Collective (every rank calls it): a trainer checkpoint as a sharded full export.
+
+    Each rank reads its share of the trained weights from the checkpoint and writes its own
+    shard, cast to the LLM's dtype as `export_model`'s model holds them; the frozen SeTok
+    and decoders are left out (`FROZEN_PREFIXES`). Rank 0 adds the config, text tokenizer
+    and SeTok from a model whose LLM is on the meta device, so no rank builds the LLM. A
+    killed export resumes (`sharded.write_sharded_export`).
+    """
+    from setokim.model.export import FROZEN_PREFIXES, write_full_parts
+    from setokim.model.setokim import _DTYPES
+    from setokim.model.sharded import export_checkpoint_weights
+    from setokim.train.checkpoint import read_frozen_record
+
+    frozen = read_frozen_record(Path(checkpoint)) or {}
+    if "llm" in frozen:
+        raise ValueError(
+            f"{checkpoint}: the LLM is frozen and not stored in the checkpoint (llm.freeze); "
+            "a sharded export has no weights to take it from: export with one process"
+        )
+
+    def fill(staging: Path) -> None:
+        model = stage.build_model(meta_llm=True)
+        config = replace(model.config, **stage.export_fields())
+        write_full_parts(model, staging, config)
+
+    dtype = _DTYPES[stage.model_cfg.llm.dtype]
+    return export_checkpoint_weights(
+        checkpoint, out_dir, dtype=dtype, exclude=FROZEN_PREFIXES, fill=fill
+    )
+
+
 class MLLMStage:
     """What Stage II and III share: FSDP units, data, loss, export and describe.
 
@@ -230,6 +265,7 @@ class Stage2Stage(MLLMStage):
 
     name = "stage2"
     mode = "pretrain"
+    collective_export = True  # several ranks: each writes its shard (`export`)
     data_defaults = _STAGE2_DATA
 
     def __init__(self, cfg: Stage2Config) -> None:
@@ -267,8 +303,9 @@ class Stage2Stage(MLLMStage):
             out["llm"] = Path(llm.pretrained_path)
         return out
 
-    def build_model(self) -> nn.Module:
-        """SeTokIM with the frozen SeTok; decoders are left out (only the export names them)."""
+    def build_model(self, meta_llm: bool = False) -> nn.Module:
+        """SeTokIM with the frozen SeTok; decoders are left out (only the export names them).
+        `meta_llm`: the LLM's shapes only, on the meta device (a sharded export's config)."""
         from setokim.model.lora import trainable_summary
         from setokim.model.setokim import SeTokIM, build_vision_tokenizer
 
@@ -278,12 +315,34 @@ class Stage2Stage(MLLMStage):
             cfg = replace(cfg, tokenizer_path=str(self.source.tokenizer))
         vision = build_vision_tokenizer(cfg)
         cfg = replace(cfg, tokenizer=vision.cfg)
-        model = SeTokIM.from_config(
-            cfg, vision_tokenizer=vision, text_tokenizer=self.text_tokenizer()
-        )
-        if is_main():
+        text = self.text_tokenizer()
+        llm = _meta_llm(cfg, text) if meta_llm else None
+        model = SeTokIM.from_config(cfg, llm=llm, vision_tokenizer=vision, text_tokenizer=text)
+        if is_main() and not meta_llm:
             print(f"{self.name}: {trainable_summary(model)}")
         return model
+
+    def export(self, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+        """One process: `export_model` (one `model.safetensors`). Several ranks: collective,
+        every rank writes its shard (`export_sharded`)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return export_sharded(self, checkpoint, out_dir)
+        return export_model(self, checkpoint, out_dir)
+
+
+def _meta_llm(cfg: SeTokIMConfig, text_tokenizer: Any) -> nn.Module:
+    """The LLM `SeTokIM.from_config` would build, on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from setokim.model.setokim import _DTYPES, _build_llm, add_special_tokens, special_token_strings
+
+    add_special_tokens(text_tokenizer, special_token_strings(cfg))
+    with torch.device("meta"):
+        if cfg.llm.pretrained_path is None:
+            return _build_llm(cfg.llm, len(text_tokenizer), cfg.seed)
+        hf = AutoConfig.from_pretrained(cfg.llm.pretrained_path, local_files_only=True)
+        return AutoModelForCausalLM.from_config(hf).to(_DTYPES[cfg.llm.dtype])
 
 
 def build(cfg: Mapping[str, Any]) -> Stage2Stage:
@@ -300,6 +359,7 @@ __all__ = [
     "TokenizerSource",
     "build",
     "export_model",
+    "export_sharded",
     "llm_layers",
     "mllm_config",
     "resolve_tokenizer_source",
