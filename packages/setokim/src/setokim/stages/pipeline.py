@@ -7,7 +7,8 @@ record, so a killed pipeline continues with the step it was in. The next step's 
 (`INIT_KEYS`) is set to the previous export unless its params already give one.
 
 Exports: each objective's `export(checkpoint, out_dir)`: stage1 -> `stage1.export_parts`
-(tokenizer/, diffusion/, mask_decoder/), stage2 / stage3 -> `SeTokIM.save_pretrained`.
+(tokenizer/, diffusion/, mask_decoder/), stage2 / stage3 -> `SeTokIM.save_pretrained`
+(stage2 on several ranks: a sharded export that every rank writes).
 
 Several ranks: every rank trains (in one process group the pipeline joins for all steps);
 a stage with `collective_export` (Stage II) is exported by every rank, each writing its

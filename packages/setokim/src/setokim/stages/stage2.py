@@ -9,9 +9,10 @@ SeTok stays frozen.
 
 Initialisation: `init_tokenizer` is a Stage I export (tokenizer/, diffusion/, mask_decoder/
 from `stage1.export_parts`) or a bare `SeTok.save_pretrained` dir; None builds a seeded
-random tiny SeTok from `tokenizer`. The trained model is written with
-`SeTokIM.save_pretrained` by `export`, its config pointing at the Stage I decoders so
-inference (generate, edit, segment) and Stage III can load it.
+random tiny SeTok from `tokenizer`. The trained model is exported by `export`, its config
+pointing at the Stage I decoders so inference (generate, edit, segment) and Stage III can
+load it: by one process with `SeTokIM.save_pretrained` (one `model.safetensors`), or, when
+several ranks run, by all of them, each writing its shard (`export_sharded`).
 
 The helpers here (`mllm_config`, `MLLMBatches`, ...) are shared with Stage III.
 """
