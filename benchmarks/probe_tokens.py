@@ -43,17 +43,34 @@ def scenes(
     return folder
 
 
+def centred_window(mask: torch.Tensor, half: int) -> np.ndarray:
+    """The (2*half)^2 window of a (h, w) mask centred on its weighted centroid, flattened:
+    a silhouette wherever it lies (what a linear shape probe can read)."""
+    ys, xs = torch.nonzero(mask > 0, as_tuple=True)
+    if ys.numel() == 0:
+        return np.zeros(4 * half * half, dtype=np.float32)
+    w = mask[ys, xs]
+    cy, cx = int((ys * w).sum() / w.sum()), int((xs * w).sum() / w.sum())
+    window = torch.nn.functional.pad(mask, (half, half, half, half))
+    return window[cy : cy + 2 * half, cx : cx + 2 * half].flatten().numpy()
+
+
 @torch.no_grad()
 def collect(setok, folder: Path) -> dict[str, np.ndarray]:
-    """Token / encoder vectors, ownership, colour and shape names of every object."""
+    """Token / encoder vectors, the silhouette of each object's best cluster, ownership,
+    colour and shape names of every object."""
     from setokim.data import make_loader
-    from setokim.model.token_content import object_vectors
+    from setokim.model.token_content import object_token_iou, object_vectors
 
-    out: dict[str, list] = {"token": [], "encoder": [], "owned": [], "colour": [], "shape": []}
+    keys = ("token", "encoder", "cluster", "owned", "colour", "shape")
+    out: dict[str, list] = {k: [] for k in keys}
     for batch in make_loader(folder, "val", "image", 32, shuffle=False):
         tok = setok.tokenize(batch["pixels"])
         vec = object_vectors(tok.tokens, tok.token_mask, tok.masks, tok.features,
                              batch["object_masks"], batch["object_valid"])  # fmt: skip
+        iou = object_token_iou(tok.masks, tok.token_mask, batch["object_masks"])
+        best = iou.masked_fill(~batch["object_valid"][:, None, :], -1.0).argmax(1)  # (B, O)
+        half = tok.masks.shape[-1] * 3 // 8 + 1  # a 1.6x large object spans 0.54 of the side
         out["token"].append(vec.token.numpy())
         out["encoder"].append(vec.encoder.numpy())
         out["owned"].append(vec.owned.numpy())
@@ -61,8 +78,10 @@ def collect(setok, folder: Path) -> dict[str, np.ndarray]:
             colour, shape = batch["object_names"][b][o].split(" ", 1)  # Shapes World: "red circle"
             out["colour"].append(colour)
             out["shape"].append(shape)
-    return {k: np.concatenate(v) if k in ("token", "encoder", "owned") else np.asarray(v)
-            for k, v in out.items()}  # fmt: skip
+            out["cluster"].append(centred_window(tok.masks[b, best[b, o]].float(), half))
+    stacked = ("token", "encoder", "owned")
+    return {k: np.concatenate(v) if k in stacked else np.stack(v) if k == "cluster"
+            else np.asarray(v) for k, v in out.items()}  # fmt: skip
 
 
 def probe_row(setok, train: Path, test: Path) -> dict[str, float]:
@@ -75,6 +94,8 @@ def probe_row(setok, train: Path, test: Path) -> dict[str, float]:
             r = linear_probe(a[source], a[attr], b[source], b[attr])
             row[f"{source}_{attr}"] = r.accuracy
             row[f"chance_{attr}"] = r.chance
+    # How much shape the clustering leaves: the best cluster's own silhouette, centred.
+    row["cluster_shape"] = linear_probe(a["cluster"], a["shape"], b["cluster"], b["shape"]).accuracy
     return row
 
 
@@ -104,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             "untrained (control)": probe_row(untrained.setok, train, test)}  # fmt: skip
     print(f"{int(rows['trained']['objects_test'])} test objects; chance: colour "
           f"{rows['trained']['chance_colour']:.3f}, shape {rows['trained']['chance_shape']:.3f}")  # fmt: skip
-    print(f"{'tokenizer':<20} {'owned':>6} {'colour tok/enc':>15} {'shape tok/enc':>14}")
+    print(f"{'tokenizer':<20} {'owned':>6} {'colour tok/enc':>15} {'shape tok/enc':>14}"
+          f" {'shape of cluster':>17}")  # fmt: skip
     for name, r in rows.items():
         print(f"{name:<20} {r['owned']:>6.3f} {r['token_colour']:>7.3f}/{r['encoder_colour']:<7.3f}"
-              f" {r['token_shape']:>6.3f}/{r['encoder_shape']:<7.3f}")  # fmt: skip
+              f" {r['token_shape']:>6.3f}/{r['encoder_shape']:<7.3f} {r['cluster_shape']:>9.3f}")  # fmt: skip
     t = rows["trained"]
     print(json.dumps({"benchmark": "probe_tokens", "rows": rows, "token_owned": t["owned"],
                       "token_colour": t["token_colour"], "token_shape": t["token_shape"]}))  # fmt: skip

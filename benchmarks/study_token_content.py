@@ -20,8 +20,9 @@ colour and shape from the token and from the encoder's mean feature). Variants:
 - painter: `pixel` + the token painter (`setok_decoders.painter`): each token paints its
   own layer of the image from (token, position) alone, trained to reconstruct the pixels;
 - ceiling: no training: the same linear shape probe on each object's true visible mask
-  (a window centred on it) at 16x16 (the token grid), 32x32 and 64x64 (the pixels): how
-  much shape a linear read-out of the footprint itself can give.
+  (a window centred on it) at 16x16 (the token grid; also binarised at 0.5, as a hard
+  cluster is), 32x32 and 64x64 (the pixels): how much shape a linear read-out of the
+  footprint itself can give.
 
 The last line printed is one JSON object with the probes and the seconds per step.
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from probe_tokens import probe_row, scenes  # the script's folder is on sys.path
+from probe_tokens import centred_window, probe_row, scenes  # the script's folder is on sys.path
 
 from setokim.data.shapes_world import World
 
@@ -56,22 +57,20 @@ VARIANTS = (
 DECODER_YAML = Path(__file__).resolve().parents[1] / "experiments/conf/decoder/stage1_tiny.yaml"
 
 
-def footprints(folder: Path, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each object's visible mask at `grid`, in a window centred on it, and its shape name."""
+def footprints(folder: Path, grid: int, binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each object's visible mask at `grid` (area-resized; `binary`: > 0.5, as a hard cluster
+    would be), in a window centred on it, and its shape name."""
     from setok_decoders import resize_masks
     from setokim.data import make_loader
 
-    half = grid * 5 // 16 + 1  # the largest object spans 0.34 of the side
+    half = grid * 3 // 8 + 1  # a 1.6x large object spans 0.54 of the side
     rows, names = [], []
     for batch in make_loader(folder, "val", "image", 64, shuffle=False):
         masks = resize_masks(batch["object_masks"].float(), (grid, grid))
+        if binary:
+            masks = (masks > 0.5).float()
         for b, o in batch["object_valid"].nonzero().tolist():
-            m = masks[b, o]
-            ys, xs = torch.nonzero(m > 0, as_tuple=True)
-            w = m[ys, xs]
-            cy, cx = int((ys * w).sum() / w.sum()), int((xs * w).sum() / w.sum())
-            window = torch.nn.functional.pad(m, (half, half, half, half))
-            rows.append(window[cy : cy + 2 * half, cx : cx + 2 * half].flatten().numpy())
+            rows.append(centred_window(masks[b, o], half))
             names.append(batch["object_names"][b][o].split(" ", 1)[1])
     return np.stack(rows), np.asarray(names)
 
@@ -80,10 +79,11 @@ def shape_ceiling(train: Path, test: Path) -> dict[str, float]:
     from setok_eval.metrics.probes import linear_probe
 
     out = {}
-    for grid in (16, 32, 64):
-        (xa, ya), (xb, yb) = footprints(train, grid), footprints(test, grid)
+    for grid, binary in ((16, False), (16, True), (32, False), (64, False)):
+        (xa, ya), (xb, yb) = footprints(train, grid, binary), footprints(test, grid, binary)
         probe = linear_probe(xa, ya, xb, yb)
-        out[f"mask{grid}_shape"], out["chance_shape"] = probe.accuracy, probe.chance
+        name = f"mask{grid}{'_binary' if binary else ''}_shape"
+        out[name], out["chance_shape"] = probe.accuracy, probe.chance
     return out
 
 

@@ -63,6 +63,7 @@ def test_pipeline_stage2_sharded_export_starts_stage3_as_the_single_file_one(
 ) -> None:
     from safetensors.torch import load_file
 
+    from setokim.model.export import weights_sha256
     from setokim.model.setokim import SeTokIM
     from setokim.model.sharded import INDEX_FILE, checkpoint_tensors
     from setokim.stages import build_stage
@@ -109,3 +110,14 @@ def test_pipeline_stage2_sharded_export_starts_stage3_as_the_single_file_one(
     assert set(index.values()) <= set(info["weights_sha256"])
     loaded = SeTokIM.from_pretrained(adapter)
     assert loaded.config.lora.enabled
+
+    # killed after the export, before its step record: the relaunch writes it again, the
+    # same bytes (Stage III's recorded base hashes still hold), and skips Stage III
+    (run / "stage2" / "pipeline_step.json").unlink()
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                       start_method="fork")  # fmt: skip
+    assert (run / "stage2" / "pipeline_step.json").is_file()
+    assert verify_checkpoint(sharded) == [] and not (run / "stage2" / "export.partial").exists()
+    again = weights_sha256(sharded)
+    assert all(again[f] == info["weights_sha256"][f] for f in set(index.values()))
+    SeTokIM.from_pretrained(adapter)

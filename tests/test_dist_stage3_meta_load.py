@@ -1,7 +1,9 @@
 """Stage III on 2 gloo ranks builds its LLM on the meta device and takes the Stage II
 export's tensors, from one `model.safetensors` or from a sharded export written by both
-ranks: every rank's model equals the exported one, and the load costs each rank about one
-copy of the weights (`SeTokIM.from_pretrained` costs two: a random LLM, then the file)."""
+ranks: every rank's model equals the exported one, and the load allocates no random LLM
+(`SeTokIM.from_pretrained` allocates one before it reads the file). Allocations are counted
+by a dispatch mode, tensor by tensor, so the figure does not depend on the allocator or the
+machine (resident memory did: a peak measured here was 1.3 copies on one box, 2 on another)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 pytestmark = pytest.mark.dist
 
@@ -27,19 +31,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
+class _AllocatedBytes(TorchDispatchMode):
+    """Sums the bytes of every new (not a view, not in place) non-meta tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    self.total += t.numel() * t.element_size()
+        return out
 
 
-def _peak_bytes(load):  # type: ignore[no-untyped-def]
-    """(load's result, the rise of this process's peak resident memory while it ran)."""
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    before = _status_kb("VmRSS")
-    out = load()
-    return out, (_status_kb("VmHWM") - before) * 1024
+def _allocated_bytes(load):  # type: ignore[no-untyped-def]
+    """(load's result, the bytes of the tensors it allocated through torch's ops)."""
+    with _AllocatedBytes() as counter:
+        out = load()
+    return out, counter.total
 
 
 def _base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -75,21 +87,20 @@ def _worker(rank: int, port: int, root: str, phase: str) -> None:
             write_sharded_export(Path(root) / "sharded", sizes, lambda n: {k: state[k] for k in n},
                                  fill)  # fmt: skip
             return
-        # one load per process: freed memory that the allocator keeps would hide a later peak
         loader, name = phase.split(":")
         export = Path(root) / name
         if loader == "stage3":
             stage = build_stage("stage3", {"init_from": str(export)})
-            model, peak = _peak_bytes(stage.build_model)
+            model, allocated = _allocated_bytes(stage.build_model)
             ours = _base_weights(model)
         else:  # the reference: SeTokIM.from_pretrained (a random LLM, then the file)
             from setokim.model.setokim import SeTokIM
 
-            model, peak = _peak_bytes(lambda: SeTokIM.from_pretrained(export))
+            model, allocated = _allocated_bytes(lambda: SeTokIM.from_pretrained(export))
             ours = model.trainable_state_dict()
         want = load_file(str(full / "model.safetensors"))
         result = {
-            "peak": peak,
+            "allocated": allocated,
             "same_keys": set(ours) == set(want),
             "equal": all(torch.equal(ours[k], want[k]) for k in want if k in ours),
             "meta_left": sum(p.is_meta for p in model.parameters()),
@@ -123,10 +134,10 @@ def test_stage3_loads_a_full_and_a_sharded_export_on_the_meta_device(tmp_path: P
         _spawn(tmp_path, phase)
     for rank in (0, 1):
         ref = json.loads((tmp_path / f"reference_full_rank{rank}.json").read_text())
-        assert ref["equal"] and ref["peak"] > 1.6 * weights, ref
+        # the reference's random LLM: about one copy of the weights
+        assert ref["equal"] and ref["allocated"] > 0.9 * weights, ref
         for name in ("full", "sharded"):
             run = json.loads((tmp_path / f"stage3_{name}_rank{rank}.json").read_text())
             assert run["same_keys"] and run["equal"] and run["meta_left"] == 0, (name, run)
-            # one copy of the weights (plus LoRA adapters and the tiny SeTok), not two
-            assert run["peak"] < 1.4 * weights, (name, run["peak"], weights)
-            assert run["peak"] < ref["peak"] - 0.5 * weights, (name, run, ref)
+            # no random LLM: only the LoRA adapters and the tiny SeTok are allocated
+            assert run["allocated"] < 0.2 * weights, (name, run["allocated"], weights)

@@ -79,6 +79,12 @@ def trainer_config(
 
 
 def _rank() -> int:
+    """This process's rank: the process group's when one is joined (a group started with an
+    explicit rank has no RANK variable), else the launcher's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
             return int(os.environ[key])
@@ -92,17 +98,23 @@ def read_record(step_dir: Path) -> StepRecord | None:
     return StepRecord(**json.loads(path.read_text(encoding="utf-8")))
 
 
-def export_step(stage: Any, checkpoint: Path, out: Path) -> Path | None:
-    """Export the trained model of one step to `out` atomically; None when the stage has none."""
+def export_step(stage: Any, checkpoint: Path, out: Path, install: bool = True) -> Path | None:
+    """Export the trained model of one step to `out` atomically; None when the stage has none.
+
+    With a process group every rank must call this: reading a checkpoint is collective
+    (verification and DCP load). Each rank writes into its own temporary directory and only
+    the one with `install` (rank 0) moves it to `out`.
+    """
     exporter = getattr(stage, "export", None)
     if not callable(exporter):
         return None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         exporter(checkpoint, tmp / "final")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / "final", out)
+        if install:
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp / "final", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -199,13 +211,12 @@ def _run_steps(
             result.preempted = True
             print(f"pipeline: step {index} {name!r} preempted at step {out.step}; relaunch resumes")
             return result
-        together = collective(stage)
-        export: Path | None = None
-        if together or _rank() == 0:
-            if out.checkpoint is None:
-                raise RuntimeError(f"step {name!r}: training left no checkpoint to export")
-            write = export_collective if together else export_step
-            export = write(stage, out.checkpoint, step_dir / "export")
+        if out.checkpoint is None:
+            raise RuntimeError(f"step {name!r}: training left no checkpoint to export")
+        if collective(stage):
+            export = export_collective(stage, out.checkpoint, step_dir / "export")
+        else:
+            export = export_step(stage, out.checkpoint, step_dir / "export", _rank() == 0)
         if _rank() != 0:
             rec = _wait_for_record(step_dir)
         else:
