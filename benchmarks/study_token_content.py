@@ -75,6 +75,15 @@ def footprints(folder: Path, grid: int, binary: bool = False) -> tuple[np.ndarra
     return np.stack(rows), np.asarray(names)
 
 
+def encoder_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The tiny encoder's transformers config for --family, --patch, --width and --layers."""
+    if args.family == "convnext":
+        return {"patch_size": args.patch // 2, "hidden_sizes": [args.width] * 2,
+                "depths": [args.layers] * 2}  # fmt: skip
+    return {"patch_size": args.patch, "hidden_size": args.width,
+            "intermediate_size": 2 * args.width, "num_hidden_layers": args.layers}  # fmt: skip
+
+
 def shape_ceiling(train: Path, test: Path) -> dict[str, float]:
     from setok_eval.metrics.probes import linear_probe
 
@@ -97,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--patch", type=int, default=4)
     parser.add_argument(
+        "--family", choices=("vit", "convnext"), default="vit",
+        help="convnext: 2 stages of --layers blocks, --width wide, stem patch --patch/2 "
+        "(the same grid as the ViT)",
+    )  # fmt: skip
+    parser.add_argument(
         "--world", type=World.from_json, default=World(),
         help='the Shapes World, JSON: {"shapes": [...], "object_scale": 1.6, "max_rotation": 0}',
     )  # fmt: skip
@@ -107,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--centred-painter", action="store_true", help="the painter paints around centroids"
     )
+    parser.add_argument(
+        "--init-encoder", type=Path, default=None,
+        help="a torch state dict of the encoder to start from (e.g. attribute-pretrained)",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out-dir", default="runs/study_token_content")
     args = parser.parse_args(argv)
@@ -136,16 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     tok_cfg = SeTokConfig(
-        encoder=EncoderConfig(
-            freeze=False,
-            image_size=size,
-            overrides={
-                "patch_size": args.patch,
-                "hidden_size": args.width,
-                "intermediate_size": 2 * args.width,
-                "num_hidden_layers": args.layers,
-            },
-        ),
+        encoder=EncoderConfig(freeze=False, image_size=size, family=args.family,
+                              overrides=encoder_overrides(args)),  # fmt: skip
         clustering=ClusteringConfig(max_clusters=12, assignment="hard", knn_k=3),
         merger=MergerConfig(
             num_blocks=args.merger_blocks, num_heads=2, relative_pe=args.relative_pe
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         modules.append(diffusion)
     if painter is not None:
         modules.append(painter)
+    if args.init_encoder is not None:
+        setok.encoder.load_state_dict(torch.load(args.init_encoder, weights_only=True))
     for p in setok.parameters():  # the encoder trains (Stage I sub-phase 2)
         p.requires_grad_(True)
     params = list({id(p): p for m in modules for p in m.parameters()}.values())
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.variant}: owned {row['owned']:.3f} colour tok/enc {row['token_colour']:.3f}/"
           f"{row['encoder_colour']:.3f} shape tok/enc {row['token_shape']:.3f}/"
           f"{row['encoder_shape']:.3f} (chance {row['chance_shape']:.3f})")  # fmt: skip
-    spec = {**vars(args), "world": args.world.as_dict()}
+    spec = {**vars(args), "world": args.world.as_dict(), "init_encoder": str(args.init_encoder)}
     print(json.dumps({"variant": args.variant, **spec, "s_per_step": seconds, **row}))
     return 0
 

@@ -93,3 +93,20 @@ def test_data_config_builds_the_world_from_a_mapping():
     assert isinstance(cfg.world, World) and cfg.world.shapes == ["star"]
     with pytest.raises(ValueError, match="world.max_objects"):
         from_dict(DataConfig, {"world": {"max_objects": 0}})
+
+
+def test_attribute_labels_index_the_worlds_words_and_refuse_others() -> None:
+    from setokim.data.shapes_world import COLORS, World, attribute_labels, attribute_vocab
+
+    world = World(shapes=["circle", "star"])
+    assert attribute_vocab(world) == {"colour": list(COLORS), "shape": ["circle", "star"]}
+    got = attribute_labels([["red star", "blue circle"], []], 3, world)
+    assert got["colour"].tolist() == [[list(COLORS).index("red"), list(COLORS).index("blue"),
+                                       -100], [-100, -100, -100]]  # fmt: skip
+    assert got["shape"].tolist() == [[1, 0, -100], [-100, -100, -100]]
+    with pytest.raises(ValueError, match="'square' is not a shape"):
+        attribute_labels([["red square"]], 1, world)
+    with pytest.raises(ValueError, match="expected 'colour shape'"):
+        attribute_labels([["red"]], 1, world)
+    with pytest.raises(ValueError, match="2 object names for 1 slots"):
+        attribute_labels([["red star", "red star"]], 1, world)

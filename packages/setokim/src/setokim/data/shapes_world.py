@@ -284,3 +284,31 @@ def sample_scene(rng: np.random.Generator, world: World | None = None, tries: in
                 scene = placed
                 break
     return scene
+
+
+def attribute_vocab(world: World) -> dict[str, list[str]]:
+    """The words an object's name is made of, per attribute: every colour, the world's shapes
+    (what Stage I's sub-phase 0 teaches the encoder to name)."""
+    return {"colour": list(COLORS), "shape": list(world.shapes)}
+
+
+def attribute_labels(
+    object_names: list[list[str]], slots: int, world: World, ignore: int = -100
+) -> dict[str, np.ndarray]:
+    """Per attribute, a (B, slots) int64 array of each object's word index in
+    `attribute_vocab(world)`; `ignore` where a slot holds no object. Names are "colour shape"
+    (`Shape.name`); a word outside the world's vocabulary is an error naming it."""
+    vocab = attribute_vocab(world)
+    out = {key: np.full((len(object_names), slots), ignore, np.int64) for key in vocab}
+    for b, names in enumerate(object_names):
+        if len(names) > slots:
+            raise ValueError(f"image {b}: {len(names)} object names for {slots} slots")
+        for o, name in enumerate(names):
+            words = name.split(" ")
+            if len(words) != len(vocab):
+                raise ValueError(f"object name {name!r}: expected 'colour shape'")
+            for (key, known), word in zip(vocab.items(), words, strict=True):
+                if word not in known:
+                    raise ValueError(f"object name {name!r}: {word!r} is not a {key} of {known}")
+                out[key][b, o] = known.index(word)
+    return out
