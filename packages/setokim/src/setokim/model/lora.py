@@ -8,6 +8,9 @@ keep one dtype per parameter group (cast adapters to the base dtype with `adapte
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -15,7 +18,8 @@ from setokim.model.config import LoRAConfig
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Inject LoRA into `model.llm`; freeze all but adapters and `cfg.train_heads`."""
+    """Inject LoRA into `model.llm`; freeze all but adapters and `cfg.train_heads`. Base
+    weights on the meta device get real adapters, the same as over loaded weights."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if cfg.rank < 1:
@@ -33,7 +37,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         target_modules=list(cfg.target_modules),
         bias="none",
     )
-    inject_adapter_in_model(lora_cfg, model.llm)
+    with _cpu_stand_ins(model.llm):
+        inject_adapter_in_model(lora_cfg, model.llm)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
     for head in cfg.train_heads:
@@ -42,6 +47,29 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             raise ValueError(f"lora.train_heads names {head!r}, which is not a SeTokIM module")
         module.requires_grad_(True)
     return model
+
+
+@contextmanager
+def _cpu_stand_ins(module: nn.Module) -> Iterator[None]:
+    """Swap `module`'s meta parameters for zero-memory CPU stand-ins (one element, expanded)
+    while peft injects, then put them back.
+
+    Why: peft creates each adapter on its base weight's device; on the meta device (Stage
+    III's LLM before sharding, `load_export_on_meta(defer_llm=True)`) the adapters would have
+    no values. With stand-ins they are initialised on the CPU exactly as over real weights.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    for owner in module.modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.is_meta:
+                stand_in = torch.zeros((), dtype=param.dtype).expand(param.shape)
+                owner._parameters[name] = nn.Parameter(stand_in, param.requires_grad)
+                swapped.append((owner, name, param))
+    try:
+        yield
+    finally:
+        for owner, name, param in swapped:
+            owner._parameters[name] = param
 
 
 def lora_state_dict(model: nn.Module) -> dict:

@@ -22,6 +22,11 @@ Loading (`load_sharded_weights`): the model is built on the meta device and shar
 its local shard; each one is filled from the safetensors slice of its rows
 (`safe_open(...).get_slice`), so a rank reads and materialises about 1/world of the
 weights. Plain (unsharded) tensors are read whole. Returns the bytes this rank read.
+
+A SeTokIM export (Stage III's start): `load_export_on_meta` builds the model with its LLM on
+the meta device and loads the rest; with `defer_llm` the LLM stays there until the training
+loop has sharded it, and `materialise_from_export` then allocates only the meta tensors
+(the LoRA adapters, SeTok and projector keep their values) and fills each rank's rows.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from setokim.utils.io import atomic_write_json
 INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_DIR = ".progress"
 PARTIAL_SUFFIX = ".partial"
+LLM_PREFIX = "llm."  # SeTokIM's LLM: what `load_export_on_meta(defer_llm=True)` leaves on meta
 
 
 def _rank_world() -> tuple[int, int]:
@@ -233,8 +239,6 @@ def load_sharded_weights(
     ignored. Non-persistent buffers are not in an export: a model built on the meta device
     must compute them itself after `to_empty` (a Llama's rotary `inv_freq`).
     """
-    from safetensors import safe_open
-
     export = Path(export)
     where = read_index(export)
     saved = set(model.state_dict())  # no non-persistent buffers (e.g. rotary inv_freq)
@@ -243,30 +247,46 @@ def load_sharded_weights(
     missing = sorted(n for n in targets if n not in where)
     if strict and missing:
         raise KeyError(f"{export}: the export lacks {missing[:5]} ({len(missing)} tensors)")
+    return _fill_rows({n: (n, t) for n, t in targets.items() if n in where}, export, where)
+
+
+def _fill_rows(
+    targets: Mapping[str, tuple[str, Tensor]], export: Path, where: Mapping[str, str]
+) -> int:
+    """Copy into each target (model name -> (export name, tensor)) its rows of the export
+    (`where`: export name -> file): a DTensor's local rows only, a plain tensor whole.
+    Returns the bytes read; a shape that does not fit is an error naming the tensor."""
+    from safetensors import safe_open
+
     by_file: dict[str, list[str]] = {}
-    for name in targets:
-        if name in where:
-            by_file.setdefault(where[name], []).append(name)
+    for name, (key, _) in targets.items():
+        by_file.setdefault(where[key], []).append(name)
     read = 0
     with torch.no_grad():
         for file, names in sorted(by_file.items()):
             with safe_open(str(export / file), framework="pt") as handle:
                 for name in names:
-                    target = targets[name]
+                    key, target = targets[name]
                     rows = _local_rows(target)
                     local = target.to_local() if rows is not None else target
+                    stored = tuple(handle.get_slice(key).get_shape())
+                    if stored != tuple(target.shape):
+                        raise ValueError(
+                            f"{export / file}: {key} has shape {stored}, the model's {name} "
+                            f"{tuple(target.shape)}"
+                        )
                     if rows is None:
-                        value = handle.get_tensor(name)
+                        value = handle.get_tensor(key)
                     else:
                         shape, offset = rows
                         if local.numel() == 0:
                             continue
                         index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-                        value = handle.get_slice(name)[index]
+                        value = handle.get_slice(key)[index]
                     if tuple(value.shape) != tuple(local.shape):
                         raise ValueError(
-                            f"{export / file}: {name} has shape {tuple(value.shape)} here, "
-                            f"the model's (local) tensor {tuple(local.shape)}"
+                            f"{export / file}: {key} gives rows of shape {tuple(value.shape)}, "
+                            f"the model's (local) {name} {tuple(local.shape)}"
                         )
                     local.copy_(value)
                     read += value.numel() * value.element_size()
@@ -301,12 +321,18 @@ def _materialise_buffers(llm: nn.Module) -> None:
         llm._init_weights(module)  # type: ignore[operator]
 
 
-def load_export_on_meta(directory: str | os.PathLike[str], **parts: Any) -> Any:
+def load_export_on_meta(
+    directory: str | os.PathLike[str], *, defer_llm: bool = False, **parts: Any
+) -> Any:
     """A full SeTokIM export (Stage II) with its LLM built on the meta device and given the
     export's tensors (`load_state_dict(assign=True)`), so host memory holds one copy of the
     weights instead of a random LLM plus the loaded one. Reads `model.safetensors` or a
     sharded export (`INDEX_FILE`). `parts` replace parts as in `SeTokIM.from_config`.
     Remembers `directory` as the base of a later adapter export (as `from_pretrained` does).
+
+    `defer_llm`: the LLM's parameters stay on the meta device (its buffers are computed and
+    the rest is loaded), for `materialise_from_export` to fill once FSDP2 has sharded the
+    model, so that each rank reads and holds only its rows instead of a whole copy.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -355,21 +381,63 @@ def load_export_on_meta(directory: str | os.PathLike[str], **parts: Any) -> Any:
     for file, names in sorted(by_file.items()):
         with safe_open(str(directory / file), framework="pt") as handle:
             for name in names:
-                value = handle.get_tensor(name)
-                if value.shape != own[name].shape:
+                deferred = defer_llm and name.startswith(LLM_PREFIX)
+                # a deferred tensor's shape from the file's header: it is read later, by rows
+                value = handle.get_slice(name) if deferred else handle.get_tensor(name)
+                shape = tuple(value.get_shape() if deferred else value.shape)
+                if shape != tuple(own[name].shape):
                     raise ValueError(
-                        f"{directory / file}: {name} has shape {tuple(value.shape)}, the model "
+                        f"{directory / file}: {name} has shape {shape}, the model "
                         f"{tuple(own[name].shape)}"
                     )
-                state[name] = value.to(own[name].dtype)
+                if not deferred:
+                    state[name] = value.to(own[name].dtype)
     model.load_state_dict(state, strict=False, assign=True)
     del state
     _materialise_buffers(model.llm)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if defer_llm:
+        left = [n for n in left if not n.startswith(LLM_PREFIX)]
     if left:
         raise RuntimeError(f"{directory}: still on the meta device after loading: {left[:5]}")
     model.base_export = directory.resolve()
     return model
+
+
+def _empty_meta(model: nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised, on `device`) every meta tensor of `model`, leaving the others
+    as they are. `model.to_empty` would also replace the real ones (LoRA adapters, SeTok);
+    `_apply` at the root is what `to_empty` uses and lets FSDP2 re-register its shards."""
+    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+
+
+def materialise_from_export(
+    model: nn.Module, export: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> int:
+    """Fill the tensors `model` has on the meta device (`load_export_on_meta(defer_llm=True)`)
+    from `export` (one `model.safetensors` or sharded), after FSDP2 has sharded the model:
+    each DTensor gets only its local rows, read as slices of the safetensors files, so a
+    rank reads and holds about 1/world of the LLM. A LoRA base weight (`x.base_layer.w`,
+    peft injects in place) is read from the export's `x.w`. Returns the bytes read; a
+    tensor the export lacks, or whose shape does not fit, is an error naming it."""
+    from setokim.train.parallel import meta_tensors
+
+    export = Path(export)
+    names = meta_tensors(model)
+    saved = set(model.state_dict())
+    lost = [n for n in names if n not in saved]
+    if lost:
+        raise RuntimeError(
+            f"{lost[:5]}: non-persistent buffers on the meta device (no export has them)"
+        )
+    where = export_weight_files(export)
+    keys = {n: n.replace(".base_layer.", ".") for n in names}
+    missing = [k for k in keys.values() if k not in where]
+    if missing:
+        raise KeyError(f"{export}: the export lacks {missing[:5]} ({len(missing)} tensors)")
+    _empty_meta(model, torch.device(device))
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return _fill_rows({n: (keys[n], tensors[n]) for n in names}, export, where)
 
 
 __all__ = [
@@ -380,6 +448,7 @@ __all__ = [
     "export_weight_files",
     "load_export_on_meta",
     "load_sharded_weights",
+    "materialise_from_export",
     "read_index",
     "shard_name",
     "write_sharded_export",

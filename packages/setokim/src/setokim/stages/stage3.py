@@ -8,8 +8,9 @@ train. Data: a per-batch mix of vqa, pope, rec, reasonseg, chat and edit.
 
 Initialisation: `init_from` is a Stage II export, one `model.safetensors` or sharded
 (`setokim.model.sharded`): its LLM is built on the meta device and takes the exported tensors,
-so each rank holds one copy of the weights (text tokenizer, SeTok and decoder paths come with
-it); None builds a seeded random tiny model (tests).
+one copy of the weights (text tokenizer, SeTok and decoder paths come with it); under FSDP2
+on several ranks (`build_model_deferred`) each rank reads only its rows after sharding.
+None builds a seeded random tiny model (tests).
 
 Export (`export`): an adapter export (`setokim.model.export`): the LoRA adapters, the
 `lora.train_heads` weights, the config and the text tokenizer, pointing at `init_from`
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from setok_tokenizer.config import from_dict
@@ -45,6 +47,7 @@ from setokim.stages.stage2 import (
     mllm_config,
     resolve_tokenizer_source,
 )
+from setokim.train.stage import DeferredModel
 
 _STAGE3_DATA: dict[str, Any] = {
     "shard_dir": "data/shapes_world_setokim",
@@ -141,8 +144,9 @@ class Stage3Stage(MLLMStage):
             return {"setok": resolve_tokenizer_source(self.cfg.init_tokenizer).tokenizer}
         return {}
 
-    def build_model(self) -> nn.Module:
-        """The Stage II model (or a random tiny one) with LoRA injected; all else frozen."""
+    def build_model(self, *, defer_llm: bool = False) -> nn.Module:
+        """The Stage II model (or a random tiny one) with LoRA injected; all else frozen.
+        `defer_llm`: leave the export's LLM on the meta device (`build_model_deferred`)."""
         from setokim.model.lora import adapter_dtype, apply_lora, trainable_summary
 
         set_cpu_threads(self.cfg.cpu_threads)
@@ -156,6 +160,7 @@ class Stage3Stage(MLLMStage):
             # weights out of training checkpoints); the config keeps their paths.
             model = load_export_on_meta(
                 self.cfg.init_from,
+                defer_llm=defer_llm,
                 text_tokenizer=self.text_tokenizer(),
                 image_decoder=nn.Identity(),
                 mask_decoder=nn.Identity(),
@@ -181,6 +186,22 @@ class Stage3Stage(MLLMStage):
         if is_main():
             print(f"{self.name}: {trainable_summary(model)}")
         return model
+
+    def build_model_deferred(self) -> DeferredModel:
+        """`build_model` with the Stage II export's LLM left on the meta device; the loop
+        fills it after FSDP2 has sharded it, each rank reading only its rows (a whole copy
+        per rank otherwise: ~26 GB of host memory for 13B in bf16)."""
+        from setokim.model.sharded import materialise_from_export
+
+        if self.cfg.init_from is None:  # a random tiny model: nothing to read
+            return DeferredModel(self.build_model(), lambda device: None)
+        export = Path(self.cfg.init_from)
+        model = self.build_model(defer_llm=True)
+
+        def materialise(device: torch.device) -> None:
+            materialise_from_export(model, export, device)
+
+        return DeferredModel(model, materialise)
 
     def batch_hook(self) -> BatchHook | None:
         suffix, prompt = self.cfg.question_suffix, self.cfg.caption_prompt

@@ -44,6 +44,7 @@ from setokim.train.parallel import (
     apply_activation_checkpointing,
     apply_fsdp,
     broadcast_parameters,
+    meta_tensors,
 )
 from setokim.train.result import TrainResult
 from setokim.train.rng import seed_all
@@ -252,15 +253,27 @@ class Trainer:
         """Same seed everywhere: identical initial weights on every rank without a broadcast."""
         cfg, world = self.cfg, self.world
         seed_all(cfg.seed)
-        model = self.stage.build_model()
+        # Sharded over ranks, a stage may leave its large frozen weights on the meta device
+        # and fill each rank's rows after fully_shard (a whole copy per rank otherwise).
+        build_deferred = getattr(self.stage, "build_model_deferred", None)
+        deferred = build_deferred() if self.use_fsdp and world > 1 and build_deferred else None
+        model = self.stage.build_model() if deferred is None else deferred.model
         units = list(self.stage.fsdp_units(model))
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(units)
-        model.to(self.device)
+        if deferred is None:  # fully_shard moves what is not on the meta device
+            model.to(self.device)
         dtype, device_type = self.low_dtype, self.device.type
         self.autocast: Callable[[], Any] = contextlib.nullcontext
         if self.use_fsdp:
             apply_fsdp(model, units, device_type=device_type, world_size=world, param_dtype=dtype)
+            if deferred is not None:
+                deferred.materialise(self.device)
+                left = meta_tensors(model)
+                if left:
+                    raise RuntimeError(
+                        f"stage: still on the meta device after materialise: {left[:5]}"
+                    )
         else:
             if world > 1:
                 broadcast_parameters(model)

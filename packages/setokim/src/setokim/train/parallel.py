@@ -56,6 +56,11 @@ def apply_fsdp(
     return model
 
 
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Names of `model`'s parameters and buffers on the meta device (not materialised)."""
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
 def fp32_master_weights(model: nn.Module) -> int:
     """Cast every trainable floating-point parameter to fp32 in place; returns how many.
 

@@ -6,10 +6,25 @@ optimisation, checkpoints, signals and logging. Stages live in `setokim.stages`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DeferredModel:
+    """A model whose large frozen weights are still on the meta device, and the function that
+    fills them on a device once the loop has sharded the model with FSDP2.
+
+    Why: built whole, a 7B/13B LLM costs one full copy per rank; filled after sharding,
+    each rank reads and holds only its own rows (`setokim.model.sharded`).
+    """
+
+    model: nn.Module
+    materialise: Callable[[torch.device], None]
 
 
 @runtime_checkable
@@ -23,7 +38,9 @@ class Stage(Protocol):
     every rank; needed for `TrainerConfig.epochs`) and `frozen_sources() -> dict[str, path]`
     (the files `build_model` builds the frozen parameters from, possibly none: checkpoints
     then store only what trains plus each source's path and SHA-256, and resume refuses a
-    source whose bytes changed).
+    source whose bytes changed) and `build_model_deferred() -> DeferredModel` (used
+    instead of `build_model` when FSDP2 shards over more than one rank: the model, same
+    as `build_model`'s once materialised, with its large frozen weights on the meta device).
     """
 
     def build_model(self) -> nn.Module:
