@@ -21,7 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 from setokim.train.stage import Stage
 
 Objective = Stage  # hooks: build_model, fsdp_units, batches, loss; optional (getattr):
-# trainable, describe, epoch_batches, frozen_sources, export(checkpoint, out_dir) -> Path
+# trainable, describe, epoch_batches, frozen_sources, build_model_deferred,
+# export(checkpoint, out_dir) -> Path
 
 
 @dataclass
