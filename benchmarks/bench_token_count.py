@@ -193,7 +193,7 @@ def measure_shapes(
         t0 = time.perf_counter()
         train(stage, cfg, run)
         seconds["train"] = time.perf_counter() - t0
-        pixels, masks, valid = heldout_scenes(out_dir, heldout, stage.data_cfg.image_size)
+        pixels, masks, valid = heldout_scenes(out_dir, heldout, stage.cfg.data.image_size)
         labels = object_labels(masks, valid)
         for name, steps in marks.items():
             _, model = load_stage1_checkpoint(
@@ -203,7 +203,7 @@ def measure_shapes(
             rows[name]["subphase2_steps"] = steps - phase1
     else:
         stage, model = load_stage1_checkpoint(stage1_run, cpu_threads=1)
-        pixels, masks, valid = heldout_scenes(out_dir, heldout, stage.data_cfg.image_size)
+        pixels, masks, valid = heldout_scenes(out_dir, heldout, stage.cfg.data.image_size)
         rows["final"] = count_agreement(model, pixels, object_labels(masks, valid))
     final = rows["final"]
     drift = abs(final["mean_tokens"] - rows["early"]["mean_tokens"]) if "early" in rows else None

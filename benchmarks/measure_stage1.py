@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_all(trainer.seed)  # the loop's initialisation: the untrained starting point
     untrained = build({**stage1.describe()["params"], "init_from": None}).build_model().eval()
 
-    pixels, obj_masks, obj_valid = held_out(Path(stage1.data_cfg.shard_dir))
+    pixels, obj_masks, obj_valid = held_out(Path(stage1.cfg.data.shard_dir))
     labels = object_labels(obj_masks, obj_valid)
     size = untrained.diffusion.config.image_size
     from setokim.stages.stage1 import resize_images

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
+from setok_decoders.config import DecodersConfig
 from setok_experiments.cli import main
 from setok_experiments.compose import ConfigError, compose_experiment, validate
 from setok_tokenizer import SeTok, SeTokConfig
@@ -43,11 +44,12 @@ def _required(exp: str, tmp_path: Path) -> list[str]:
 
 def _typed_parts(stage: Any) -> dict[str, Any]:
     """The typed configs a built objective holds (a pipeline: those of each step)."""
-    parts = {
-        name: getattr(stage, name)
-        for name in ("tokenizer_cfg", "data_cfg", "model_cfg")
-        if hasattr(stage, name)
-    }
+    cfg = getattr(stage, "cfg", None)
+    parts = {name: getattr(cfg, name) for name in ("tokenizer", "data") if hasattr(cfg, name)}
+    if hasattr(stage, "model_cfg"):
+        parts["model"] = stage.model_cfg
+    if hasattr(cfg, "decoder"):
+        parts["decoder"] = cfg.decoder
     for index, (name, params, _trainer) in enumerate(getattr(stage, "steps", ())):
         for key, value in _typed_parts(build_stage(name, params)).items():
             parts[f"steps.{index}.{key}"] = value
@@ -61,9 +63,13 @@ def test_every_experiment_composes_and_builds_its_objects(exp: str, tmp_path: Pa
     assert isinstance(cfg.tokenizer, SeTokConfig)
     assert isinstance(cfg.data, DataConfig) and isinstance(cfg.trainer, TrainerConfig)
     stage = build_stage(cfg.stage.name, OmegaConf.to_container(composed.stage.params, resolve=True))
-    expected = {"tokenizer_cfg": SeTokConfig, "data_cfg": DataConfig, "model_cfg": SeTokIMConfig}
-    for key, value in _typed_parts(stage).items():
+    expected = {"tokenizer": SeTokConfig, "data": DataConfig, "model": SeTokIMConfig,
+                "decoder": DecodersConfig}  # fmt: skip
+    parts = _typed_parts(stage)
+    for key, value in parts.items():
         assert isinstance(value, expected[key.rsplit(".", 1)[-1]]), (exp, key, value)
+    if cfg.stage.name in ("quickstart", "stage1", "stage2", "stage3"):  # the stage's own groups
+        assert {"tokenizer", "data"} <= set(parts), (exp, sorted(parts))
     if cfg.tokenizer.encoder.pretrained_path is None:  # a tiny tokenizer: build the module
         assert SeTok(cfg.tokenizer).output_dim > 0
 
@@ -94,6 +100,16 @@ def test_every_experiment_composes_and_builds_its_objects(exp: str, tmp_path: Pa
         ("quickstart", "mllm.llm.hiden_size=8", "mllm.llm.hiden_size"),
         ("stage1_shapes", "decoder.mask.num_layers=two", "decoder.mask.num_layers"),
         ("setokim_shapes", "mllm.lora.rank=four", "mllm.lora.rank"),
+        # stage params are typed per stage: bad values and unknown keys name their key
+        ("setokim_shapes", "stage.params.steps.1.trainer.max_steps=-1", "trainer.max_steps"),
+        ("setokim_shapes", "+stage.params.steps.2.params.lora.ranq=4", "ranq"),
+        ("setokim_shapes", "stage.params.steps.0.params.subphase=3", "stage1.subphase"),
+        ("stage1_shapes", "+stage.params.kl_weigth=1", "kl_weigth"),
+        ("stage1_shapes", "stage.params.mask_weight=-1", "stage1.mask_weight"),
+        ("stage1_shapes", "stage.params.cpu_threads=0", "stage1.cpu_threads"),
+        ("quickstart", "+stage.params.data.shard_dirr=x", "quickstart.data"),
+        ("quickstart", "tokenizer.encoder.freeze=true", "quickstart.tokenizer.encoder.freeze"),
+        ("eval_shapes", "stage.params.batch_size=0", "batch_size"),
     ],
 )
 def test_bad_value_fails_at_compose_naming_the_key(exp: str, override: str, key: str) -> None:
@@ -102,10 +118,17 @@ def test_bad_value_fails_at_compose_naming_the_key(exp: str, override: str, key:
     assert key in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("tokenizer.clustering.mechanism=dynmic", "tokenizer.clustering.mechanism"),
+        ("+stage.params.kl_epss=1", "kl_epss"),  # an unknown stage param
+    ],
+)
 def test_dry_run_with_a_bad_value_exits_2_before_anything_is_written(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    override: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["+exp=quickstart", "tokenizer.clustering.mechanism=dynmic", f"run_root={tmp_path}"]
+    argv = ["+exp=quickstart", override, f"run_root={tmp_path}"]
     assert main([*argv, "--dry-run"]) == 2
-    assert "tokenizer.clustering.mechanism" in capsys.readouterr().err
+    assert key in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

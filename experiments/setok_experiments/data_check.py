@@ -49,7 +49,7 @@ def _steps(obj: ExperimentConfig, params: dict[str, Any]) -> list[Any]:
         specs = [(name, build_stage(name, params), obj.trainer.micro_batch_size)]
     out = []
     for step, stage, micro in specs:
-        data = getattr(stage, "data_cfg", None)
+        data = getattr(getattr(stage, "cfg", None), "data", None)
         if data is None:
             continue
         masks = step in _MASK_STAGES or (

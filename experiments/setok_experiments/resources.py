@@ -422,47 +422,40 @@ def _stage1_step(stage: Any) -> MetaStep:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from setok_decoders import DiffusionDecoder, MaskDecoder
-    from setok_decoders.config import DiffusionDecoderConfig, MaskDecoderConfig
-    from setok_tokenizer.config import from_dict
     from setokim.stages.stage1 import Stage1Model
 
-    spec = dict(stage.cfg.decoder.get("diffusion", {}))
-    setok = _setok_on_meta(stage.tokenizer_cfg, None, "stage1")
+    spec, mask = stage.cfg.decoder.diffusion, stage.cfg.decoder.mask
+    setok = _setok_on_meta(stage.cfg.tokenizer, None, "stage1")
     width, feat = setok.output_dim, setok.encoder.feature_dim
-    mapper = {"token_dim": width, **dict(spec.get("mapper", {}))}
-    if mapper.get("bert_path"):
+    mapper = replace(spec.mapper, token_dim=width)
+    if mapper.bert_path:
         bert = _read_json(
-            Path(mapper["bert_path"]) / "config.json", "decoder.diffusion.mapper.bert_path"
+            Path(mapper.bert_path) / "config.json", "decoder.diffusion.mapper.bert_path"
         )
-        mapper.update(
+        mapper = replace(
+            mapper,
             hidden_size=bert["hidden_size"],
             num_heads=bert["num_attention_heads"],
             intermediate_size=bert["intermediate_size"],
             bert_path=None,
         )
     unet_cfg, vae = None, None
-    if spec.get("unet_path"):
-        unet_cfg = UNet2DConditionModel.load_config(_component(spec["unet_path"], "unet"))
-    if spec.get("vae_path"):
-        vae_cfg = AutoencoderKL.load_config(_component(spec["vae_path"], "vae"))
+    if spec.unet_path:
+        unet_cfg = UNet2DConditionModel.load_config(_component(spec.unet_path, "unet"))
+    if spec.vae_path:
+        vae_cfg = AutoencoderKL.load_config(_component(spec.vae_path, "vae"))
     # Build the decoder in pixel space (3 channels), then put the real U-Net and VAE in.
-    small = {**(dict(unet_cfg) if unet_cfg else dict(spec.get("unet") or {}))}
+    small = {**(dict(unet_cfg) if unet_cfg else dict(spec.unet or {}))}
     small = {k: v for k, v in small.items() if not k.startswith("_")}
     if unet_cfg is not None:
         small.update(in_channels=3, out_channels=3)
-    diff_cfg = from_dict(
-        DiffusionDecoderConfig,
-        {**spec, "mapper": mapper, "unet": small, "unet_path": None, "vae_path": None},
-    )
-    mask_cfg = from_dict(
-        MaskDecoderConfig,
-        {"token_dim": width, "feature_dim": feat, **dict(stage.cfg.decoder.get("mask", {}))},
-    )
+    diff_cfg = replace(spec, mapper=mapper, unet=small, unet_path=None, vae_path=None)
+    mask_cfg = replace(mask, token_dim=width, feature_dim=feat)
     with torch.device("meta"):
         diffusion = DiffusionDecoder(diff_cfg)
         if unet_cfg is not None:
             diffusion.unet = UNet2DConditionModel.from_config(unet_cfg)
-        if spec.get("vae_path"):
+        if spec.vae_path:
             vae = AutoencoderKL.from_config(vae_cfg).requires_grad_(False)
             diffusion.vae = vae
         model = Stage1Model(setok, diffusion, MaskDecoder(mask_cfg))
@@ -643,7 +636,7 @@ def _steps(stage: Any, trainer: TrainerConfig, world: int) -> tuple[int | None, 
 
     if trainer.epochs is None:
         return trainer.max_steps, "trainer.max_steps"
-    shard_dir = Path(stage.data_cfg.shard_dir)
+    shard_dir = Path(stage.cfg.data.shard_dir)
     counter = getattr(stage, "epoch_batches", None)
     if not (shard_dir / "manifest.json").is_file() or not callable(counter):
         return None, f"{trainer.epochs:g} epoch(s) of {shard_dir} (no manifest: derived at start)"

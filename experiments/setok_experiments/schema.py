@@ -31,9 +31,9 @@ def _fail(key: str, message: str) -> None:
 class StageConfig:
     """Which objective to train: `setokim.stages.build_stage(name, params)`.
 
-    `params` is handed to the stage as a plain mapping; stage files interpolate the parts of
-    the experiment they consume (e.g. `tokenizer: ${tokenizer}`), and the stage rejects
-    unknown keys.
+    `params` is handed to the stage as a mapping; stage files interpolate the parts of the
+    experiment they consume (e.g. `tokenizer: ${tokenizer}`), and the stage builds its typed
+    config from it (unknown keys and bad values fail naming them).
     """
 
     name: str = "toy"

@@ -44,7 +44,7 @@ def _batch_of(stage, task: str):
     from setokim.data import make_loader
     from setokim.stages.stage2 import MLLMBatches
 
-    d = stage.data_cfg
+    d = stage.cfg.data
     raw = next(iter(make_loader(d.shard_dir, "train", task, 4, shuffle=False)))
     src = MLLMBatches(d, stage.mode, stage.model_cfg, stage.text_tokenizer(), stage.batch_hook())
     return src.layout(raw)

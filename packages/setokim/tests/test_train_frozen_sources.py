@@ -111,11 +111,10 @@ def test_stage2_and_stage3_checkpoints_hold_only_what_trains(tmp_path: Path) -> 
     either checkpoint, each export/source recorded; a retrained SeTok is refused."""
     from setok_tokenizer import SeTok
     from setokim.stages import build_stage
-    from setokim.stages.common import tokenizer_config
-    from setokim.stages.stage2 import _DEFAULT_TOKENIZER
+    from setokim.stages.common import tiny_tokenizer
 
     setok_dir = tmp_path / "setok"
-    setok = SeTok.from_config(tokenizer_config({}, _DEFAULT_TOKENIZER))
+    setok = SeTok.from_config(tiny_tokenizer())
     setok.save_pretrained(str(setok_dir))
     buffers = {f"model.vision_tokenizer.{n}" for n, _ in setok.named_buffers()}
     common = {"data": {"shard_dir": str(tmp_path / "data")}, "generate_train": 8,

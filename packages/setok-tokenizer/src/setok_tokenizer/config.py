@@ -45,6 +45,13 @@ def require_min(obj: object, low: float, *keys: str, strict: bool = False) -> No
             require(ok, obj, key, f"must be {'>' if strict else '>='} {low}, got {value}")
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (None when it has none)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def _dataclass_in(hint: Any) -> type | None:
     """The dataclass a field's type names (`X` or `X | None`), else None."""
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
@@ -61,7 +68,9 @@ def from_dict(
     """A (nested) config dataclass from a possibly partial mapping: the one conversion.
 
     Keys missing from `data` keep `base`'s values (default: the class defaults), nested
-    mappings recurse into nested dataclass fields, an instance of `cls` is returned as is.
+    mappings recurse into nested dataclass fields over `base`'s value or the field's default
+    (so a partial mapping keeps the defaults the outer class gives), an instance of `cls` is
+    returned as is.
     Unknown keys and bad values raise naming them with their path (`where`, default the
     class name).
     """
@@ -70,8 +79,8 @@ def from_dict(
     if not isinstance(data, Mapping):
         raise TypeError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data).difference(known))
     if unknown:
         raise ValueError(
             f"{where or cls.__name__}: unknown config key(s) {unknown}; known: {sorted(known)}"
@@ -80,7 +89,7 @@ def from_dict(
     for name, value in data.items():
         sub = _dataclass_in(hints[name])
         if sub is not None and isinstance(value, Mapping):
-            inner = getattr(base, name) if base is not None else None
+            inner = getattr(base, name) if base is not None else _default(known[name])
             path = f"{where}.{name}" if where else name
             value = from_dict(sub, value, inner if isinstance(inner, sub) else None, path)
         kwargs[name] = value

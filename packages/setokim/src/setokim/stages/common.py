@@ -1,8 +1,7 @@
 """What every training stage shares, written once.
 
-Config handling (partial mappings merged over a stage's defaults, unknown keys named in the
-error), Shapes World generation on rank 0 when `data.shard_dir` has no dataset, and the
-resumable endless-epoch micro-batch stream over `setokim.data.make_loader`. Imports stay
+Config defaults (the tiny tokenizer, a stage's Shapes World data), Shapes World generation
+on rank 0 when `data.shard_dir` has no dataset, and the resumable endless-epoch micro-batch stream over `setokim.data.make_loader`. Imports stay
 light (the toy stage uses this module and must not pull in the tokenizer stack).
 """
 
@@ -13,32 +12,31 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from setok_tokenizer.config import from_dict
+from setok_tokenizer.config import SeTokConfig, from_dict
 from setokim.data.config import DataConfig
 from setokim.data.shapes_world import World
-
-if TYPE_CHECKING:
-    from setok_tokenizer import SeTokConfig
 
 log = logging.getLogger("setokim.stages")
 
 
 # ---- config ------------------------------------------------------------------------------------
-# The tiny seeded tokenizer a stage builds when the experiment gives no other (CPU runs).
-TINY_TOKENIZER: dict[str, Any] = {
-    "encoder": {"family": "vit", "preset": "tiny", "image_size": 64},
-    "clustering": {"mechanism": "dynamic", "assignment": "hard", "max_clusters": 8},
-    "merger": {"num_blocks": 1, "num_heads": 2},
-}
+def tiny_tokenizer() -> SeTokConfig:
+    """The tiny seeded tokenizer a stage builds when the experiment gives no other (CPU runs)."""
+    return from_dict(SeTokConfig, {"clustering": {"max_clusters": 8}, "merger": {"num_blocks": 1}})
+
+
+def shapes_data(shard_dir: str, task: str, *mix: str) -> DataConfig:
+    """A stage's default data: Shapes World in `shard_dir`, one task or an even `mix`."""
+    return DataConfig(shard_dir=shard_dir, task=task, mix_weights=dict.fromkeys(mix, 1.0))
 
 
 @dataclass
@@ -50,33 +48,6 @@ class GenerateFields:
     generate_train: int = 256
     generate_image_size: int = 64
     generate_seed: int = 0
-
-
-def check_keys(cls: type, cfg: Mapping[str, Any], where: str, what: str = "config") -> None:
-    """Raise naming the keys of `cfg` that are not fields of dataclass `cls`."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown {what} key(s) {unknown}; known: {sorted(known)}")
-
-
-def data_config(
-    spec: Mapping[str, Any] | DataConfig, defaults: Mapping[str, Any], where: str
-) -> DataConfig:
-    """A full DataConfig as is; a partial mapping over the stage's defaults (keys checked)."""
-
-    return from_dict(DataConfig, spec, from_dict(DataConfig, defaults), f"{where}: data")
-
-
-def tokenizer_config(
-    spec: Mapping[str, Any] | SeTokConfig,
-    defaults: Mapping[str, Any] | SeTokConfig = TINY_TOKENIZER,
-) -> SeTokConfig:
-    """A full SeTokConfig as is; a partial mapping overrides the stage's default, key by key."""
-    from setok_tokenizer.config import SeTokConfig
-
-    base = from_dict(SeTokConfig, defaults)
-    return from_dict(SeTokConfig, spec, base, "tokenizer")
 
 
 def describe_config(name: str, cfg: Any, **resolved: Any) -> dict[str, Any]:
@@ -270,10 +241,7 @@ def epoch_batches(
 
 
 __all__ = [
-    "TINY_TOKENIZER",
     "GenerateFields",
-    "check_keys",
-    "data_config",
     "describe_config",
     "endless_batches",
     "ensure_dataset",
@@ -281,6 +249,7 @@ __all__ = [
     "is_main",
     "prepare_data",
     "set_cpu_threads",
-    "tokenizer_config",
+    "shapes_data",
+    "tiny_tokenizer",
     "trainable_parameters",
 ]

@@ -35,7 +35,7 @@ from typing import Any
 from setok_tokenizer.config import from_dict
 from setokim.data.shapes_world import World
 from setokim.stages import JobResult
-from setokim.stages.common import GenerateFields, check_keys
+from setokim.stages.common import GenerateFields
 
 EVAL_SUBDIR = "eval"
 DATA_SUBDIR = "eval_data"
@@ -50,6 +50,9 @@ SHAPES_TASKS: tuple[str, ...] = (
     "shapes_edit",
     "shapes_tokens",
 )
+
+
+_MAPS = {"generation": "settings mappings", "export": "suite task names", "extractors": "paths"}
 
 
 @dataclass
@@ -95,10 +98,14 @@ class EvalStageConfig(GenerateFields):
             raise ValueError(
                 f"eval: checkpoint {self.checkpoint!r} is not a directory (a SeTokIM export dir)"
             )
-        if not self.tasks:
-            raise ValueError("eval: tasks is empty")
-        if isinstance(self.world, Mapping):  # a plain dict spec (the study passes its own)
-            self.world = from_dict(World, self.world, where="eval.world")
+        if isinstance(self.tasks, str) or not isinstance(self.tasks, Sequence) or not self.tasks:
+            raise ValueError(f"eval: tasks must be a non-empty list of names, got {self.tasks!r}")
+        for key in ("generation", "export", "extractors"):
+            value = getattr(self, key)
+            if not isinstance(value, Mapping) or (
+                key == "generation" and not all(isinstance(v, Mapping) for v in value.values())
+            ):
+                raise ValueError(f"eval: {key} must map names to {_MAPS[key]}, got {value!r}")
         from setokim.data.eval_export import EVAL_TASKS
 
         bad = sorted(set(self.export) - set(EVAL_TASKS))
@@ -311,23 +318,4 @@ class EvalStage:
 
 def build(cfg: Mapping[str, Any]) -> EvalStage:
     """Registry entry: checks the params (cheap: nothing is loaded until `run`)."""
-    check_keys(EvalStageConfig, cfg, "eval", "params")
-    values = dict(cfg)
-    if "tasks" in values:
-        tasks = values["tasks"]
-        if isinstance(tasks, str) or not isinstance(tasks, Sequence):
-            raise ValueError(f"eval: tasks must be a list of task names, got {tasks!r}")
-        values["tasks"] = [str(t) for t in tasks]
-    gen = values.get("generation") or {}
-    if not isinstance(gen, Mapping) or not all(isinstance(v, Mapping) for v in gen.values()):
-        raise ValueError("eval: generation must map task names to settings mappings")
-    values["generation"] = {str(k): dict(v) for k, v in gen.items()}
-    exp = values.get("export") or {}
-    if not isinstance(exp, Mapping):
-        raise ValueError(f"eval: export must map shard tasks to suite task names, got {exp!r}")
-    values["export"] = {str(k): str(v) for k, v in exp.items()}
-    ext = values.get("extractors") or {}
-    if not isinstance(ext, Mapping):
-        raise ValueError(f"eval: extractors must map names to local paths, got {ext!r}")
-    values["extractors"] = {str(k): str(v) for k, v in ext.items()}
-    return EvalStage(EvalStageConfig(**values))
+    return EvalStage(from_dict(EvalStageConfig, cfg, where="eval"))

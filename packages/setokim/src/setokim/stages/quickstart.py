@@ -21,45 +21,59 @@ from typing import Any
 from torch import Tensor, nn
 
 from setok_decoders.losses import mask_consistency_kl, resize_masks
-from setok_tokenizer import SeTok
+from setok_tokenizer import SeTok, SeTokConfig
+from setok_tokenizer.config import from_dict, require
+from setokim.data.config import DataConfig
 from setokim.stages.common import (
     GenerateFields,
-    check_keys,
-    data_config,
     describe_config,
     endless_batches,
     epoch_batches,
     prepare_data,
-    tokenizer_config,
+    shapes_data,
+    tiny_tokenizer,
     trainable_parameters,
 )
 
-_DEFAULT_TOKENIZER: dict[str, Any] = {  # over TINY_TOKENIZER
-    "encoder": {"freeze": False},
-    # The fixed kernel 8 ln 2: the KL acts through the seeds' kernels only, and on untrained
-    # patch-8 features the adaptive default finds 1-2 peaks that the KL cannot split
-    # (benchmarks/RESULTS.md, "Token count"); Stage I's grouping term is what makes peaks.
-    "clustering": {
-        "assignment": "soft",
-        "kernel_scale": 8 * math.log(2.0),
-    },
-}
-_DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_quickstart", "task": "caption"}
+
+def quickstart_tokenizer() -> SeTokConfig:
+    """The tiny tokenizer with a trainable encoder and soft assignment.
+
+    The fixed kernel 8 ln 2: the KL acts through the seeds' kernels only, and on untrained
+    patch-8 features the adaptive default finds 1-2 peaks that the KL cannot split
+    (benchmarks/RESULTS.md, "Token count"); Stage I's grouping term is what makes peaks.
+    """
+    over = {"encoder": {"freeze": False},
+            "clustering": {"assignment": "soft", "kernel_scale": 8 * math.log(2.0)}}  # fmt: skip
+    return from_dict(SeTokConfig, over, tiny_tokenizer())
 
 
 @dataclass
 class QuickstartConfig(GenerateFields):
-    """tokenizer / data: SeTokConfig / DataConfig as nested mappings (Hydra interpolations);
-    a partial mapping overrides the defaults below, key by key.
+    """tokenizer / data: the experiment's groups (`${tokenizer}`, `${data}`); a partial
+    mapping keeps the defaults below, key by key.
 
     data.batch_size is ignored: the trainer's micro_batch_size decides. generate_*: the
     dataset written when data.shard_dir has none.
     """
 
-    tokenizer: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_DATA))
+    tokenizer: SeTokConfig = field(default_factory=quickstart_tokenizer)
+    data: DataConfig = field(
+        default_factory=lambda: shapes_data("data/shapes_world_quickstart", "caption")
+    )
     kl_eps: float = 1e-6
     background: bool = True
+
+    def __post_init__(self) -> None:
+        require(
+            not self.tokenizer.encoder.freeze,
+            self,
+            "tokenizer.encoder.freeze",
+            "must be false: the mask-consistency loss trains the encoder and nothing else",
+        )
+        require(self.tokenizer.clustering.mechanism != "patch", self,
+                "tokenizer.clustering.mechanism",
+                "'patch' has no cluster masks to train (every patch is its own token)")  # fmt: skip
 
 
 class QuickstartModel(nn.Module):
@@ -89,21 +103,9 @@ class QuickstartStage:
 
     def __init__(self, cfg: QuickstartConfig) -> None:
         self.cfg = cfg
-        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer, tokenizer_config(_DEFAULT_TOKENIZER))
-        self.data_cfg = data_config(cfg.data, _DEFAULT_DATA, "quickstart stage")
-        if self.tokenizer_cfg.encoder.freeze:
-            raise ValueError(
-                "quickstart stage: tokenizer.encoder.freeze must be false — the mask-consistency "
-                "loss trains the encoder and nothing else"
-            )
-        if self.tokenizer_cfg.clustering.mechanism == "patch":
-            raise ValueError(
-                "quickstart stage: tokenizer.clustering.mechanism 'patch' has no cluster masks "
-                "to train (every patch is its own token)"
-            )
 
     def build_model(self) -> nn.Module:
-        model = QuickstartModel(SeTok.from_config(self.tokenizer_cfg))
+        model = QuickstartModel(SeTok.from_config(self.cfg.tokenizer))
         if model.setok.merger is not None:
             model.setok.merger.requires_grad_(False)  # not in this loss
         return model
@@ -131,14 +133,14 @@ class QuickstartStage:
 
     def epoch_batches(self, rank: int, world_size: int, micro_batch_size: int) -> int:
         """Micro-batches per rank in one epoch of `batches` (TrainerConfig.epochs)."""
-        return epoch_batches(self.data_cfg, rank, world_size, micro_batch_size, self.cfg)
+        return epoch_batches(self.cfg.data, rank, world_size, micro_batch_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int
     ) -> Iterator[dict[str, Tensor]]:
         """`common.endless_batches` (resumable endless epochs), after the data is ready."""
-        prepare_data(self.data_cfg, rank, self.cfg)
-        for batch in endless_batches(self.data_cfg, rank, world_size, start_step, micro_batch_size):
+        prepare_data(self.cfg.data, rank, self.cfg)
+        for batch in endless_batches(self.cfg.data, rank, world_size, start_step, micro_batch_size):
             yield {
                 "pixels": batch["pixels"],
                 "object_masks": batch["object_masks"],
@@ -163,12 +165,9 @@ class QuickstartStage:
         return loss, metrics
 
     def describe(self) -> dict[str, Any]:
-        return describe_config(
-            "quickstart", self.cfg, tokenizer=self.tokenizer_cfg, data=self.data_cfg
-        )
+        return describe_config("quickstart", self.cfg)
 
 
 def build(cfg: Mapping[str, Any]) -> QuickstartStage:
     """Registry entry: unknown keys are an error naming them."""
-    check_keys(QuickstartConfig, cfg, "quickstart stage")
-    return QuickstartStage(QuickstartConfig(**dict(cfg)))
+    return QuickstartStage(from_dict(QuickstartConfig, cfg, where="quickstart"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,7 @@ from torch import Tensor, nn
 
 from setok_decoders import (
     DiffusionDecoder,
-    DiffusionDecoderConfig,
     MaskDecoder,
-    MaskDecoderConfig,
-    PainterConfig,
     TokenPainter,
     mask_centroids,
     mask_loss,
@@ -43,32 +40,33 @@ from setok_decoders import (
     set_trainable,
     trainable_table,
 )
+from setok_decoders.config import DecodersConfig
 from setok_tokenizer import SeTok, SeTokConfig
-from setok_tokenizer.config import from_dict
+from setok_tokenizer.config import from_dict, require, require_min
+from setokim.data.config import DataConfig
 from setokim.stages.common import (
     GenerateFields,
-    check_keys,
-    data_config,
     endless_batches,
     epoch_batches,
     is_main,
     prepare_data,
     set_cpu_threads,
-    tokenizer_config,
+    shapes_data,
+    tiny_tokenizer,
     trainable_parameters,
 )
 
 SUBPHASES = (1, 2)
-_DEFAULT_DATA: dict[str, Any] = {"shard_dir": "data/shapes_world_stage1", "task": "image"}
+WEIGHTS = ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight",
+           "group_weight", "painter_weight")  # fmt: skip
 
 
 @dataclass
 class Stage1Config(GenerateFields):
-    """tokenizer / data: partial SeTokConfig / DataConfig mappings over the defaults above.
+    """tokenizer / decoder / data: the experiment's groups (`${tokenizer}`, `${decoder}`,
+    `${data}`); a partial mapping keeps the defaults below, key by key. Decoder token/feature
+    widths left None are the tokenizer's (`build_parts`).
 
-    decoder: {"diffusion": DiffusionDecoderConfig fields, "mask": MaskDecoderConfig fields,
-        "painter": PainterConfig fields}; token/feature widths left out are filled from the
-        tokenizer.
     painter_weight: weight of the token painter's reconstruction (setok_decoders.painter,
         ours): each token paints its own layer, so the tokens must hold colour and
         silhouette. 0 (the default) builds no painter.
@@ -85,9 +83,11 @@ class Stage1Config(GenerateFields):
     cpu_threads: torch.set_num_threads on CPU-only hosts (1 is fastest for the tiny U-Net).
     """
 
-    tokenizer: dict[str, Any] = field(default_factory=dict)
-    decoder: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_DATA))
+    tokenizer: SeTokConfig = field(default_factory=tiny_tokenizer)
+    decoder: DecodersConfig = field(default_factory=DecodersConfig)
+    data: DataConfig = field(
+        default_factory=lambda: shapes_data("data/shapes_world_stage1", "image")
+    )
     subphase: int = 1
     subphase1_batches: int = 0
     init_from: str | None = None
@@ -104,52 +104,19 @@ class Stage1Config(GenerateFields):
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.subphase not in SUBPHASES:
-            raise ValueError(f"stage1: subphase must be one of {SUBPHASES}, got {self.subphase!r}")
-        if self.subphase1_batches < 0:
-            raise ValueError(
-                f"stage1: subphase1_batches must be >= 0, got {self.subphase1_batches}"
-            )
-        if self.subphase == 1 and self.subphase1_batches:
-            raise ValueError("stage1: subphase1_batches needs subphase=2")
-        weights = (
-            "diffusion_weight",
-            "mask_weight",
-            "kl_weight",
-            "bce_weight",
-            "dice_weight",
-            "group_weight",
-            "painter_weight",
-        )
-        for key in (*weights, "kl_mask_floor"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"stage1: {key} must be >= 0, got {getattr(self, key)}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"stage1: cpu_threads must be >= 1 or null, got {self.cpu_threads}")
-        unknown = sorted(set(self.decoder) - {"diffusion", "mask", "painter"})
-        if unknown:
-            raise ValueError(
-                f"stage1: unknown decoder key(s) {unknown}; known: diffusion, mask, painter"
-            )
-        self.decoder = _drop_unset_widths(self.decoder)
-
-
-def _drop_unset_widths(decoder: Mapping[str, Any]) -> dict[str, Any]:
-    """The experiment's typed `decoder` group holds None for the widths the tokenizer decides;
-    leave them out as a partial mapping does, so `build_parts` fills them in."""
-    out = dict(decoder)
-    if isinstance(out.get("mask"), Mapping):
-        widths = ("token_dim", "feature_dim")
-        out["mask"] = {k: v for k, v in out["mask"].items() if v is not None or k not in widths}
-    if isinstance(out.get("painter"), Mapping):
-        out["painter"] = {
-            k: v for k, v in out["painter"].items() if v is not None or k != "token_dim"
-        }
-    diffusion = out.get("diffusion")
-    if isinstance(diffusion, Mapping) and isinstance(diffusion.get("mapper"), Mapping):
-        mapper = {k: v for k, v in diffusion["mapper"].items() if v is not None or k != "token_dim"}
-        out["diffusion"] = {**diffusion, "mapper": mapper}
-    return out
+        require(self.subphase in SUBPHASES, self, "subphase",
+                f"must be one of {SUBPHASES}, got {self.subphase!r}")  # fmt: skip
+        require_min(self, 0, "subphase1_batches", *WEIGHTS, "kl_mask_floor")
+        require_min(self, 1, "cpu_threads")
+        require(self.subphase == 2 or not self.subphase1_batches, self, "subphase1_batches",
+                "needs subphase=2")  # fmt: skip
+        mechanism = self.tokenizer.clustering.mechanism
+        require(self.subphase == 1 or mechanism not in ("resampler", "patch"), self,
+                "tokenizer.clustering.mechanism", f"{mechanism!r} has no cluster masks for "
+                "sub-phase 2")  # fmt: skip
+        require(self.init_from is None or (Path(self.init_from) / "trainer_state.json").is_file(),
+                self, "init_from", f"{self.init_from!r} is not a checkpoint step directory "
+                "(runs/<exp>/<hash>/checkpoints/step_N with trainer_state.json)")  # fmt: skip
 
 
 class Stage1Model(nn.Module):
@@ -227,36 +194,29 @@ def resize_images(pixels: Tensor, size: int) -> Tensor:
 
 
 def build_parts(
-    tokenizer: SeTokConfig, decoder: Mapping[str, Any], painter: bool = False
+    tokenizer: SeTokConfig, decoder: DecodersConfig | Mapping[str, Any], painter: bool = False
 ) -> tuple[SeTok, DiffusionDecoder, MaskDecoder, TokenPainter | None]:
-    """The modules (the painter only when asked); token/feature widths missing from
-    `decoder` come from the tokenizer."""
+    """The modules (the painter only when asked); decoder token/feature widths left None
+    are the tokenizer's, a width set to another value is refused."""
+    decoder = from_dict(DecodersConfig, decoder, where="decoder")
     setok = SeTok.from_config(tokenizer)
     width, feat = setok.output_dim, setok.encoder.feature_dim
-    diff_spec = dict(decoder.get("diffusion", {}))
-    mapper = dict(diff_spec.get("mapper", {}))
-    mapper.setdefault("token_dim", width)
-    if mapper["token_dim"] != width:
-        raise ValueError(
-            f"decoder.diffusion.mapper.token_dim={mapper['token_dim']} != tokenizer width {width}"
-        )
-    diff_cfg = from_dict(DiffusionDecoderConfig, {**diff_spec, "mapper": mapper})
-    mask_spec = {"token_dim": width, "feature_dim": feat, **dict(decoder.get("mask", {}))}
-    if (mask_spec["token_dim"], mask_spec["feature_dim"]) != (width, feat):
-        raise ValueError(
-            f"decoder.mask token_dim/feature_dim must be {width}/{feat}, "
-            f"got {mask_spec['token_dim']}/{mask_spec['feature_dim']}"
-        )
-    mask_cfg = from_dict(MaskDecoderConfig, mask_spec)
-    parts = setok, DiffusionDecoder(diff_cfg), MaskDecoder(mask_cfg)
+    mapper = _widths(decoder.diffusion.mapper, "decoder.diffusion.mapper", token_dim=width)
+    diffusion = DiffusionDecoder(replace(decoder.diffusion, mapper=mapper))
+    mask = _widths(decoder.mask, "decoder.mask", token_dim=width, feature_dim=feat)
+    parts = setok, diffusion, MaskDecoder(mask)
     if not painter:
         return (*parts, None)
-    paint_spec = {"token_dim": width, **dict(decoder.get("painter", {}))}
-    if paint_spec["token_dim"] != width:
-        raise ValueError(
-            f"decoder.painter.token_dim must be {width}, got {paint_spec['token_dim']}"
-        )
-    return (*parts, TokenPainter(from_dict(PainterConfig, paint_spec, where="decoder.painter")))
+    return (*parts, TokenPainter(_widths(decoder.painter, "decoder.painter", token_dim=width)))
+
+
+def _widths(cfg: Any, where: str, **widths: int) -> Any:
+    """`cfg` with the tokenizer's `widths` filled in; one set to another value is refused."""
+    for key, value in widths.items():
+        got = getattr(cfg, key)
+        if got is not None and got != value:
+            raise ValueError(f"{where}.{key} must be the tokenizer's {value}, got {got}")
+    return replace(cfg, **widths)
 
 
 def trainable_patterns(model: Stage1Model, subphase: int, train_encoder: bool) -> list[str]:
@@ -280,18 +240,6 @@ class Stage1Stage:
 
     def __init__(self, cfg: Stage1Config) -> None:
         self.cfg = cfg
-        self.tokenizer_cfg = tokenizer_config(cfg.tokenizer)
-        if self.tokenizer_cfg.clustering.mechanism in ("resampler", "patch") and cfg.subphase == 2:
-            raise ValueError(
-                f"stage1: tokenizer.clustering.mechanism {self.tokenizer_cfg.clustering.mechanism!r}"
-                " has no cluster masks for sub-phase 2"
-            )
-        self.data_cfg = data_config(cfg.data, _DEFAULT_DATA, "stage1")
-        if cfg.init_from is not None and not (Path(cfg.init_from) / "trainer_state.json").is_file():
-            raise ValueError(
-                f"stage1: init_from {cfg.init_from!r} is not a checkpoint step directory "
-                "(runs/<exp>/<hash>/checkpoints/step_N with trainer_state.json)"
-            )
 
     # ---- model ------------------------------------------------------------------------------
     def build_model(self) -> Stage1Model:
@@ -300,7 +248,7 @@ class Stage1Stage:
         set_cpu_threads(cfg.cpu_threads)
         # SeTok's encoder.freeze is overridden: the sub-phase decides what trains.
         model = Stage1Model(
-            *build_parts(self.tokenizer_cfg, cfg.decoder, painter=cfg.painter_weight > 0)
+            *build_parts(cfg.tokenizer, cfg.decoder, painter=cfg.painter_weight > 0)
         )
         if cfg.init_from:
             from setokim.train.checkpoint import load_model_state
@@ -346,14 +294,14 @@ class Stage1Stage:
 
     def epoch_batches(self, rank: int, world_size: int, micro_batch_size: int) -> int:
         """Micro-batches per rank in one epoch of `batches` (TrainerConfig.epochs)."""
-        return epoch_batches(self.data_cfg, rank, world_size, micro_batch_size, self.cfg)
+        return epoch_batches(self.cfg.data, rank, world_size, micro_batch_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int
     ) -> Iterator[dict[str, Any]]:
         """`common.endless_batches` (resumable endless epochs), each tagged with its sub-phase."""
-        prepare_data(self.data_cfg, rank, self.cfg)
-        stream = endless_batches(self.data_cfg, rank, world_size, start_step, micro_batch_size)
+        prepare_data(self.cfg.data, rank, self.cfg)
+        stream = endless_batches(self.cfg.data, rank, world_size, start_step, micro_batch_size)
         for position, batch in enumerate(stream, start=start_step):
             yield {
                 "pixels": batch["pixels"],
@@ -399,16 +347,12 @@ class Stage1Stage:
 
     def describe(self) -> dict[str, Any]:
         """Logged into trainer.json; `params` rebuilds this stage (`load_stage1_checkpoint`)."""
-        params = asdict(self.cfg)
-        params["tokenizer"] = asdict(self.tokenizer_cfg)
-        params["data"] = asdict(self.data_cfg)
-        return {"name": "stage1", "params": params}
+        return {"name": "stage1", "params": asdict(self.cfg)}
 
 
 def build(cfg: Mapping[str, Any]) -> Stage1Stage:
     """Registry entry: unknown keys are an error naming them."""
-    check_keys(Stage1Config, cfg, "stage1 stage")
-    return Stage1Stage(Stage1Config(**dict(cfg)))
+    return Stage1Stage(from_dict(Stage1Config, cfg, where="stage1"))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ pointing at the Stage I decoders so inference (generate, edit, segment) and Stag
 load it: by one process with `SeTokIM.save_pretrained` (one `model.safetensors`), or, when
 several ranks run, by all of them, each writing its shard (`export_sharded`).
 
-The helpers here (`mllm_config`, `MLLMBatches`, ...) are shared with Stage III.
+The helpers here (`MLLMBatches`, `MLLMStage`, ...) are shared with Stage III.
 """
 
 from __future__ import annotations
@@ -28,40 +28,26 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from setok_tokenizer.config import from_dict
+from setok_tokenizer.config import SeTokConfig, from_dict
 from setokim.data.config import DataConfig
 from setokim.model.config import SeTokIMConfig
 from setokim.model.packing import SequenceLayout, collate_sequences
 from setokim.model.setokim import special_ids, text_tokenizer_for
 from setokim.stages.common import (
-    TINY_TOKENIZER,
     GenerateFields,
-    check_keys,
-    data_config,
     describe_config,
     endless_batches,
     epoch_batches,
     is_main,
     prepare_data,
     set_cpu_threads,
-    tokenizer_config,
+    shapes_data,
+    tiny_tokenizer,
     trainable_parameters,
 )
 
 MODES = ("pretrain", "instruct")
-_DEFAULT_TOKENIZER = TINY_TOKENIZER  # the name an earlier test imports
-_STAGE2_DATA: dict[str, Any] = {
-    "shard_dir": "data/shapes_world_setokim",
-    "task": "mix",
-    "mix_weights": {"caption": 1.0, "t2i": 1.0, "edit": 1.0, "chat": 1.0},
-}
 BatchHook = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-# ---- config helpers (shared with Stage III) ----------------------------------------------------
-def mllm_config(spec: Mapping[str, Any] | SeTokIMConfig, where: str) -> SeTokIMConfig:
-    """A partial SeTokIMConfig mapping (the experiment's `mllm` group) over the defaults."""
-    return from_dict(SeTokIMConfig, spec, where=f"{where}: model")
 
 
 @dataclass(frozen=True)
@@ -184,7 +170,7 @@ def export_sharded(
 class MLLMStage:
     """What Stage II and III share: FSDP units, data, loss, export and describe.
 
-    Subclasses set `name`, `mode`, `cfg`, `model_cfg`, `data_cfg` and provide
+    Subclasses set `name`, `mode`, `cfg` (with `data`), `model_cfg` and provide
     `text_tokenizer`, `export_fields` and `build_model`.
     """
 
@@ -192,7 +178,6 @@ class MLLMStage:
     mode: str
     cfg: Any
     model_cfg: SeTokIMConfig
-    data_cfg: DataConfig
 
     def text_tokenizer(self) -> Any:
         raise NotImplementedError
@@ -208,14 +193,14 @@ class MLLMStage:
 
     def epoch_batches(self, rank: int, world_size: int, micro_batch_size: int) -> int:
         """Micro-batches per rank in one epoch of `batches` (TrainerConfig.epochs)."""
-        return epoch_batches(self.data_cfg, rank, world_size, micro_batch_size, self.cfg)
+        return epoch_batches(self.cfg.data, rank, world_size, micro_batch_size, self.cfg)
 
     def batches(
         self, rank: int, world_size: int, start_step: int, micro_batch_size: int
     ) -> Iterator[SequenceLayout]:
-        prepare_data(self.data_cfg, rank, self.cfg)
+        prepare_data(self.cfg.data, rank, self.cfg)
         source = MLLMBatches(
-            self.data_cfg,
+            self.cfg.data,
             self.mode,
             self.model_cfg,
             self.text_tokenizer(),
@@ -236,14 +221,15 @@ class MLLMStage:
         return export_model(self, checkpoint, out_dir)
 
     def describe(self) -> dict[str, Any]:
-        return describe_config(self.name, self.cfg, model=self.model_cfg, data=self.data_cfg)
+        return describe_config(self.name, self.cfg, model=self.model_cfg)
 
 
 # ---- Stage II ----------------------------------------------------------------------------------
 @dataclass
 class Stage2Config(GenerateFields):
-    """model: partial SeTokIMConfig (Hydra's `mllm` group); tokenizer: partial SeTokConfig
-    for the random tokenizer used when `init_tokenizer` is None; data: partial DataConfig.
+    """model / tokenizer / data: the experiment's groups (`${mllm}`, `${tokenizer}`, `${data}`);
+    a partial mapping keeps the defaults below, key by key. `tokenizer` is the seeded random
+    SeTok built when `init_tokenizer` is None.
 
     init_tokenizer: a Stage I export dir or a SeTok.save_pretrained dir.
     decoder_path / mask_decoder_path: Stage I decoders recorded in the export (default: the
@@ -251,12 +237,16 @@ class Stage2Config(GenerateFields):
     max_text_tokens: truncate each sample's text (None: no cap).
     """
 
-    model: dict[str, Any] = field(default_factory=dict)
-    tokenizer: dict[str, Any] = field(default_factory=dict)
+    model: SeTokIMConfig = field(default_factory=SeTokIMConfig)
+    tokenizer: SeTokConfig = field(default_factory=tiny_tokenizer)
     init_tokenizer: str | None = None
     decoder_path: str | None = None
     mask_decoder_path: str | None = None
-    data: dict[str, Any] = field(default_factory=lambda: dict(_STAGE2_DATA))
+    data: DataConfig = field(
+        default_factory=lambda: shapes_data(
+            "data/shapes_world_setokim", "mix", "caption", "t2i", "edit", "chat"
+        )
+    )
     max_text_tokens: int | None = None
     cpu_threads: int | None = None
 
@@ -267,16 +257,12 @@ class Stage2Stage(MLLMStage):
     name = "stage2"
     mode = "pretrain"
     collective_export = True  # several ranks: each writes its shard (`export`)
-    data_defaults = _STAGE2_DATA
 
     def __init__(self, cfg: Stage2Config) -> None:
         self.cfg = cfg
-        self.model_cfg = mllm_config(cfg.model, self.name)
-        self.model_cfg.lora = replace(self.model_cfg.lora, enabled=False)
         self.source = resolve_tokenizer_source(cfg.init_tokenizer) if cfg.init_tokenizer else None
-        if self.source is None:
-            self.model_cfg.tokenizer = tokenizer_config(cfg.tokenizer)
-        self.data_cfg = data_config(cfg.data, self.data_defaults, self.name)
+        model = replace(cfg.model, lora=replace(cfg.model.lora, enabled=False))
+        self.model_cfg = model if self.source else replace(model, tokenizer=cfg.tokenizer)
         self._tokenizer: Any = None
 
     def text_tokenizer(self) -> Any:
@@ -348,8 +334,7 @@ def _meta_llm(cfg: SeTokIMConfig, text_tokenizer: Any) -> nn.Module:
 
 def build(cfg: Mapping[str, Any]) -> Stage2Stage:
     """Registry entry: unknown keys are an error naming them."""
-    check_keys(Stage2Config, cfg, "stage2 stage")
-    return Stage2Stage(Stage2Config(**dict(cfg)))
+    return Stage2Stage(from_dict(Stage2Config, cfg, where="stage2"))
 
 
 __all__ = [
@@ -362,6 +347,5 @@ __all__ = [
     "export_model",
     "export_sharded",
     "llm_layers",
-    "mllm_config",
     "resolve_tokenizer_source",
 ]

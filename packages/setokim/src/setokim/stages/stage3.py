@@ -23,51 +23,38 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from setok_tokenizer.config import from_dict
+from setok_tokenizer.config import SeTokConfig, from_dict
+from setokim.data.config import DataConfig
 from setokim.model.config import LoRAConfig, SeTokIMConfig
 from setokim.model.setokim import text_tokenizer_for
 from setokim.stages.common import (
     GenerateFields,
-    check_keys,
-    data_config,
     is_main,
     set_cpu_threads,
-    tokenizer_config,
+    shapes_data,
+    tiny_tokenizer,
 )
 from setokim.stages.stage2 import (
     BatchHook,
     MLLMStage,
-    mllm_config,
     resolve_tokenizer_source,
 )
 from setokim.train.stage import DeferredModel
-
-_STAGE3_DATA: dict[str, Any] = {
-    "shard_dir": "data/shapes_world_setokim",
-    "task": "mix",
-    "mix_weights": {
-        "vqa": 1.0,
-        "pope": 1.0,
-        "rec": 1.0,
-        "reasonseg": 1.0,
-        "chat": 1.0,
-        "edit": 1.0,
-    },
-}
 
 
 @dataclass
 class Stage3Config(GenerateFields):
     """init_from: a Stage II export (None: a random tiny model from `model`/`tokenizer`,
-    or with the SeTok of `init_tokenizer`). lora: partial LoRAConfig (rank, alpha, dropout,
-    target_modules, train_heads) over `model.lora`. data: partial DataConfig.
+    or with the SeTok of `init_tokenizer`). model / tokenizer / data: the experiment's groups,
+    a partial mapping keeps the defaults below. lora: LoRAConfig keys (rank, alpha, dropout,
+    target_modules, train_heads) that replace those of `model.lora`; always enabled.
 
     question_suffix: appended to vqa/pope questions (LLaVA-1.5 trains its short-answer VQA
         data with "\\nAnswer the question using a single word or phrase.").
@@ -76,24 +63,19 @@ class Stage3Config(GenerateFields):
     """
 
     init_from: str | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-    tokenizer: dict[str, Any] = field(default_factory=dict)
+    model: SeTokIMConfig = field(default_factory=SeTokIMConfig)
+    tokenizer: SeTokConfig = field(default_factory=tiny_tokenizer)
     init_tokenizer: str | None = None
     lora: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=lambda: dict(_STAGE3_DATA))
+    data: DataConfig = field(
+        default_factory=lambda: shapes_data(
+            "data/shapes_world_setokim", "mix", "vqa", "pope", "rec", "reasonseg", "chat", "edit"
+        )
+    )
     question_suffix: str = ""
     caption_prompt: str | None = None
     max_text_tokens: int | None = None
     cpu_threads: int | None = None
-
-
-def lora_config(spec: Mapping[str, Any], base: LoRAConfig) -> LoRAConfig:
-    """A partial LoRAConfig mapping over `base`; always enabled (this is the LoRA stage)."""
-    check_keys(LoRAConfig, spec, "stage3", "lora")
-    merged = {**asdict(base), **dict(spec), "enabled": True}
-    merged["target_modules"] = list(merged["target_modules"])
-    merged["train_heads"] = list(merged["train_heads"])
-    return LoRAConfig(**merged)
 
 
 class Stage3Stage(MLLMStage):
@@ -114,13 +96,12 @@ class Stage3Stage(MLLMStage):
             raw = json.loads((path / "setokim_config.json").read_text(encoding="utf-8"))
             raw.pop("llm_config", None)
             base = from_dict(SeTokIMConfig, raw, where="stage3: init_from")
+        elif cfg.init_tokenizer is None:
+            base = replace(cfg.model, tokenizer=cfg.tokenizer)
         else:
-            base = mllm_config(cfg.model, self.name)
-            if cfg.init_tokenizer is None:
-                base.tokenizer = tokenizer_config(cfg.tokenizer)
-        lora_spec = {**dict(cfg.model.get("lora") or {}), **cfg.lora}
-        self.model_cfg = replace(base, lora=lora_config(lora_spec, base.lora))
-        self.data_cfg = data_config(cfg.data, _STAGE3_DATA, self.name)
+            base = cfg.model
+        lora = from_dict(LoRAConfig, {**cfg.lora, "enabled": True}, cfg.model.lora, "stage3.lora")
+        self.model_cfg = replace(base, lora=lora)
         self._tokenizer: Any = None
 
     def text_tokenizer(self) -> Any:
@@ -223,8 +204,7 @@ class Stage3Stage(MLLMStage):
 
 def build(cfg: Mapping[str, Any]) -> Stage3Stage:
     """Registry entry: unknown keys are an error naming them."""
-    check_keys(Stage3Config, cfg, "stage3 stage")
-    return Stage3Stage(Stage3Config(**dict(cfg)))
+    return Stage3Stage(from_dict(Stage3Config, cfg, where="stage3"))
 
 
-__all__ = ["Stage3Config", "Stage3Stage", "build", "lora_config"]
+__all__ = ["Stage3Config", "Stage3Stage", "build"]

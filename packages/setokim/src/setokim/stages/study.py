@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from setokim.stages.common import check_keys
+from setok_tokenizer.config import require_min
 from setokim.train.result import TrainResult
 from setokim.utils.io import atomic_write_json
 
@@ -129,6 +129,9 @@ class StudyConfig:
     report: dict[str, Any] = field(default_factory=dict)
     insert_setok: StudyInsert = field(default_factory=StudyInsert)
 
+    def __post_init__(self) -> None:
+        require_min(self, 1, "paper_clusters")
+
 
 def scaled_clusters(paper_clusters: int, grid_tokens: int) -> int:
     """The paper's cluster count of a 576-token grid, scaled to `grid_tokens` (at least 2)."""
@@ -138,9 +141,9 @@ def scaled_clusters(paper_clusters: int, grid_tokens: int) -> int:
 def _tokenizer_grid(tokenizer: Mapping[str, Any]) -> int:
     """Patch tokens of the Stage I tokenizer's feature grid (the encoder is built: tiny)."""
     from setok_tokenizer import SeTok
-    from setokim.stages.common import tokenizer_config
+    from setok_tokenizer.config import SeTokConfig, from_dict
 
-    h, w = SeTok.from_config(tokenizer_config(dict(tokenizer), {})).grid_size
+    h, w = SeTok.from_config(from_dict(SeTokConfig, tokenizer)).grid_size
     return int(h * w)
 
 
@@ -233,9 +236,8 @@ class StudyStage:
             last = inserted.steps[-1]
         if last.export is None:
             raise RuntimeError(f"study: the last step {last.name!r} left no export to evaluate")
-        ev = EvalStageConfig(
-            **{**cfg.eval, "checkpoint": last.export, "limit": cfg.budget.eval_limit}
-        )
+        ev = {**cfg.eval, "checkpoint": last.export, "limit": cfg.budget.eval_limit}
+        ev = from_dict(EvalStageConfig, ev, where="study.eval")
         start = time.perf_counter()
         result = EvalStage(ev).run(root, wandb)
         if result.preempted:
@@ -421,46 +423,23 @@ def measure_row(cfg: StudyConfig, export: Path, root: Path, grid: int | None) ->
 
 def build(cfg: Mapping[str, Any]) -> StudyStage:
     """Registry entry: checks the pipeline spec, the eval params and the budget (cheap)."""
+    from setok_tokenizer.config import from_dict
     from setokim.stages.evaluate import EvalStageConfig
     from setokim.stages.pipeline import build as build_pipeline
 
-    check_keys(StudyConfig, cfg, "study", "params")
     missing = [k for k in ("trainer", "steps", "eval") if k not in cfg]
     if missing:
         raise ValueError(f"study: params need {missing} (the recipe's pipeline and the eval)")
     trainer = cfg["trainer"]
     # The launcher's resolved config may hold the typed TrainerConfig of `${trainer}`.
     trainer = asdict(trainer) if is_dataclass(trainer) else dict(trainer)  # type: ignore[arg-type]
-    build_pipeline({"trainer": trainer, "steps": cfg["steps"]})
-    ev = dict(cfg["eval"])
+    study = from_dict(StudyConfig, {**cfg, "trainer": trainer}, where="study")
+    build_pipeline({"trainer": trainer, "steps": study.steps})
     for key in ("checkpoint", "limit"):
-        if key in ev:
+        if key in study.eval:
             raise ValueError(
                 f"study: eval.{key} is set by the study (last export, budget.eval_limit)"
             )
-    check_keys(EvalStageConfig, ev, "study", "eval")
-    EvalStageConfig(**{**ev, "tiny_random": True})  # checks the values; the model comes later
-    budget = dict(cfg.get("budget") or {})
-    check_keys(StudyBudget, budget, "study", "budget")
-    meas = dict(cfg.get("measure") or {})
-    check_keys(StudyMeasure, meas, "study", "measure")
-    insert = dict(cfg.get("insert_setok") or {})
-    check_keys(StudyInsert, insert, "study", "insert_setok")
-    paper = cfg.get("paper_clusters")
-    if paper is not None and int(paper) < 1:
-        raise ValueError(f"study: paper_clusters must be >= 1 or null, got {paper}")
-    report = cfg.get("report") or {}
-    if not isinstance(report, Mapping):
-        raise ValueError(f"study: report must be a mapping, got {report!r}")
-    return StudyStage(
-        StudyConfig(
-            trainer=trainer,
-            steps=[dict(s) for s in cfg["steps"]],
-            eval=ev,
-            budget=StudyBudget(**budget),
-            measure=StudyMeasure(**meas),
-            paper_clusters=None if paper is None else int(paper),
-            report=dict(report),
-            insert_setok=StudyInsert(**insert),
-        )
-    )
+    # checks the values; the model comes later
+    from_dict(EvalStageConfig, {**study.eval, "tiny_random": True}, where="study.eval")
+    return StudyStage(study)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from setokim.stages.common import check_keys
+from setok_tokenizer.config import from_dict
 
 _CHUNK = 256  # samples per generator seed
 
@@ -133,5 +133,4 @@ class ToyStage:
 
 def build(cfg: Mapping[str, Any]) -> ToyStage:
     """Registry entry: unknown keys are an error naming them."""
-    check_keys(ToyConfig, cfg, "toy stage")
-    return ToyStage(ToyConfig(**dict(cfg)))
+    return ToyStage(from_dict(ToyConfig, cfg, where="toy"))
