@@ -321,3 +321,38 @@ def test_painter_trains_with_its_weight_and_is_absent_without(data_dir: Path) ->
     with pytest.raises(ValueError, match="decoder.painter"):
         _stage(data_dir, painter_weight=1.0,
                decoder={**TINY_DECODER, "painter": {"hidden_dimm": 4}}).build_model()  # fmt: skip
+
+
+def test_subphase0_pretrains_the_encoder_to_name_objects(data_dir: Path) -> None:
+    stage = _stage(data_dir, subphase=2, subphase0_batches=2, subphase1_batches=1,
+                   attribute_weight=0.5)  # fmt: skip
+    assert [stage.subphase_at(p) for p in range(5)] == [0, 0, 1, 2, 2]
+    model = stage.build_model()
+    assert model.attributes is not None
+    batch = next(stage.batches(0, 1, 0, 4))
+    assert batch["subphase"] == 0 and set(batch["attribute_labels"]) == {"colour", "shape"}
+    loss, metrics = stage.loss(model, batch)
+    assert set(metrics) == {"attributes", "subphase"} and float(loss) == metrics["attributes"]
+    loss.backward()  # only the encoder and the heads learn in sub-phase 0
+    assert all(p.grad is not None for p in model.attributes.parameters())
+    assert any(p.grad is not None for p in model.setok.encoder.parameters())
+    for part in (model.setok.merger, model.diffusion, model.mask_decoder):
+        assert all(p.grad is None for p in part.parameters())
+    model.zero_grad(set_to_none=True)
+    first = _eval_loss(stage, model, batch)[0]
+    _fit(stage, model, batch, steps=15, lr=1e-2)
+    assert _eval_loss(stage, model, batch)[0] < 0.5 * first
+
+    # sub-phase 2: the attribute term joins with its weight
+    later = dict(next(stage.batches(0, 1, 3, 4)))
+    assert later["subphase"] == 2
+    loss, m = _eval_loss(stage, model, later)
+    assert m["attributes"] > 0
+    want = m["diffusion"] + m["mask"] + 0.5 * m["attributes"]
+    assert loss == pytest.approx(want, rel=1e-5)
+
+    plain = _stage(data_dir, subphase=2)
+    assert plain.build_model().attributes is None
+    assert "attribute_labels" not in next(plain.batches(0, 1, 0, 4))
+    with pytest.raises(ValueError, match="subphase0_batches"):
+        _stage(data_dir, subphase0_batches=-1)

@@ -15,6 +15,11 @@ sub-phase only decides what trains. `subphase1_batches` runs both in one job: th
 that many micro-batches are sub-phase 1 (encoder output detached, no mask loss), the rest
 sub-phase 2 (what `+exp=stage1_shapes` does on CPU). The cluster recipe runs them as two
 jobs (`+exp=stage1`, then `+exp=stage1_phase2` initialised from its checkpoint).
+
+Sub-phase 0 (ours, `subphase0_batches`): before both, the encoder alone learns to name each
+object's colour and shape from its mean feature (`setok_decoders.attributes`): the tiny
+stand-in for the CLIP pretraining the paper's encoders come with. `attribute_weight` keeps
+that term in sub-phase 2.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from setok_decoders import (
+    AttributeHeads,
     DiffusionDecoder,
     MaskDecoder,
     TokenPainter,
+    attribute_loss,
     mask_centroids,
     mask_loss,
     object_grouping_loss,
@@ -40,10 +48,12 @@ from setok_decoders import (
     set_trainable,
     trainable_table,
 )
+from setok_decoders.attributes import IGNORE
 from setok_decoders.config import DecodersConfig
 from setok_tokenizer import SeTok, SeTokConfig
 from setok_tokenizer.config import from_dict, require, require_min
 from setokim.data.config import DataConfig
+from setokim.data.shapes_world import attribute_labels, attribute_vocab
 from setokim.stages.common import (
     GenerateFields,
     endless_batches,
@@ -58,7 +68,7 @@ from setokim.stages.common import (
 
 SUBPHASES = (1, 2)
 WEIGHTS = ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight",
-           "group_weight", "painter_weight")  # fmt: skip
+           "group_weight", "painter_weight", "attribute_weight")  # fmt: skip
 
 
 @dataclass
@@ -71,7 +81,15 @@ class Stage1Config(GenerateFields):
         ours): each token paints its own layer, so the tokens must hold colour and
         silhouette. 0 (the default) builds no painter.
     subphase: 1 or 2 (what trains, see the module docstring).
-    subphase1_batches: with subphase=2, the first N micro-batches of the run are sub-phase 1.
+    subphase0_batches: the first N micro-batches of the run are sub-phase 0 (ours, not the
+        paper's): only the encoder and the attribute heads train, naming each object's colour
+        and shape from its mean feature (`setok_decoders.attributes`). It stands in for the
+        semantic (CLIP) pretraining the paper's encoders arrive with; a random tiny encoder
+        trained by Stage I's other terms alone carries no shape (benchmarks/RESULTS.md).
+    subphase1_batches: with subphase=2, the next N micro-batches are sub-phase 1.
+    attribute_weight: the attribute loss's weight in sub-phase 2, so that the encoder keeps
+        the names while the other terms train it. The heads exist when this or
+        `subphase0_batches` is > 0; their words are `attribute_vocab(data.world)`.
     init_from: a checkpoint step directory of an earlier Stage I run (model weights only).
     train_encoder: sub-phase 2 trains the vision encoder (needed for the KL to act).
     group_weight: weight of `object_grouping_loss` on the encoder features in sub-phase 2 (ours,
@@ -89,6 +107,7 @@ class Stage1Config(GenerateFields):
         default_factory=lambda: shapes_data("data/shapes_world_stage1", "image")
     )
     subphase: int = 1
+    subphase0_batches: int = 0
     subphase1_batches: int = 0
     init_from: str | None = None
     train_encoder: bool = True
@@ -100,13 +119,14 @@ class Stage1Config(GenerateFields):
     match_cost: str = "bce_dice"
     group_weight: float = 0.0
     painter_weight: float = 0.0
+    attribute_weight: float = 0.0
     kl_mask_floor: float = 1e-4
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         require(self.subphase in SUBPHASES, self, "subphase",
                 f"must be one of {SUBPHASES}, got {self.subphase!r}")  # fmt: skip
-        require_min(self, 0, "subphase1_batches", *WEIGHTS, "kl_mask_floor")
+        require_min(self, 0, "subphase0_batches", "subphase1_batches", *WEIGHTS, "kl_mask_floor")
         require_min(self, 1, "cpu_threads")
         require(self.subphase == 2 or not self.subphase1_batches, self, "subphase1_batches",
                 "needs subphase=2")  # fmt: skip
@@ -120,8 +140,8 @@ class Stage1Config(GenerateFields):
 
 
 class Stage1Model(nn.Module):
-    """Tokenizer + diffusion decoder + mask decoder (+ token painter); forward returns the
-    unweighted loss terms."""
+    """Tokenizer + diffusion decoder + mask decoder (+ token painter, + attribute heads);
+    forward returns the unweighted loss terms."""
 
     def __init__(
         self,
@@ -129,12 +149,14 @@ class Stage1Model(nn.Module):
         diffusion: DiffusionDecoder,
         mask_decoder: MaskDecoder,
         painter: TokenPainter | None = None,
+        attributes: AttributeHeads | None = None,
     ):
         super().__init__()
         self.setok = setok
         self.diffusion = diffusion
         self.mask_decoder = mask_decoder
         self.painter = painter
+        self.attributes = attributes
         self.encoder_grad = True
         self.setok.encoder.register_forward_hook(self._gate_encoder)
 
@@ -151,9 +173,16 @@ class Stage1Model(nn.Module):
         with_masks: bool = False,
         encoder_grad: bool = True,
         mask_kwargs: Mapping[str, Any] | None = None,
+        attribute_labels: Mapping[str, Tensor] | None = None,
+        encoder_only: bool = False,
     ) -> dict[str, Tensor]:
-        """pixels (B,3,S,S) in [0,1] -> {"diffusion"[, "painter"][, "mask", "kl", ...]}."""
+        """pixels (B,3,S,S) in [0,1] -> {"diffusion"[, "painter"][, "mask", "kl", ...]
+        [, "attributes"]}; `encoder_only` (sub-phase 0): {"attributes"} alone, from the
+        encoder's features without clustering or decoders."""
         self.encoder_grad = encoder_grad
+        if encoder_only:
+            features = self.setok.encoder(self.setok.preprocess(pixels))
+            return {"attributes": self._attribute_loss(features, object_masks, attribute_labels)}
         out = self.setok(self.setok.preprocess(pixels))
         images = resize_images(pixels, self.diffusion.config.image_size)
         terms = {"diffusion": self.diffusion.loss(images, out.tokens, out.token_mask)}
@@ -183,7 +212,21 @@ class Stage1Model(nn.Module):
                 logits, out.token_mask, object_masks.float(), object_valid, clusters, **kwargs
             )
             terms.update(mask=ml.total, kl=ml.kl, bce=ml.bce, dice=ml.dice)
+            if attribute_labels is not None:
+                terms["attributes"] = self._attribute_loss(
+                    out.features, object_masks, attribute_labels
+                )
         return terms
+
+    def _attribute_loss(
+        self, features: Tensor, object_masks: Tensor | None, labels: Mapping[str, Tensor] | None
+    ) -> Tensor:
+        if self.attributes is None or object_masks is None or labels is None:
+            raise ValueError(
+                "the attribute loss needs the attribute heads (subphase0_batches or "
+                "attribute_weight > 0), object_masks and attribute labels in the batch"
+            )
+        return attribute_loss(self.attributes(features, object_masks), labels)
 
 
 def resize_images(pixels: Tensor, size: int) -> Tensor:
@@ -228,10 +271,12 @@ def trainable_patterns(model: Stage1Model, subphase: int, train_encoder: bool) -
         module = getattr(model.setok, part, None)
         if module is not None and any(True for _ in module.parameters()):
             patterns.append(f"setok.{part}.*")
+    if model.attributes is not None:
+        patterns.append("attributes.*")
     if subphase == 2:
         patterns.append("mask_decoder.*")
-        if train_encoder:
-            patterns.append("setok.encoder.*")
+    if train_encoder:
+        patterns.append("setok.encoder.*")
     return patterns
 
 
@@ -241,15 +286,23 @@ class Stage1Stage:
     def __init__(self, cfg: Stage1Config) -> None:
         self.cfg = cfg
 
+    @property
+    def names_attributes(self) -> bool:
+        """True when the model has attribute heads (sub-phase 0 or an attribute weight)."""
+        return self.cfg.subphase0_batches > 0 or self.cfg.attribute_weight > 0
+
     # ---- model ------------------------------------------------------------------------------
     def build_model(self) -> Stage1Model:
         """All parts built; sub-phase decides what trains; `init_from` weights loaded."""
         cfg = self.cfg
         set_cpu_threads(cfg.cpu_threads)
         # SeTok's encoder.freeze is overridden: the sub-phase decides what trains.
-        model = Stage1Model(
-            *build_parts(cfg.tokenizer, cfg.decoder, painter=cfg.painter_weight > 0)
-        )
+        parts = build_parts(cfg.tokenizer, cfg.decoder, painter=cfg.painter_weight > 0)
+        heads = None
+        if self.names_attributes:
+            sizes = {k: len(v) for k, v in attribute_vocab(cfg.data.world).items()}
+            heads = AttributeHeads(parts[0].encoder.feature_dim, sizes)
+        model = Stage1Model(*parts, attributes=heads)
         if cfg.init_from:
             from setokim.train.checkpoint import load_model_state
 
@@ -262,7 +315,9 @@ class Stage1Stage:
 
     def apply_subphase(self, model: Stage1Model) -> list[str]:
         """Freeze everything but this sub-phase's parameters; return the trainable names."""
-        train_encoder = self.cfg.subphase == 2 and self.cfg.train_encoder
+        cfg = self.cfg
+        # sub-phase 0 trains the encoder; later sub-phase-1 batches cut its gradient
+        train_encoder = (cfg.subphase == 2 and cfg.train_encoder) or cfg.subphase0_batches > 0
         names = set_trainable(model, trainable_patterns(model, self.cfg.subphase, train_encoder))
         model.setok.encoder.frozen = not train_encoder  # keeps a frozen encoder in eval mode
         model.setok.encoder.train(model.training)
@@ -287,10 +342,14 @@ class Stage1Stage:
 
     # ---- data -------------------------------------------------------------------------------
     def subphase_at(self, position: int) -> int:
-        """The sub-phase of micro-batch `position` of this run."""
-        if self.cfg.subphase == 2 and position < self.cfg.subphase1_batches:
+        """The sub-phase of micro-batch `position` of this run: sub-phase 0 for the first
+        `subphase0_batches`, then (with subphase=2) 1 for the next `subphase1_batches`."""
+        cfg = self.cfg
+        if position < cfg.subphase0_batches:
+            return 0
+        if cfg.subphase == 2 and position < cfg.subphase0_batches + cfg.subphase1_batches:
             return 1
-        return self.cfg.subphase
+        return cfg.subphase
 
     def epoch_batches(self, rank: int, world_size: int, micro_batch_size: int) -> int:
         """Micro-batches per rank in one epoch of `batches` (TrainerConfig.epochs)."""
@@ -303,23 +362,47 @@ class Stage1Stage:
         prepare_data(self.cfg.data, rank, self.cfg)
         stream = endless_batches(self.cfg.data, rank, world_size, start_step, micro_batch_size)
         for position, batch in enumerate(stream, start=start_step):
-            yield {
+            out = {
                 "pixels": batch["pixels"],
                 "object_masks": batch.get("object_masks"),
                 "object_valid": batch.get("object_valid"),
                 "subphase": self.subphase_at(position),
             }
+            if self.names_attributes:
+                out["attribute_labels"] = self.attribute_labels(batch)
+            yield out
+
+    def attribute_labels(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The batch's object names as per-slot word indices (`attribute_labels`), with
+        slots that hold no valid object ignored."""
+        masks, valid = batch.get("object_masks"), batch.get("object_valid")
+        if masks is None or valid is None or "object_names" not in batch:
+            raise ValueError(
+                "Stage I attribute heads need object masks and names in the batch "
+                f"(data.task {self.cfg.data.task!r} gives {sorted(batch)})"
+            )
+        labels = attribute_labels(batch["object_names"], masks.shape[1], self.cfg.data.world)
+        return {
+            k: torch.from_numpy(v).masked_fill(~valid.bool(), IGNORE) for k, v in labels.items()
+        }
 
     # ---- objective --------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         phase = int(batch.get("subphase", cfg.subphase))
+        labels = batch.get("attribute_labels")
+        if phase == 0:
+            terms = model(batch["pixels"], batch.get("object_masks"), encoder_only=True,
+                          attribute_labels=labels)  # fmt: skip
+            metrics = {"attributes": float(terms["attributes"].detach()), "subphase": 0.0}
+            return terms["attributes"], metrics
         terms = model(
             batch["pixels"],
             batch.get("object_masks"),
             batch.get("object_valid"),
             with_masks=phase == 2,
             encoder_grad=phase == 2 and cfg.train_encoder,
+            attribute_labels=labels if phase == 2 and cfg.attribute_weight > 0 else None,
             mask_kwargs={
                 "kl_weight": cfg.kl_weight,
                 "bce_weight": cfg.bce_weight,
@@ -333,6 +416,8 @@ class Stage1Stage:
             loss = loss + cfg.painter_weight * terms["painter"]
         if phase == 2:
             loss = loss + cfg.mask_weight * terms["mask"] + cfg.group_weight * terms["group"]
+        if "attributes" in terms:
+            loss = loss + cfg.attribute_weight * terms["attributes"]
         metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics["subphase"] = float(phase)
         return loss, metrics
