@@ -85,6 +85,19 @@ def test_registry() -> None:
     assert len(stage.fsdp_units(stage.build_model())) == 2
 
 
+def test_stage_params_build_typed_groups_over_the_stage_defaults() -> None:
+    """A partial nested mapping keeps the stage's own defaults (not the class defaults)."""
+    stage = build_stage("stage1", {"tokenizer": {"clustering": {"mechanism": "fixed"}},
+                                   "data": {"shard_dir": "elsewhere"}})  # fmt: skip
+    assert stage.cfg.tokenizer.clustering.mechanism == "fixed"
+    assert stage.cfg.tokenizer.clustering.max_clusters == 8  # the tiny tokenizer's, not 32
+    assert (stage.cfg.data.shard_dir, stage.cfg.data.task) == ("elsewhere", "image")
+    with pytest.raises(ValueError, match=r"stage1\.tokenizer\.merger\.num_heads"):
+        build_stage("stage1", {"tokenizer": {"merger": {"num_heads": 0}}})
+    with pytest.raises(TypeError, match=r"pipeline\.steps\[0\].*'name'"):
+        build_stage("pipeline", {"steps": [{"params": {}}]})
+
+
 def test_toy_stream_layout_is_rank_and_accum_invariant() -> None:
     stage = build_stage("toy", {})
     one = next(iter(stage.batches(0, 1, 3, 8)))["x"]

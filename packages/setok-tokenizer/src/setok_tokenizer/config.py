@@ -69,8 +69,8 @@ def from_dict(
 
     Keys missing from `data` keep `base`'s values (default: the class defaults), nested
     mappings recurse into nested dataclass fields over `base`'s value or the field's default
-    (so a partial mapping keeps the defaults the outer class gives), an instance of `cls` is
-    returned as is.
+    (so a partial mapping keeps the defaults the outer class gives), as do the items of a
+    `list[X]` field of dataclass X; an instance of `cls` is returned as is.
     Unknown keys and bad values raise naming them with their path (`where`, default the
     class name).
     """
@@ -87,11 +87,14 @@ def from_dict(
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        sub = _dataclass_in(hints[name])
+        sub, path = _dataclass_in(hints[name]), f"{where}.{name}" if where else name
         if sub is not None and isinstance(value, Mapping):
             inner = getattr(base, name) if base is not None else _default(known[name])
-            path = f"{where}.{name}" if where else name
             value = from_dict(sub, value, inner if isinstance(inner, sub) else None, path)
+        elif typing.get_origin(hints[name]) is list and isinstance(value, list | tuple):
+            item = _dataclass_in(typing.get_args(hints[name])[0])
+            if item is not None:  # a list of dataclasses: each item built, its index named
+                value = [from_dict(item, v, where=f"{path}[{i}]") for i, v in enumerate(value)]
         kwargs[name] = value
     try:
         if base is not None:
@@ -102,6 +105,8 @@ def from_dict(
         if where and str(err).startswith(prefix):
             raise ValueError(f"{where}.{str(err)[len(prefix) :]}") from None
         raise
+    except TypeError as err:  # a required key missing: say where
+        raise TypeError(f"{where or cls.__name__}: {err}") from None
 
 
 @dataclass

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from setok_tokenizer.config import from_dict, require
 from setokim.train.config import TrainerConfig, WandbConfig
 from setokim.train.result import TrainResult
 from setokim.utils.io import atomic_write_json
@@ -73,8 +74,6 @@ def trainer_config(
     spec: TrainerConfig | Mapping[str, Any], base: Mapping[str, Any]
 ) -> TrainerConfig:
     """A TrainerConfig, or a partial mapping over `base` (the pipeline's trainer defaults)."""
-    from setok_tokenizer.config import from_dict
-
     return from_dict(TrainerConfig, spec, from_dict(TrainerConfig, base), "trainer")
 
 
@@ -235,6 +234,40 @@ def _run_steps(
 
 
 @dataclass
+class PipelineStep:
+    """One step: a registered objective, its params (its own config, checked when the
+    pipeline is built) and trainer keys over the pipeline's `trainer`."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineConfig:
+    """The "pipeline" params: trainer defaults and the steps in order, each step's stage
+    config and merged trainer config checked before anything runs (init paths are filled
+    in at run time from the previous step's export)."""
+
+    steps: list[PipelineStep]
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from setokim.stages import build_stage
+
+        names = [s.name for s in self.steps]
+        require(bool(names), self, "steps", "must be a non-empty list of {name, params, trainer}")
+        require(len(set(names)) == len(names), self, "steps", f"names must be unique: {names}")
+        for i, step in enumerate(self.steps):
+            try:
+                require(step.name != "pipeline", step, "name", "a step cannot be a pipeline")
+                build_stage(step.name, step.params)
+                trainer_config(step.trainer, self.trainer)
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"pipeline: steps[{i}] ({step.name}): {err}") from None
+
+
+@dataclass
 class Pipeline:
     """The registry's "pipeline" entry: validated steps that `run(run_dir)` trains in order.
 
@@ -258,41 +291,9 @@ class Pipeline:
 
 
 def build(cfg: Mapping[str, Any]) -> Pipeline:
-    """Registry entry: {"trainer": defaults, "steps": [{"name", "params", "trainer"}, ...]}.
-
-    Each step's stage config and merged trainer config are checked here (before anything
-    runs); init paths are filled in at run time from the previous step's export.
-    """
-    from setokim.stages import build_stage
-
-    unknown = sorted(set(cfg) - {"trainer", "steps"})
-    if unknown:
-        raise ValueError(f"pipeline: unknown config key(s) {unknown}; known: ['steps', 'trainer']")
-    base = dict(cfg.get("trainer") or {})
-    raw_steps = cfg.get("steps")
-    if not isinstance(raw_steps, Sequence) or not raw_steps:
-        raise ValueError("pipeline: steps must be a non-empty list of {name, params, trainer}")
-    steps: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    for i, step in enumerate(raw_steps):
-        if not isinstance(step, Mapping) or "name" not in step:
-            raise ValueError(f"pipeline: steps[{i}] must be a mapping with a 'name'")
-        extra = sorted(set(step) - {"name", "params", "trainer"})
-        if extra:
-            raise ValueError(f"pipeline: steps[{i}] has unknown key(s) {extra}")
-        name, params = str(step["name"]), dict(step.get("params") or {})
-        trainer = dict(step.get("trainer") or {})
-        if name == "pipeline":
-            raise ValueError(f"pipeline: steps[{i}] cannot be a pipeline")
-        try:
-            build_stage(name, params)
-            trainer_config(trainer, base)
-        except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"pipeline: steps[{i}] ({name}): {err}") from None
-        steps.append((name, params, trainer))
-    names = [s[0] for s in steps]
-    if len(set(names)) != len(names):
-        raise ValueError(f"pipeline: step names must be unique, got {names}")
-    return Pipeline(steps, base)
+    """Registry entry: {"trainer": defaults, "steps": [{"name", "params", "trainer"}, ...]}."""
+    spec = from_dict(PipelineConfig, cfg, where="pipeline")
+    return Pipeline([(s.name, s.params, s.trainer) for s in spec.steps], spec.trainer)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
