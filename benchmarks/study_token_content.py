@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         "--init-encoder", type=Path, default=None,
         help="a torch state dict of the encoder to start from (e.g. attribute-pretrained)",
     )  # fmt: skip
+    parser.add_argument(
+        "--freeze-encoder", action="store_true", help="the encoder does not train (sub-phase 1)"
+    )
+    parser.add_argument(
+        "--attr-weight", type=float, default=0.0,
+        help="+ this weight x the attribute heads' loss on the encoder's object means",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out-dir", default="runs/study_token_content")
     args = parser.parse_args(argv)
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     modules = [setok]
     if args.variant not in ("group", "attr"):
         modules.append(mask_decoder)
-    if args.variant.startswith(("attr", "name")):
+    if args.variant.startswith(("attr", "name")) or args.attr_weight > 0:
         modules.append(heads)
     if args.variant == "token_diffusion":
         modules.append(diffusion)
@@ -185,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         setok.encoder.load_state_dict(torch.load(args.init_encoder, weights_only=True))
     for p in setok.parameters():  # the encoder trains (Stage I sub-phase 2)
         p.requires_grad_(True)
+    if args.freeze_encoder:
+        for p in setok.encoder.parameters():
+            p.requires_grad_(False)
     params = list({id(p): p for m in modules for p in m.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-3)
     for m in modules:
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     @ out.features.reshape(b, h * w, -1)
                     / grid.sum(-1, keepdim=True).clamp(min=1e-6)
                 )
-            if args.variant.startswith(("attr", "name")):
+            if args.variant.startswith(("attr", "name")) or args.attr_weight > 0:
                 names = [n + [""] * (valid.shape[1] - len(n)) for n in batch["object_names"]]
                 attr = pooled.new_zeros(())
                 for i, (key, words) in enumerate(vocab.items()):
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     attr = attr + torch.nn.functional.cross_entropy(
                         heads[key](pooled).flatten(0, 1), target.flatten(), ignore_index=-100
                     )
-                loss = loss + attr
+                loss = loss + (args.attr_weight or 1.0) * attr
                 terms["attr"] = float(attr.detach())
             if args.variant not in ("group", "attr"):
                 logits = mask_decoder(out.tokens, out.token_mask, out.features)
