@@ -108,13 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from setok_tokenizer.config import from_dict
     from setokim.stages.stage1 import load_stage1_checkpoint
     from setokim.train.rng import seed_all
 
     stage, trained = load_stage1_checkpoint(args.stage1_run, cpu_threads=1)
     root = Path(args.out_dir)
-    world = from_dict(World, stage.cfg.data.get("world") or {}, where="data.world")
+    world = stage.cfg.data.world
     train, test = (
         scenes(root, "probe_train", args.train, 101, world=world),
         scenes(root, "probe_test", args.test, 202, world=world),
