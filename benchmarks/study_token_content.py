@@ -75,6 +75,22 @@ def footprints(folder: Path, grid: int, binary: bool = False) -> tuple[np.ndarra
     return np.stack(rows), np.asarray(names)
 
 
+def study_data(root: Path, size: int, world: World) -> tuple[Path, Path, Path]:
+    """(2,048 training scenes, 512 probe-training scenes, 256 probe-test scenes) of `world`
+    under `root`, generated once and reused."""
+    from setokim.data.generate import generate_dataset
+    from setokim.data.shards import MANIFEST_NAME
+
+    tag = hashlib.sha1(json.dumps(world.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    train_dir = root / f"train_2048_s{size}_world{tag}"
+    if not (train_dir / MANIFEST_NAME).is_file():
+        generate_dataset(train_dir, train=2048, val=8, test=8, image_size=size, seed=0,
+                         world=world, overwrite=train_dir.exists())  # fmt: skip
+    probe_train = scenes(root, f"probe_train_s{size}", 512, 101, size, world)
+    probe_test = scenes(root, f"probe_test_s{size}", 256, 202, size, world)
+    return train_dir, probe_train, probe_test
+
+
 def encoder_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The tiny encoder's transformers config for --family, --patch, --width and --layers."""
     if args.family == "convnext":
@@ -140,19 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     from setok_decoders import mask_centroids, mask_loss, object_grouping_loss, resize_masks
     from setok_tokenizer import ClusteringConfig, EncoderConfig, MergerConfig, SeTokConfig
     from setokim.data import make_loader
-    from setokim.data.generate import generate_dataset
-    from setokim.data.shards import MANIFEST_NAME
     from setokim.stages.stage1 import build_parts, resize_images
 
-    root = Path(args.out_dir)
-    size, world = args.image_size, args.world
-    tag = hashlib.sha1(json.dumps(world.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    train_dir = root / f"train_2048_s{size}_world{tag}"
-    if not (train_dir / MANIFEST_NAME).is_file():
-        generate_dataset(train_dir, train=2048, val=8, test=8, image_size=size, seed=0,
-                         world=world, overwrite=train_dir.exists())  # fmt: skip
-    probe_train = scenes(root, f"probe_train_s{size}", 512, 101, size, world)
-    probe_test = scenes(root, f"probe_test_s{size}", 256, 202, size, world)
+    size = args.image_size
+    train_dir, probe_train, probe_test = study_data(Path(args.out_dir), size, args.world)
     if args.variant == "ceiling":
         row = shape_ceiling(probe_train, probe_test)
         print(f"ceiling: linear shape probe on the true visible mask {row}")
