@@ -78,7 +78,8 @@ def test_budgets_differ_only_in_what_they_cap(tmp_path: Path) -> None:
 
 def test_budget_caps_steps_and_scales_the_paper_cluster_counts() -> None:
     steps = [
-        {"name": "stage1", "params": {"subphase1_batches": 24, "tokenizer": {}},
+        {"name": "stage1", "params": {"subphase0_batches": 8, "subphase1_batches": 24,
+                                      "tokenizer": {}},
          "trainer": {"max_steps": 40, "warmup_steps": 4}},
         {"name": "stage2", "params": {}, "trainer": {"max_steps": 300, "warmup_steps": 30}},
     ]  # fmt: skip
@@ -87,6 +88,7 @@ def test_budget_caps_steps_and_scales_the_paper_cluster_counts() -> None:
     out = budgeted_steps(cfg, grid_tokens=64)
     assert out[0]["trainer"] == {"max_steps": 10, "warmup_steps": 1}
     assert out[0]["params"]["subphase1_batches"] == 6
+    assert out[0]["params"]["subphase0_batches"] == 2
     assert out[0]["params"]["tokenizer"]["clustering"]["max_clusters"] == 7  # 64 x 64 / 576
     assert out[1] == steps[1] and steps[0]["trainer"]["max_steps"] == 40  # input untouched
     assert [scaled_clusters(k, 64) for k in (576, 256, 64, 8)] == [64, 28, 7, 2]

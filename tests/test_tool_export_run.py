@@ -21,11 +21,12 @@ export_run = _tool.export_run
 
 STAGE1 = [
     "+exp=stage1_shapes",
-    "trainer.max_steps=2",
+    "trainer.max_steps=3",
     "trainer.ckpt_every=1",
     "trainer.log_every=1",
     "trainer.micro_batch_size=2",
     "trainer.warmup_steps=0",
+    "stage.params.subphase0_batches=1",  # one step of each sub-phase
     "stage.params.subphase1_batches=1",
     "stage.params.generate_train=8",
 ]
@@ -42,7 +43,7 @@ def test_stage1_run_exports_loadable_parts_and_bad_dirs_are_named(tmp_path: Path
     model = load_parts(out)
     assert sum(p.numel() for p in model.parameters()) > 0
     # an earlier step exports too, and the CLI names what is wrong with a bad run dir
-    first = run_dir / "checkpoints" / "step_00000001"
+    first = run_dir / "checkpoints" / "step_00000002"  # the recipe keeps the last two
     assert export_run(run_dir, tmp_path / "export1", first).is_dir()
     bad = subprocess.run(
         [sys.executable, str(REPO / "tools" / "export_run.py"), str(tmp_path), "--out", "x"],

@@ -52,8 +52,10 @@ def _steps(obj: ExperimentConfig, params: dict[str, Any]) -> list[Any]:
         data = getattr(getattr(stage, "cfg", None), "data", None)
         if data is None:
             continue
+        cfg1 = getattr(stage, "cfg", None)  # Stage I's sub-phases 0 and 2 read object masks
         masks = step in _MASK_STAGES or (
-            step == "stage1" and getattr(getattr(stage, "cfg", None), "subphase", 1) == 2
+            step == "stage1"
+            and (getattr(cfg1, "subphase", 1) == 2 or getattr(cfg1, "subphase0_batches", 0) > 0)
         )
         data = replace(
             data, allow_missing_masks=data.allow_missing_masks or obj.data.allow_missing_masks

@@ -162,10 +162,9 @@ def budgeted_steps(cfg: StudyConfig, grid_tokens: int | None) -> list[dict[str, 
                 warm = int(trainer.get("warmup_steps", cfg.trainer.get("warmup_steps", 0)))
                 trainer["max_steps"] = int(cap)
                 trainer["warmup_steps"] = min(int(cap) - 1, math.ceil(warm * cap / recipe))
-                if name == "stage1" and "subphase1_batches" in params:
-                    params["subphase1_batches"] = math.ceil(
-                        int(params["subphase1_batches"]) * cap / recipe
-                    )
+                for key in ("subphase0_batches", "subphase1_batches"):  # Stage I's shares
+                    if name == "stage1" and key in params:
+                        params[key] = math.ceil(int(params[key]) * cap / recipe)
         if cfg.budget.train_images is not None and "generate_train" in params:
             params["generate_train"] = cfg.budget.train_images
         if name == "stage1" and cfg.paper_clusters is not None and grid_tokens is not None:
