@@ -72,13 +72,16 @@ class GlobalBatchStage3(Fp32AdapterStage3):
 
 
 def _stage_cfg(data_dir: str) -> Stage3Config:
-    return Stage3Config(
-        model={"llm": {"dtype": "bfloat16"}},
-        lora={"dropout": 0.0, "train_heads": ["projector"]},
-        data={"shard_dir": data_dir},
-        cpu_threads=1,
-        generate_if_missing=False,
-    )
+    from setok_tokenizer.config import from_dict
+
+    params = {
+        "model": {"llm": {"dtype": "bfloat16"}},
+        "lora": {"dropout": 0.0, "train_heads": ["projector"]},
+        "data": {"shard_dir": data_dir},
+        "cpu_threads": 1,
+        "generate_if_missing": False,
+    }
+    return from_dict(Stage3Config, params, where="stage3")
 
 
 @pytest.fixture(scope="module")
