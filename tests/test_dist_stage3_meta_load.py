@@ -1,9 +1,10 @@
 """Stage III on 2 gloo ranks builds its LLM on the meta device and takes the Stage II
 export's tensors, from one `model.safetensors` or from a sharded export written by both
-ranks: every rank's model equals the exported one, and the load allocates no random LLM
-(`SeTokIM.from_pretrained` allocates one before it reads the file). Allocations are counted
-by a dispatch mode, tensor by tensor, so the figure does not depend on the allocator or the
-machine (resident memory did: a peak measured here was 1.3 copies on one box, 2 on another).
+ranks: every rank's model equals the exported one, and the load allocates no random LLM,
+only the file's tensors (one copy; so does `SeTokIM.from_pretrained`, the same loader).
+Allocations are counted by a dispatch mode (`setokim.utils.memory`), tensor by tensor, so the
+figure does not depend on the allocator or the machine (resident memory did: a peak
+measured here was 1.3 copies on one box, 2 on another).
 
 Under FSDP2 (the loop's `build_model_deferred`) the LLM stays on the meta device until it is
 sharded, then each rank reads only its own rows of the export: the gathered weights equal the
@@ -23,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from setokim.utils.memory import AllocatedBytes, allocated_bytes
 
 pytestmark = pytest.mark.dist
 
@@ -46,32 +47,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class _AllocatedBytes(TorchDispatchMode):
-    """Sums the bytes of every new (not a view, not in place) non-meta tensor an op returns;
-    a DTensor counts its local shard (the mode sees the DTensor op, not its local ops)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        from torch.distributed.tensor import DTensor
-
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view and not func._schema.is_mutable:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, DTensor):
-                    t = t.to_local()
-                if isinstance(t, torch.Tensor) and not t.is_meta:
-                    self.total += t.numel() * t.element_size()
-        return out
-
-
 def _allocated_bytes(load):  # type: ignore[no-untyped-def]
-    """(load's result, the bytes of the tensors it allocated through torch's ops)."""
-    with _AllocatedBytes() as counter:
-        out = load()
-    return out, counter.total
+    """(load's result, the bytes of the tensors it allocated through torch's ops, the bytes
+    of the files' tensors it read)."""
+    out, counter = allocated_bytes(load)
+    return out, counter.total, counter.attached
 
 
 def _base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -130,16 +110,17 @@ def _worker(rank: int, port: int, root: str, phase: str) -> None:
         export = Path(root) / name
         if loader == "stage3":
             stage = build_stage("stage3", {"init_from": str(export)})
-            model, allocated = _allocated_bytes(stage.build_model)
+            model, allocated, read = _allocated_bytes(stage.build_model)
             ours = _base_weights(model)
-        else:  # the reference: SeTokIM.from_pretrained (a random LLM, then the file)
+        else:  # SeTokIM.from_pretrained, the same loader without Stage III's LoRA
             from setokim.model.setokim import SeTokIM
 
-            model, allocated = _allocated_bytes(lambda: SeTokIM.from_pretrained(export))
+            model, allocated, read = _allocated_bytes(lambda: SeTokIM.from_pretrained(export))
             ours = model.trainable_state_dict()
         want = load_file(str(full / "model.safetensors"))
         result = {
             "allocated": allocated,
+            "read": read,
             "same_keys": set(ours) == set(want),
             "equal": all(torch.equal(ours[k], want[k]) for k in want if k in ours),
             "meta_left": sum(p.is_meta for p in model.parameters()),
@@ -187,13 +168,13 @@ def _fsdp_load(rank: int, root: Path, name: str, want: dict[str, torch.Tensor]) 
     adapters = {k: v.clone() for k, v in whole.state_dict().items() if "lora_" in k}
     del whole
 
-    with _AllocatedBytes() as build:  # the model, its LLM on meta, sharded as the loop does
+    with AllocatedBytes() as build:  # the model, its LLM on meta, sharded as the loop does
         seed_all(0)
         deferred = stage.build_model_deferred()
         model = deferred.model
         apply_fsdp(model, stage.fsdp_units(model), device_type="cpu", world_size=2,
                    param_dtype=None)  # fmt: skip
-    with _AllocatedBytes() as fill:
+    with AllocatedBytes() as fill:
         deferred.materialise(torch.device("cpu"))
     rows_equal, sharded = True, 0
     for key, p in model.named_parameters():
@@ -243,13 +224,15 @@ def test_stage3_loads_a_full_and_a_sharded_export_on_the_meta_device(tmp_path: P
         _spawn(tmp_path, phase)
     for rank in (0, 1):
         ref = json.loads((tmp_path / f"reference_full_rank{rank}.json").read_text())
-        # the reference's random LLM: about one copy of the weights
-        assert ref["equal"] and ref["allocated"] > 0.9 * weights, ref
+        # from_pretrained: the file's tensors (one copy of the weights), no random LLM
+        assert ref["equal"] and ref["allocated"] < 0.2 * weights, ref
+        assert 0.9 * weights < ref["read"] < 1.2 * weights, ref
         for name in ("full", "sharded"):
             run = json.loads((tmp_path / f"stage3_{name}_rank{rank}.json").read_text())
             assert run["same_keys"] and run["equal"] and run["meta_left"] == 0, (name, run)
             # no random LLM: only the LoRA adapters and the tiny SeTok are allocated
             assert run["allocated"] < 0.2 * weights, (name, run["allocated"], weights)
+            assert 0.9 * weights < run["read"] < 1.2 * weights, (name, run["read"], weights)
 
 
 def test_stage3_materialises_each_ranks_rows_after_fsdp2(tmp_path: Path) -> None:

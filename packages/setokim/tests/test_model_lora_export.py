@@ -1,5 +1,10 @@
 """Stage III exports: LoRA adapters + trained heads over a hash-checked base export, a merged
-self-contained alternative, and clear errors when the base is missing, moved or changed."""
+self-contained alternative, and clear errors when the base is missing, moved or changed.
+
+Loading (full, adapter and sharded exports): the LLM is built on the meta device and given the
+export's tensors, so a load allocates one copy of the weights (the files' tensors, counted by
+`setokim.utils.memory.AllocatedBytes`) and no random LLM, gives the saved model's weights and
+predictions, and a bad export fails naming what does not fit."""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from setokim.model import export
-from setokim.model.config import LoRAConfig, SeTokIMConfig
+from setokim.model.config import LLMConfig, LoRAConfig, SeTokIMConfig
+from setokim.model.inference import GenerationConfig
 from setokim.model.lora import apply_lora
 from setokim.model.packing import Image, Sample, Text
 from setokim.model.setokim import SeTokIM
@@ -217,3 +223,153 @@ def test_adapter_export_over_a_sharded_base(base_dir, tmp_path):
     (sharded / "model.safetensors.index.json").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors.index.json"):
         SeTokIM.from_pretrained(out)
+
+
+# ---- loading with no random LLM -------------------------------------------------------------
+# An LLM (about 14 MB in fp32) that outweighs the rest (tiny SeTok, projector, head: about
+# 0.8 MB) as a 7B does, so that a random copy of it would stand out.
+MEDIUM = LLMConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                   intermediate_size=768)  # fmt: skip
+GEN = GenerationConfig(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[SeTokIM, Path]]:
+    """{"full": (model, its full export), "adapter": (LoRA model, its adapter export)}."""
+    root = tmp_path_factory.mktemp("medium")
+    cfg = replace(SeTokIMConfig(), llm=MEDIUM)
+    cfg.tokenizer.clustering.max_clusters = 8
+    full = SeTokIM.from_config(cfg).eval()
+    base = full.save_pretrained(root / "s2")
+    lora = _lora_model(base)
+    return {"full": (full, base), "adapter": (lora, lora.save_pretrained(root / "s3"))}
+
+
+def _tensor_bytes(directory: Path) -> int:
+    """Bytes of every tensor in the safetensors files under `directory` (what a load reads)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in directory.rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                tensor = handle.get_tensor(key)
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _predictions(model: SeTokIM) -> list[str]:
+    g = torch.Generator().manual_seed(5)
+    images = [[torch.rand(3, 64, 64, generator=g)] for _ in range(3)]
+    return model.understand(images, ["what is it?", "colour?", "how many?"], GEN)
+
+
+@pytest.mark.parametrize("kind", ["full", "adapter"])
+def test_a_load_allocates_one_copy_and_gives_the_saved_model(medium, kind):
+    from transformers import AutoModelForCausalLM
+
+    from setokim.utils.memory import allocated_bytes
+
+    saved, path = medium[kind]
+    base = medium["full"][1]
+    llm = sum(v.numel() * v.element_size() for k, v in saved.state_dict().items()
+              if k.startswith("llm.") and "lora_" not in k)  # fmt: skip
+    loaded, counter = allocated_bytes(lambda: SeTokIM.from_pretrained(path))
+    # control: the counter sees a random LLM, what the loader before built and then overwrote
+    _, random_llm = allocated_bytes(lambda: AutoModelForCausalLM.from_config(saved.llm.config))
+    assert random_llm.total >= llm
+    assert counter.total < 0.1 * llm, (counter.total, llm)  # projector, head, SeTok, adapters
+    read = _tensor_bytes(base) + (_tensor_bytes(path) if kind == "adapter" else 0)
+    assert counter.attached == pytest.approx(read, rel=0.01), (counter.attached, read)
+    assert counter.all < 1.1 * read  # one copy: a random LLM would make it about two
+    ours, want = loaded.state_dict(), saved.state_dict()
+    assert set(ours) == set(want)
+    assert all(torch.equal(ours[k], want[k]) for k in want)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        n for n, p in saved.named_parameters() if p.requires_grad
+    ]
+    torch.testing.assert_close(_logits(loaded), _logits(saved), rtol=0, atol=0)
+    assert _predictions(loaded.eval()) == _predictions(saved)
+
+
+def test_a_sharded_export_loads_one_copy(base_dir, tmp_path):
+    from setokim.utils.memory import allocated_bytes
+
+    sharded = _shard(base_dir, tmp_path / "s2_sharded")
+    loaded, counter = allocated_bytes(lambda: SeTokIM.from_pretrained(sharded))
+    assert counter.attached == pytest.approx(_tensor_bytes(sharded), rel=0.01)
+    want = SeTokIM.from_pretrained(base_dir)
+    torch.testing.assert_close(_logits(loaded), _logits(want), rtol=0, atol=0)
+    assert all(not p.is_meta for p in loaded.parameters())
+
+
+def _edited(full: Path, out: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of the export `full` whose weights file is `edit(state)`."""
+    shutil.copytree(full, out, ignore=lambda d, n: [export.WEIGHTS_FILE] if Path(d) == full else [])
+    state = load_file(str(full / export.WEIGHTS_FILE))
+    save_file(edit(state), str(out / export.WEIGHTS_FILE))
+    return out
+
+
+def test_a_bad_export_fails_naming_what_does_not_fit(base_dir, tmp_path):
+    key = "llm.model.layers.0.mlp.up_proj.weight"
+    lacking = _edited(base_dir, tmp_path / "lacking", lambda s: {k: v for k, v in s.items()
+                                                                  if k != key})  # fmt: skip
+    with pytest.raises(RuntimeError, match=rf"does not fit the model: missing=\['{key}'\]"):
+        SeTokIM.from_pretrained(lacking)
+    extra = _edited(base_dir, tmp_path / "extra", lambda s: {**s, "llm.bogus": torch.zeros(2)})
+    with pytest.raises(RuntimeError, match=r"unexpected=\['llm.bogus'\]"):
+        SeTokIM.from_pretrained(extra)
+    short = _edited(base_dir, tmp_path / "short", lambda s: {**s, key: s[key][:-1].clone()})
+    with pytest.raises(ValueError, match=rf"{key} has shape"):
+        SeTokIM.from_pretrained(short)
+
+
+def test_bad_adapter_files_fail_naming_them(lora_model, tmp_path):
+    out = lora_model.save_pretrained(tmp_path / "s3")
+    heads = load_file(str(out / export.HEADS_FILE))
+    save_file({k: v for k, v in heads.items() if not k.endswith("bias")},
+              str(out / export.HEADS_FILE))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"heads.safetensors does not fit"):
+        SeTokIM.from_pretrained(out)
+    save_file(heads, str(out / export.HEADS_FILE))
+    adapters = load_file(str(out / export.ADAPTER_FILE))
+    save_file(dict(list(adapters.items())[1:]), str(out / export.ADAPTER_FILE))
+    with pytest.raises(RuntimeError, match="adapter weights do not fit"):
+        SeTokIM.from_pretrained(out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only machine")
+def test_a_cuda_device_without_cuda_is_refused(base_dir):
+    with pytest.raises(ValueError, match="device 'cuda:0': CUDA is not available"):
+        SeTokIM.from_pretrained(base_dir, device="cuda:0")
+    with pytest.raises(ValueError, match="meta"):
+        SeTokIM.from_pretrained(base_dir, device="meta")
+
+
+def test_the_eval_stage_loads_its_checkpoint_onto_the_device(medium):
+    from setokim.model.eval_adapter import from_export
+    from setokim.stages.evaluate import EvalStageConfig, build_adapter
+    from setokim.utils.memory import allocated_bytes
+
+    saved, path = medium["adapter"]
+    cfg = EvalStageConfig(checkpoint=str(path), shard_dir=None, data_root=str(path))
+    adapter, counter = allocated_bytes(lambda: build_adapter(cfg, torch.device("cpu")))
+    assert counter.total < 0.1 * _tensor_bytes(medium["full"][1])  # no random LLM
+    assert adapter.model.device == torch.device("cpu")
+    assert adapter.checkpoint == path
+    assert _predictions(adapter.model) == _predictions(saved)
+    suite = from_export(str(path), device="cpu")  # eval_suite/run.py --adapter-arg device=cpu
+    assert suite.model.device == torch.device("cpu")
+    assert _predictions(suite.model) == _predictions(saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_adapter_export_loads_straight_onto_cuda(medium):
+    saved, path = medium["adapter"]
+    loaded = SeTokIM.from_pretrained(path, device="cuda")
+    state = loaded.state_dict()
+    assert all(t.is_cuda for t in state.values())
+    want = saved.state_dict()
+    assert all(torch.equal(state[k].cpu(), want[k]) for k in want)

@@ -76,11 +76,19 @@ class SeTokIMAdapter:
         self._fingerprint: str | None = None
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str], **kwargs: Any) -> SeTokIMAdapter:
-        """Load `SeTokIM.save_pretrained` output (local directory)."""
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> SeTokIMAdapter:
+        """Load `SeTokIM.save_pretrained` output (local directory) straight onto `device`
+        (None: `SeTokIM.from_pretrained`'s default, the CPU); no random LLM is built."""
         from setokim.model.setokim import SeTokIM
 
-        return cls(SeTokIM.from_pretrained(directory), checkpoint=directory, **kwargs)
+        load = {} if device is None else {"device": device}
+        return cls(SeTokIM.from_pretrained(directory, **load), checkpoint=directory, **kwargs)
 
     def fingerprint(self) -> str:
         """Hash of the config, the decoding defaults and the weights (an export's file hashes,
@@ -191,10 +199,12 @@ def from_export(
     batch_size: int | str = 8,
     image_size: int | str | None = None,
     run_dir: str | os.PathLike[str] | None = None,
+    device: str | None = None,
 ) -> SeTokIMAdapter:
     """The eval suite's registered "setokim" adapter: `export` is a SeTokIM export directory
-    (`SeTokIM.save_pretrained`, e.g. a pipeline's `<run>/stage3/export`). Values may come as
-    strings (`eval_suite/run.py --adapter-arg key=value`)."""
+    (`SeTokIM.save_pretrained`, e.g. a pipeline's `<run>/stage3/export`), read onto `device`
+    (e.g. cuda:0; None: the CPU). Values may come as strings (`eval_suite/run.py
+    --adapter-arg key=value`)."""
     del run_dir  # the suite passes it to every factory; the export names the model
     if export is None:
         raise ValueError("the setokim adapter needs --adapter-arg export=DIR (a SeTokIM export)")
@@ -203,6 +213,7 @@ def from_export(
         raise FileNotFoundError(f"export {str(path)!r} is not a SeTokIM export directory")
     return SeTokIMAdapter.from_pretrained(
         path,
+        device=device or None,
         batch_size=int(batch_size),
         image_size=None if image_size in (None, "") else int(image_size),
     )

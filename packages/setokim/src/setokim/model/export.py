@@ -16,6 +16,8 @@ Adapter export (Stage III's default; megabytes instead of the LLM's gigabytes):
     adapter_base.json     {"base": the base export's path, "weights_sha256": {file: hash}}
     text_tokenizer/
 
+Loading builds the LLM on the meta device and assigns it the export's tensors, read straight
+onto the requested device (`assign_export_weights`; no random LLM, one copy of the weights).
 Loading an adapter export loads the base export, injects LoRA (`lora.apply_lora`), then the
 adapter and head weights. The base path is stored as given to `save_pretrained(base=...)` (by
 default the absolute path of the export the model was loaded from); a relative one is read
@@ -249,6 +251,17 @@ def read_config(directory: Path) -> tuple[SeTokIMConfig, dict[str, Any]]:
     return from_dict(SeTokIMConfig, raw), llm_config
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device; a CUDA device on a machine without CUDA is an error naming
+    it (a load never falls back to the CPU)."""
+    device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError("device: 'meta' holds no values; load onto 'cpu' or 'cuda:N'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return device
+
+
 def _build(
     cls: type[SeTokIM],
     cfg: Any,
@@ -257,7 +270,9 @@ def _build(
     setok_dir: Path,
     parts: dict[str, Any],
 ) -> SeTokIM:
-    """The model from a saved config, LLM rebuilt from its HF config (nothing downloads)."""
+    """The model from a saved config, its LLM built from its HF config on the meta device
+    (nothing downloads, no random LLM is allocated: `assign_export_weights` gives it the
+    export's tensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from setokim.model.local import load_text_tokenizer
@@ -274,38 +289,89 @@ def _build(
         vision = SeTok.from_pretrained(str(setok_dir))
     llm_config = dict(llm_config)
     model_type = llm_config.pop("model_type")
-    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_config))
-    llm = llm.to(_DTYPES[cfg.llm.dtype])
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **llm_config))
+        llm = llm.to(_DTYPES[cfg.llm.dtype])
     return cls.from_config(
         cfg, llm=llm, vision_tokenizer=vision, text_tokenizer=text_tokenizer, **parts
     )
 
 
-def _load_weights(model: SeTokIM, path: Path) -> None:
-    """A full export's weights (`path`: its folder; one file or a sharded export) into `model`."""
-    from safetensors.torch import load_file
+def assign_export_weights(
+    model: SeTokIM,
+    directory: Path,
+    device: torch.device | str,
+    *,
+    defer: str | None = None,
+) -> None:
+    """Give `model` (its LLM on the meta device, `_build`) a full export's tensors (one
+    `model.safetensors` or a sharded export), read straight onto `device` and assigned, not
+    copied into random weights: on a GPU host memory holds about one tensor at a time, on the
+    CPU the weights are the file's private mapping (one copy). The rest of the model (SeTok,
+    decoders) is moved to `device`.
 
-    from setokim.model.sharded import export_weight_files
+    Names starting with `defer` stay on the meta device (shapes checked from the file's
+    header) for `sharded.materialise_from_export` to fill once FSDP2 has sharded them.
+    A name the model lacks or the export lacks, or a shape that does not fit, is an error
+    naming it; so is a tensor left on the meta device."""
+    from safetensors import safe_open
 
-    state: dict[str, Tensor] = {}
-    for file in sorted(set(export_weight_files(path).values())):
-        state.update(load_file(str(path / file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+    from setokim.model.sharded import export_weight_files, materialise_buffers
+
+    device = check_device(device)
+    files = export_weight_files(directory)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+    missing = sorted(set(own) - set(files))
+    unexpected = sorted(set(files) - set(own))
     if missing or unexpected:
         raise RuntimeError(
-            f"checkpoint {str(path)!r} does not fit the model: missing={missing[:5]} "
+            f"export {str(directory)!r} does not fit the model: missing={missing[:5]} "
             f"unexpected={unexpected[:5]}"
         )
+    by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    state: dict[str, Tensor] = {}
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(directory / file), framework="pt", device=str(device)) as handle:
+            for name in names:
+                deferred = defer is not None and name.startswith(defer)
+                # a deferred tensor's shape from the file's header: it is read later, by rows
+                value = handle.get_slice(name) if deferred else handle.get_tensor(name)
+                shape = tuple(value.get_shape() if deferred else value.shape)
+                if shape != tuple(own[name].shape):
+                    raise ValueError(
+                        f"{directory / file}: {name} has shape {shape}, the model "
+                        f"{tuple(own[name].shape)}"
+                    )
+                if not deferred:
+                    state[name] = value.to(own[name].dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    materialise_buffers(model.llm, device)
+    model._apply(lambda t: t if t.is_meta else t.to(device))  # SeTok, decoders: not exported
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if defer is not None:
+        left = [n for n in left if not n.startswith(defer)]
+    if left:
+        raise RuntimeError(f"{directory}: still on the meta device after loading: {left[:5]}")
 
 
-def load_full(cls: type[SeTokIM], directory: Path, parts: dict[str, Any]) -> SeTokIM:
-    """Inverse of `save_full`; remembers `directory` as the base for a later adapter export."""
+def load_full(
+    cls: type[SeTokIM],
+    directory: Path,
+    parts: dict[str, Any],
+    device: torch.device | str,
+    *,
+    defer: str | None = None,
+) -> SeTokIM:
+    """Inverse of `save_full`, onto `device` (`assign_export_weights`, which says what `defer`
+    does); remembers `directory` as the base for a later adapter export."""
     cfg, llm_config = read_config(directory)
     model = _build(
         cls, cfg, llm_config, directory / TEXT_TOKENIZER_DIR, directory / SETOK_DIR, parts
     )
-    _load_weights(model, directory)
+    assign_export_weights(model, directory, device, defer=defer)
     if not cfg.lora.enabled:
         model.base_export = directory.resolve()
     return model
@@ -315,9 +381,11 @@ def load_adapter(
     cls: type[SeTokIM],
     directory: Path,
     parts: dict[str, Any],
+    device: torch.device | str,
     base: str | os.PathLike[str] | None = None,
 ) -> SeTokIM:
-    """Inverse of `save_adapter`: base export (hash-checked) + LoRA + adapter and head weights."""
+    """Inverse of `save_adapter`: base export (hash-checked, `assign_export_weights` onto
+    `device`) + LoRA + adapter and head weights."""
     from safetensors.torch import load_file
 
     from setokim.model.lora import apply_lora, head_weights, load_adapter_weights
@@ -341,11 +409,12 @@ def load_adapter(
     model = _build(
         cls, plain, llm_config, directory / TEXT_TOKENIZER_DIR, base_dir / SETOK_DIR, parts
     )
-    _load_weights(model, base_dir)
-    apply_lora(model, cfg.lora)
+    assign_export_weights(model, base_dir, device)
+    apply_lora(model, cfg.lora)  # peft makes the adapters on their base weights' device
     model.config = cfg
-    load_adapter_weights(model, load_file(str(directory / ADAPTER_FILE)), where)
-    heads = load_file(str(directory / HEADS_FILE))
+    on = str(check_device(device))
+    load_adapter_weights(model, load_file(str(directory / ADAPTER_FILE), device=on), where)
+    heads = load_file(str(directory / HEADS_FILE), device=on)
     expected = set(head_weights(model, list(cfg.lora.train_heads)))
     if set(heads) != expected:
         raise RuntimeError(
@@ -388,6 +457,8 @@ __all__ = [
     "CONFIG_FILE",
     "HEADS_FILE",
     "WEIGHTS_FILE",
+    "assign_export_weights",
+    "check_device",
     "export_digest",
     "is_adapter_export",
     "load_adapter",

@@ -409,18 +409,22 @@ class SeTokIM(nn.Module):
         directory: str | os.PathLike[str],
         *,
         base: str | os.PathLike[str] | None = None,
+        device: torch.device | str = "cpu",
         **parts: Any,
     ) -> SeTokIM:
         """Inverse of `save_pretrained` (LLM rebuilt from its saved config, no download).
 
-        An adapter export loads its base export first (`base` overrides the recorded path,
-        e.g. after moving it); `parts` replace parts as in `from_config`.
+        The LLM is built on the meta device and given the export's tensors read straight onto
+        `device` (no random LLM: one copy of the weights, and on a GPU about one tensor at a
+        time in host memory); the rest of the model is moved there too. An adapter export
+        loads its base export first (`base` overrides the recorded path, e.g. after moving
+        it); `parts` replace parts as in `from_config`.
         """
         from setokim.model import export
 
         path = Path(directory)
         if export.is_adapter_export(path):
-            return export.load_adapter(cls, path, parts, base=base)
+            return export.load_adapter(cls, path, parts, device, base=base)
         if base is not None:
             raise ValueError(f"base= applies to adapter exports; {str(path)!r} is a full export")
-        return export.load_full(cls, path, parts)
+        return export.load_full(cls, path, parts, device)

@@ -24,9 +24,10 @@ its local shard; each one is filled from the safetensors slice of its rows
 weights. Plain (unsharded) tensors are read whole. Returns the bytes this rank read.
 
 A SeTokIM export (Stage III's start): `load_export_on_meta` builds the model with its LLM on
-the meta device and loads the rest; with `defer_llm` the LLM stays there until the training
-loop has sharded it, and `materialise_from_export` then allocates only the meta tensors
-(the LoRA adapters, SeTok and projector keep their values) and fills each rank's rows.
+the meta device and loads the rest (the loader `SeTokIM.from_pretrained` uses); with
+`defer_llm` the LLM stays there until the training loop has sharded it, and
+`materialise_from_export` then allocates only the meta tensors (the LoRA adapters, SeTok
+and projector keep their values) and fills each rank's rows.
 """
 
 from __future__ import annotations
@@ -309,99 +310,48 @@ def export_weight_files(export: str | os.PathLike[str]) -> dict[str, str]:
         return dict.fromkeys(handle.keys(), WEIGHTS_FILE)  # noqa: SIM118
 
 
-def _materialise_buffers(llm: nn.Module) -> None:
-    """Compute the non-persistent buffers a meta-built transformers model lacks (a rotary
-    embedding's `inv_freq`: not in any export) with the model's own initialiser."""
+def materialise_buffers(llm: nn.Module, device: torch.device | str) -> None:
+    """Compute on `device` the non-persistent buffers a meta-built transformers model lacks (a
+    rotary embedding's `inv_freq`: not in any export) with the model's own initialiser."""
     for name, module in llm.named_modules():
         if not any(b.is_meta for b in module.buffers(recurse=False)):
             continue
         if any(True for _ in module.parameters(recurse=False)):
             raise RuntimeError(f"{name}: has meta buffers next to parameters; cannot rebuild them")
-        module.to_empty(device="cpu", recurse=False)
+        module.to_empty(device=device, recurse=False)
         llm._init_weights(module)  # type: ignore[operator]
 
 
 def load_export_on_meta(
     directory: str | os.PathLike[str], *, defer_llm: bool = False, **parts: Any
 ) -> Any:
-    """A full SeTokIM export (Stage II) with its LLM built on the meta device and given the
-    export's tensors (`load_state_dict(assign=True)`), so host memory holds one copy of the
-    weights instead of a random LLM plus the loaded one. Reads `model.safetensors` or a
-    sharded export (`INDEX_FILE`). `parts` replace parts as in `SeTokIM.from_config`.
-    Remembers `directory` as the base of a later adapter export (as `from_pretrained` does).
+    """A full SeTokIM export (Stage II) on the CPU with its LLM built on the meta device and
+    given the export's tensors (`export.load_full`, as `SeTokIM.from_pretrained` loads), so
+    host memory holds one copy of the weights instead of a random LLM plus the loaded one.
+    Refuses adapter exports and exports with LoRA weights (Stage III injects its own).
+    `parts` replace parts as in `SeTokIM.from_config`; the SeTok comes from the export's
+    `setok/` unless given.
 
     `defer_llm`: the LLM's parameters stay on the meta device (its buffers are computed and
     the rest is loaded), for `materialise_from_export` to fill once FSDP2 has sharded the
     model, so that each rank reads and holds only its rows instead of a whole copy.
     """
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from setok_tokenizer import SeTok
-    from setokim.model.export import (
-        FROZEN_PREFIXES,
-        SETOK_DIR,
-        TEXT_TOKENIZER_DIR,
-        is_adapter_export,
-        read_config,
-    )
-    from setokim.model.local import load_text_tokenizer
-    from setokim.model.setokim import _DTYPES, SeTokIM
+    from setokim.model.export import SETOK_DIR, is_adapter_export, load_full, read_config
+    from setokim.model.setokim import SeTokIM
 
     directory = Path(directory)
     if is_adapter_export(directory):
         raise ValueError(f"{directory}: an adapter export; load it with SeTokIM.from_pretrained")
-    cfg, llm_config = read_config(directory)
+    cfg, _ = read_config(directory)
     if cfg.lora.enabled:
         raise ValueError(
             f"{directory}: holds LoRA weights; a Stage II (or merged) export is needed"
         )
-    files = export_weight_files(directory)
-    hf = dict(llm_config)
-    model_type = hf.pop("model_type")
-    with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
-        llm = llm.to(_DTYPES[cfg.llm.dtype])
-    parts.setdefault("text_tokenizer", load_text_tokenizer(directory / TEXT_TOKENIZER_DIR))
     if "vision_tokenizer" not in parts:
         parts["vision_tokenizer"] = SeTok.from_pretrained(str(directory / SETOK_DIR))
-    model = SeTokIM.from_config(cfg, llm=llm, **parts)
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
-    missing = sorted(set(own) - set(files))
-    unexpected = sorted(set(files) - set(own))
-    if missing or unexpected:
-        raise RuntimeError(
-            f"export {str(directory)!r} does not fit the model: missing={missing[:5]} "
-            f"unexpected={unexpected[:5]}"
-        )
-    by_file: dict[str, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    state: dict[str, Tensor] = {}
-    for file, names in sorted(by_file.items()):
-        with safe_open(str(directory / file), framework="pt") as handle:
-            for name in names:
-                deferred = defer_llm and name.startswith(LLM_PREFIX)
-                # a deferred tensor's shape from the file's header: it is read later, by rows
-                value = handle.get_slice(name) if deferred else handle.get_tensor(name)
-                shape = tuple(value.get_shape() if deferred else value.shape)
-                if shape != tuple(own[name].shape):
-                    raise ValueError(
-                        f"{directory / file}: {name} has shape {shape}, the model "
-                        f"{tuple(own[name].shape)}"
-                    )
-                if not deferred:
-                    state[name] = value.to(own[name].dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    del state
-    _materialise_buffers(model.llm)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if defer_llm:
-        left = [n for n in left if not n.startswith(LLM_PREFIX)]
-    if left:
-        raise RuntimeError(f"{directory}: still on the meta device after loading: {left[:5]}")
-    model.base_export = directory.resolve()
-    return model
+    defer = LLM_PREFIX if defer_llm else None
+    return load_full(SeTokIM, directory, parts, "cpu", defer=defer)
 
 
 def _empty_meta(model: nn.Module, device: torch.device) -> None:

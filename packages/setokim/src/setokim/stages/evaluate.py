@@ -11,7 +11,9 @@ evaluation is planned, launched, requeued and reported like any training run. St
    `shard_dir`, `data_root` must hold the documents already (tools/export_eval_data.py, the
    benchmark exporters in tools/data/eval_*.py). Every task's document file is checked
    before the model loads;
-2. the model: `checkpoint` (a `SeTokIM.save_pretrained` dir) when given, else, with
+2. the model, on the rank's device (cuda:LOCAL_RANK, the CPU without CUDA; every rank holds
+   the whole model and predicts its share of the documents): `checkpoint` (a
+   `SeTokIM.save_pretrained` dir, read straight onto the device) when given, else, with
    `tiny_random: true`, a seeded random tiny SeTokIM (smoke tests);
 3. `setok_eval.run_eval` into `run_dir/eval` (results.json there). Every prediction is cached
    as it is made, so a relaunch after a kill or preemption only predicts what is missing.
@@ -30,12 +32,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from setok_tokenizer.config import from_dict
 from setokim.data.shapes_world import World
 from setokim.stages import JobResult
 from setokim.stages.common import GenerateFields
+
+if TYPE_CHECKING:
+    import torch
 
 EVAL_SUBDIR = "eval"
 DATA_SUBDIR = "eval_data"
@@ -238,15 +243,16 @@ def prepare_eval_data(cfg: EvalStageConfig, data_root: Path, rank: int) -> None:
     )
 
 
-def build_adapter(cfg: EvalStageConfig) -> Any:
-    """The SeTokIM adapter: an exported checkpoint, or a seeded random tiny model."""
+def build_adapter(cfg: EvalStageConfig, device: torch.device) -> Any:
+    """The SeTokIM adapter on `device`: an exported checkpoint (read straight onto it, no
+    random LLM), or a seeded random tiny model."""
     from setokim.model.eval_adapter import SeTokIMAdapter
 
     if cfg.checkpoint is not None:
         path = Path(cfg.checkpoint)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint: {path} is not a SeTokIM export directory")
-        return SeTokIMAdapter.from_pretrained(path, batch_size=cfg.batch_size)
+        return SeTokIMAdapter.from_pretrained(path, device=device, batch_size=cfg.batch_size)
     import torch
 
     from setokim.model.build import build_tiny_setokim
@@ -254,7 +260,7 @@ def build_adapter(cfg: EvalStageConfig) -> Any:
 
     torch.manual_seed(cfg.seed)
     model = build_tiny_setokim(SeTokIMConfig(seed=cfg.seed))
-    return SeTokIMAdapter(model, batch_size=cfg.batch_size)
+    return SeTokIMAdapter(model.to(device), batch_size=cfg.batch_size)
 
 
 @dataclass
@@ -283,7 +289,11 @@ class EvalStage:
         from setok_eval.metrics.image import load_feature_extractor
 
         extractors = {k: load_feature_extractor(p, kind=k) for k, p in cfg.extractors.items()}
-        adapter = build_adapter(cfg)
+        from setokim.train.distributed import detect_env, select_device
+
+        # data-parallel: every rank holds the whole model on its own GPU (cuda:local_rank),
+        # the CPU where there is no CUDA, as the trainer places its ranks
+        adapter = build_adapter(cfg, select_device(detect_env()))
         start = time.perf_counter()
         try:
             with _StopOnSignal():
