@@ -2,9 +2,12 @@
 """SeTokIM on Shapes World: run (or reuse) the Stage I -> II -> III pipeline of
 `+exp=setokim_shapes`, then evaluate the Stage III export with the eval suite.
 
-Measured: VQA accuracy per question type beside the blind (question-only) baseline and the
+Measured: VQA accuracy per question type beside the blind (question-only) baseline, the
 shifted-image control (each document with another test scene's image; also for CIDEr-D),
-both from `setok_eval.controls` on exactly the evaluated documents; caption CIDEr-D, REC
+both from `setok_eval.controls` on exactly the evaluated documents, and a simple baseline
+model (`setokim.model.token_reader`: a small transformer trained on every training question
+over the same frozen SeTok tokens, with its own shifted control), which says how much of
+each answer the tokens hold for a model trained on the same questions; caption CIDEr-D, REC
 Acc@0.5, ReasonSeg gIoU, editing L1, visual tokens per image of SeTok vs the `patch`
 mechanism (same trained encoder and merger, clustering.mechanism=patch), and the
 LLM's prefill FLOPs per VQA sample for both (setok_eval.metrics.flops; also for a
@@ -217,6 +220,44 @@ def image_references(data_root: Path, docs: list[dict[str, Any]]) -> dict[str, f
     }
 
 
+def reader_scores(
+    setok: Any,
+    shard_dir: Path,
+    image_size: int,
+    task: Any,
+    mapping: dict[str, str],
+    run_dir: Path,
+    data_root: Path,
+    args: argparse.Namespace,
+) -> list[tuple[str, list[float]]]:
+    """VQA scores of the simple baseline model (a token reader trained on every training
+    question over the same frozen SeTok) on the evaluated documents, own and shifted images."""
+    from setok_eval.controls import ShiftedImageAdapter
+    from setok_eval.runner import run_eval
+    from setokim.model.token_reader import (
+        TokenReaderAdapter,
+        TokenReaderConfig,
+        collect_vqa_examples,
+        fit_token_reader,
+    )  # fmt: skip
+
+    cfg = TokenReaderConfig(steps=args.reader_steps, seed=args.seed)
+    reader = fit_token_reader(collect_vqa_examples(setok, shard_dir, "train", cfg.max_tokens), cfg)
+    adapter = TokenReaderAdapter(reader, setok, image_size, batch_size=32)
+    out = []
+    for name, model in (
+        ("reader", adapter),
+        ("reader_shifted", ShiftedImageAdapter(adapter, mapping)),
+    ):
+        results = run_eval(
+            model, [task], run_dir / f"eval_{name}", data_root=data_root, batch_size=32,
+            limit=args.eval_limit, n_resamples=200,
+        )  # fmt: skip
+        assert results is not None
+        out.append((name, evaluated(results, task, data_root, "vqa_accuracy")[1]))
+    return out
+
+
 def stage1_figures(
     export: Path, shard_dir: Path, probe_dir: Path, world: World
 ) -> dict[str, float]:
@@ -259,6 +300,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="shifted-image pairing, bootstrap")
     parser.add_argument("--stage1-export", type=Path, help="reuse this Stage I export")
+    parser.add_argument(
+        "--reader-steps", type=int, default=3000,
+        help="steps of the token reader (the simple baseline model); 0 skips it",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
     from setok_eval.controls import ShiftedImageAdapter, grouped_scores, shifted_image_map
@@ -328,12 +373,16 @@ def main() -> int:
     )  # fmt: skip
     assert shifted is not None
     _, shifted_scores = evaluated(shifted, by_name["shapes_vqa"], data_root, "vqa_accuracy")
+    columns = [("model", model_scores), ("blind", blind_per_doc), ("shifted", shifted_scores)]
+    if args.reader_steps > 0:
+        columns += reader_scores(
+            adapter.model.vision_tokenizer, shard_dir, exp.data.image_size or 64,
+            by_name["shapes_vqa"], mapping, run_dir, data_root, args,
+        )  # fmt: skip
     per_type = {
         name: grouped_scores(scores, docs, n_resamples=200, seed=args.seed)
-        for name, scores in (
-            ("model", model_scores), ("blind", blind_per_doc), ("shifted", shifted_scores)
-        )
-    }  # fmt: skip
+        for name, scores in columns
+    }
     budget = token_budget(adapter.model, docs, data_root)
     edit_docs, _ = evaluated(results, by_name["shapes_edit"], data_root, "l1")
     references = image_references(data_root, edit_docs)
@@ -370,9 +419,10 @@ def main() -> int:
     print(f"{'figure':32s} value")
     for key, value in figures.items():
         print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
-    print(f"\n{'VQA by question type':24s} {'n':>4s}  model / blind / shifted (95% CI)")
+    names = [name for name, _ in columns]
+    print(f"\n{'VQA by question type':24s} {'n':>4s}  {' / '.join(names)} (95% CI)")
     for qtype, cell in per_type["model"].items():
-        row = [per_type[k][qtype] for k in ("model", "blind", "shifted")]
+        row = [per_type[k][qtype] for k in names]
         text = " / ".join(f"{c['value']:.3f} [{c['ci95'][0]:.2f},{c['ci95'][1]:.2f}]" for c in row)
         print(f"{qtype:24s} {cell['n']:4d}  {text}")
     print(
@@ -388,6 +438,10 @@ def main() -> int:
         "vqa": figures["vqa_accuracy"],
         "vqa_blind": blind["blind_by_type_evaluated"],
         "vqa_shifted": figures["vqa_shifted"],
+        "reader_vqa": per_type["reader"]["all"]["value"] if "reader" in per_type else None,
+        "reader_vqa_shifted": (
+            per_type["reader_shifted"]["all"]["value"] if "reader" in per_type else None
+        ),
         "rec_acc": figures["rec_acc_at_0.5"],
         "reasonseg_giou": figures["reasonseg_giou"],
         "pope_f1": figures["pope_f1"],
@@ -406,6 +460,8 @@ def main() -> int:
         "t2i_colour": "no colour classifier on generated images yet",
         "patch_vqa": "the patch-mechanism Stages II-III were not trained in this run",
     }
+    if args.reader_steps <= 0:
+        not_measured["reader_vqa"] = "--reader-steps 0"
     if stage_s.get("stage1") is None:
         not_measured["stage1_wall_s"] = "Stage I reused from --stage1-export (its own run's time)"
     print(json.dumps({
