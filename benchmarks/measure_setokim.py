@@ -19,15 +19,24 @@ regressed one. Prints a table and a final JSON line.
     uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim
     uv run python benchmarks/measure_setokim.py --run-dir runs/measure_setokim --eval-limit 16
     uv run python benchmarks/measure_setokim.py --stage1-export STAGE1_EXPORT ...
+    # the paper's comparison, small: the same Stages II -> III on the same Stage I export
+    # with every patch a token, then SeTok's run reads the patch run's figures
+    uv run python benchmarks/measure_setokim.py --run-dir runs/patch --stage1-export STAGE1_EXPORT \
+        --clustering-mechanism patch ...
+    uv run python benchmarks/measure_setokim.py --run-dir runs/setok --stage1-export STAGE1_EXPORT \
+        --patch-run runs/patch ...
 
 A finished pipeline in --run-dir is reused (each stage is skipped once done);
 `--stage1-export` reuses a finished Stage I (`+exp=stage1_shapes` exported with
 tools/export_run.py) and trains only Stages II and III on it. Also printed: the token
 probes of `benchmarks/probe_tokens.py` on the model's SeTok, Stage I's reconstruction L1
 beside a flat-grey and a mean-colour image, editing L1 beside the same references and
-beside returning the input unchanged, and POPE F1. The last line is one JSON object whose
+beside returning the input unchanged, POPE F1, and text-to-image's named-colour match (the
+generated image's dominant Shapes World colour is one its prompt names; the same images
+against the other prompts are the control). The last line is one JSON object whose
 keys include those of the issue (`token_owned` ... `train_wall_s`); a figure this script
-does not measure is null with the reason under `not_measured`.
+does not measure is null with the reason under `not_measured`; the same object is written
+to <run dir>/measure.json.
 """
 
 from __future__ import annotations
@@ -44,8 +53,11 @@ from setokim.data.shapes_world import World
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = [
-    "shapes_vqa", "shapes_caption", "shapes_rec", "shapes_reasonseg", "shapes_pope", "shapes_edit"
+    "shapes_vqa", "shapes_caption", "shapes_rec", "shapes_reasonseg", "shapes_pope", "shapes_edit",
+    "shapes_t2i",
 ]  # fmt: skip
+GENERATION_TASKS = ("shapes_edit", "shapes_t2i")  # run at --edit-steps diffusion steps
+MEASURE_FILE = "measure.json"
 
 
 def compose(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
@@ -61,6 +73,14 @@ def compose(run_dir: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     obj = validate(cfg)
     params = OmegaConf.to_container(cfg.stage.params, resolve=True)
     return obj, params  # type: ignore[return-value]
+
+
+def cpu_generation(task: Any, steps: int) -> Any:
+    """An image task at `steps` diffusion steps and without FID (it needs an Inception file)."""
+    metrics = tuple(m for m in task.metrics if m.metric != "fid")
+    primary = task.primary if any(m.name == task.primary for m in metrics) else metrics[0].name
+    generation = {**task.generation, "num_inference_steps": steps}
+    return replace(task, generation=generation, metrics=metrics, primary=primary)
 
 
 def blind_from_card(shard_dir: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -301,16 +321,37 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="shifted-image pairing, bootstrap")
     parser.add_argument("--stage1-export", type=Path, help="reuse this Stage I export")
     parser.add_argument(
+        "--clustering-mechanism",
+        help="with --stage1-export: train Stages II-III on a copy of the export whose SeTok "
+        "clusters this way (e.g. patch: every patch a token), the same weights",
+    )
+    parser.add_argument(
+        "--patch-run", type=Path,
+        help="a finished --clustering-mechanism patch run dir: its VQA and tokens per image "
+        "are this run's patch_vqa and patch_tokens_per_image",
+    )  # fmt: skip
+    parser.add_argument(
         "--reader-steps", type=int, default=3000,
         help="steps of the token reader (the simple baseline model); 0 skips it",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
+    if args.clustering_mechanism and args.stage1_export is None:
+        parser.error("--clustering-mechanism needs --stage1-export (the export it re-clusters)")
+    patch_figures = None
+    if args.patch_run is not None:
+        path = args.patch_run / MEASURE_FILE
+        if not path.is_file():
+            parser.error(f"--patch-run {args.patch_run}: no {MEASURE_FILE} (not a finished run)")
+        patch_figures = json.loads(path.read_text(encoding="utf-8"))
+        if patch_figures.get("clustering_mechanism") != "patch":
+            parser.error(f"--patch-run {args.patch_run}: not a --clustering-mechanism patch run")
     from setok_eval.controls import ShiftedImageAdapter, grouped_scores, shifted_image_map
     from setok_eval.runner import run_eval
     from setokim.data import generate_dataset
     from setokim.data.eval_export import export_eval_data, shapes_tasks
     from setokim.model.eval_adapter import SeTokIMAdapter
+    from setokim.stages.common import copy_with_clustering
     from setokim.stages.pipeline import run_pipeline
 
     run_dir = args.run_dir.resolve()
@@ -329,12 +370,15 @@ def main() -> int:
             parser.error(
                 f"--stage1-export {args.stage1_export}: not a Stage I export (no tokenizer/)"
             )
+        init = args.stage1_export.resolve()
+        if args.clustering_mechanism:
+            init = copy_with_clustering(
+                init, run_dir / f"stage1_export_{args.clustering_mechanism}",
+                {"mechanism": args.clustering_mechanism},
+                (("tokenizer/setok_config.json", ()),),
+            )  # fmt: skip
         steps = [s for s in steps if s[0] != "stage1"]
-        steps[0] = (
-            steps[0][0],
-            {**steps[0][1], "init_tokenizer": str(args.stage1_export.resolve())},
-            steps[0][2],
-        )
+        steps[0] = (steps[0][0], {**steps[0][1], "init_tokenizer": str(init)}, steps[0][2])
     pipe = run_pipeline(steps, run_dir / "pipeline", trainer_defaults=spec["trainer"])
     train_s = time.perf_counter() - t0
     if pipe.preempted:
@@ -347,12 +391,7 @@ def main() -> int:
     data_root = run_dir / "eval_data"
     export_eval_data(shard_dir, "test", data_root)
     tasks = shapes_tasks(ROOT / "eval_suite" / "tasks", data_root, TASKS)
-    tasks = [
-        replace(t, generation={**t.generation, "num_inference_steps": args.edit_steps})
-        if t.name == "shapes_edit"
-        else t
-        for t in tasks
-    ]
+    tasks = [cpu_generation(t, args.edit_steps) if t.name in GENERATION_TASKS else t for t in tasks]
     adapter = SeTokIMAdapter.from_pretrained(export, batch_size=args.batch_size)
     results = run_eval(
         adapter, tasks, run_dir / "eval", data_root=data_root, batch_size=args.batch_size,
@@ -408,6 +447,10 @@ def main() -> int:
         **references,
         "pope_f1": score("shapes_pope", "pope_f1"),
         "pope_yes_ratio": score("shapes_pope", "pope_yes_ratio"),
+        "t2i_colour": score("shapes_t2i", "colour_match"),
+        "t2i_colour_other_prompts": float(
+            results["tasks"]["shapes_t2i"]["metrics"]["colour_match"]["details"]["other_prompts"]
+        ),
         **stage1,
         **budget,
     }
@@ -449,27 +492,36 @@ def main() -> int:
         "cider_shifted": figures["cider_shifted"],
         "edit_l1": figures["edit_l1"],
         "edit_l1_flat": references["edit_l1_flat"],
-        "t2i_colour": None,
-        "patch_vqa": None,
+        "t2i_colour": figures["t2i_colour"],
+        "t2i_colour_other_prompts": figures["t2i_colour_other_prompts"],
+        "patch_vqa": patch_figures["vqa"] if patch_figures else None,
+        "patch_vqa_shifted": patch_figures["vqa_shifted"] if patch_figures else None,
         "tokens_per_image": budget["tokens_setok_mean"],
-        "patch_tokens_per_image": budget["tokens_patch"],
+        "patch_tokens_per_image": (
+            patch_figures["tokens_per_image"] if patch_figures else budget["tokens_patch"]
+        ),
         "stage1_wall_s": stage_s.get("stage1"),
         "train_wall_s": sum(stage_s.get(n) or 0.0 for n in ("stage2", "stage3")),
     }
-    not_measured = {
-        "t2i_colour": "no colour classifier on generated images yet",
-        "patch_vqa": "the patch-mechanism Stages II-III were not trained in this run",
-    }
+    not_measured = {}
+    if patch_figures is None:
+        not_measured["patch_vqa"] = "no --patch-run given (the patch-mechanism Stages II-III)"
     if args.reader_steps <= 0:
         not_measured["reader_vqa"] = "--reader-steps 0"
     if stage_s.get("stage1") is None:
         not_measured["stage1_wall_s"] = "Stage I reused from --stage1-export (its own run's time)"
-    print(json.dumps({
+    record = {
         "benchmark": "measure_setokim", **issue_keys, "not_measured": not_measured, "run_dir": str(run_dir), "stages": losses,
+        "clustering_mechanism": args.clustering_mechanism or "as the Stage I export",
+        "patch_run": str(args.patch_run) if args.patch_run else None,
         "eval_limit": args.eval_limit, "test_images": args.test_images,
         "edit_steps": args.edit_steps, "train_s": train_s, "eval_s": eval_s, **figures,
         "vqa_by_type": {k: {n: c["value"] for n, c in v.items()} for k, v in per_type.items()},
-    }))  # fmt: skip
+    }  # fmt: skip
+    tmp = run_dir / f".{MEASURE_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    tmp.replace(run_dir / MEASURE_FILE)  # whole or absent: --patch-run reads it
+    print(json.dumps(record))
     return 0
 
 

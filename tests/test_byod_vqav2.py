@@ -17,11 +17,14 @@ import pytest
 from setok_experiments.cli import main as launch
 from setokim.data.converters.fake_vqav2 import write_fake_vqav2
 
-# Stage I sub-phase 1 only (VQAv2 has no object masks), and the Stage II / III mixes get
+# Stage I sub-phase 1 only (VQAv2 has no object masks to name objects by, sub-phase 0, or to
+# train the mask decoder on, sub-phase 2), and the Stage II / III mixes get
 # the data's one task: what the launch-time check asks for (see the first launch below).
 PIPELINE = [
     "stage.params.steps.0.params.subphase=1",
     "stage.params.steps.0.params.subphase1_batches=0",
+    "stage.params.steps.0.params.subphase0_batches=0",
+    "stage.params.steps.0.params.attribute_weight=0",
     "+stage.params.steps.1.params.data.mix_weights.vqa=1.0",
     "stage.params.steps.2.params.data.mix_weights.vqa=2.0",
     "stage.params.steps.0.trainer.max_steps=2",

@@ -26,7 +26,7 @@ STAGE1 = [
     "trainer.log_every=1",
     "trainer.micro_batch_size=2",
     "trainer.warmup_steps=0",
-    "+stage.params.subphase0_batches=1",  # one step of each sub-phase
+    "stage.params.subphase0_batches=1",  # one step of each sub-phase
     "stage.params.subphase1_batches=1",
     "stage.params.generate_train=8",
 ]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
+from setok_eval.metrics.colour import colour_match_states, dominant_colour, named_colours
 from setok_eval.metrics.flops import prefill_flops, prefill_flops_per_sample
 from setok_eval.metrics.grounding import box_iou, normalized_to_pixels, rec_accuracy, xywh_to_xyxy
 from setok_eval.metrics.image import (
@@ -157,3 +158,40 @@ def test_prefill_flops_hand_counted():
     assert per_sample == [prefill_flops(cfg, 5), prefill_flops(cfg, 7)]
     with pytest.raises(KeyError, match="vocab"):
         prefill_flops({"hidden": 8, "layers": 1, "intermediate": 4, "heads": 2}, 3)
+
+
+# ---------------------------------------------------------------- named-colour match
+COLOURS = {"red": [220, 40, 40], "blue": [40, 80, 220], "green": [40, 170, 60]}
+BACKGROUND = {"gray": [128, 128, 128], "white": [235, 235, 230]}
+
+
+def _scene(background: list[int], *objects: tuple[list[int], int]) -> np.ndarray:
+    """A 32x32 uint8 image: the background, then each object as a square of side `size`."""
+    img = np.empty((32, 32, 3), np.uint8)
+    img[:] = background
+    for k, (rgb, size) in enumerate(objects):
+        img[k : k + size, k : k + size] = rgb
+    return img
+
+
+def test_dominant_colour_is_the_largest_object_not_the_background() -> None:
+    img = _scene([128, 128, 128], ([40, 80, 220], 14), ([220, 40, 40], 6))
+    # shaded a little: the nearest palette colour still names it
+    noisy = np.clip(img + np.random.default_rng(0).integers(-20, 20, img.shape), 0, 255)
+    assert dominant_colour(noisy.astype(np.uint8), COLOURS, BACKGROUND) == "blue"
+    assert dominant_colour(_scene([235, 235, 230]), COLOURS, BACKGROUND) is None  # nothing drawn
+    with pytest.raises(ValueError, match="colours"):
+        dominant_colour(img, {"red": [300, 0, 0]}, BACKGROUND)
+
+
+def test_colour_match_counts_own_prompts_and_the_other_prompts_control() -> None:
+    assert named_colours("A Red circle and a blue-ish square; reddish", COLOURS) == {"red", "blue"}
+    prompts = ["a red square", "a blue circle", "a green star and a red dot"]
+    # an image that follows its prompt, one that ignores it, one with nothing drawn
+    states, other = colour_match_states(["red", "red", None], prompts, list(COLOURS))
+    assert states.tolist() == [1.0, 0.0, 0.0]
+    # red against the others' prompts: image 0 hits prompt 2, image 1 hits prompts 0 and 2
+    assert other == pytest.approx(3 / 6)
+    # a generator that draws every prompt's own colour beats the control
+    follow, control = colour_match_states(["red", "blue", "green"], prompts, list(COLOURS))
+    assert follow.mean() == 1.0 > control

@@ -174,6 +174,9 @@ def test_oracle_scores_perfectly_and_constant_does_not(exported, tmp_path):
     assert _value(good, "shapes_edit", "l1") == 0.0 < _value(bad, "shapes_edit", "l1")
     assert _value(good, "shapes_t2i", "l1") == 0.0 < _value(bad, "shapes_t2i", "l1")
     assert _value(good, "shapes_t2i", "fid") < _value(bad, "shapes_t2i", "fid")
+    # the rendered scene's main colour is one its caption names; a constant image's is not
+    assert _value(good, "shapes_t2i", "colour_match") == 1.0
+    assert _value(bad, "shapes_t2i", "colour_match") < 0.9
     assert _value(good, "shapes_caption", "cider_d") > _value(bad, "shapes_caption", "cider_d")
     # POPE probes are exactly half "yes": always answering yes gives accuracy 0.5
     assert _value(bad, "shapes_pope", "pope_accuracy") == pytest.approx(0.5)
@@ -208,3 +211,14 @@ def test_cli(exported, tmp_path, capsys, script):
     out = capsys.readouterr().out
     assert "shapes_caption: 2 documents" in out
     assert (tmp_path / "data" / "eval" / "shapes_vqa.jsonl").is_file()
+
+
+def test_t2i_colour_classes_are_shapes_worlds_colours() -> None:
+    """The palette the shapes_t2i task names its colours with is the generator's own."""
+    from setok_eval.registry import load_task
+    from setokim.data.shapes_world import BACKGROUNDS, COLORS
+
+    task = load_task(TASKS_DIR / "shapes_t2i.yaml")
+    args = task.metric("colour_match").args
+    assert {k: tuple(v) for k, v in args["colours"].items()} == COLORS
+    assert {k: tuple(v) for k, v in args["background"].items()} == BACKGROUNDS

@@ -48,7 +48,7 @@ def test_full_batch_counts_items_with_expand_and_ranks(vqa):
 
 
 def test_masks_missing_dir_and_generation(vqa, tmp_path):
-    with pytest.raises(DataCheckError, match="sub-phase 2 .* split 'train'"):
+    with pytest.raises(DataCheckError, match="sub-phase 2 trains the mask decoder.* split 'train'"):
         check_step(_step(vqa, "image", masks=True))
     assert check_step(_step(vqa, "image", masks=True, allow_missing_masks=True)) == []
     with pytest.raises(DataCheckError, match="does not exist.*data.generate=true"):

@@ -48,6 +48,7 @@ METRICS: dict[str, MetricInfo] = {
     "l1": MetricInfo(("image",), ("target",), False),
     "feature_cosine": MetricInfo(("image",), ("target",), True),
     "fid": MetricInfo(("image",), ("target",), False),
+    "colour_match": MetricInfo(("image",), ("caption",), True),
     "tokens_per_image": MetricInfo(("tokens",), (), None),
     "ari": MetricInfo(("tokens",), ("masks",), True),
     "mbo": MetricInfo(("tokens",), ("masks",), True),

@@ -12,6 +12,7 @@ import numpy as np
 from setok_eval.codec import decode_labels
 from setok_eval.documents import load_image, load_label_map
 from setok_eval.metrics.cider import CiderD, tokenize_caption
+from setok_eval.metrics.colour import colour_match_states, dominant_colour
 from setok_eval.metrics.flops import prefill_flops
 from setok_eval.metrics.grounding import normalized_to_pixels, rec_hits, xywh_to_xyxy
 from setok_eval.metrics.image import (
@@ -236,6 +237,20 @@ def _fid(spec: MetricSpec, x: Inputs) -> Scored:
     return Scored(x.ids, None, None, value=value)
 
 
+def _colour_match(spec: MetricSpec, x: Inputs) -> Scored:
+    """The generated image's dominant palette colour is one its prompt names; the details
+    hold the same images' rate against the other documents' prompts (the control)."""
+    colours, background = spec.args.get("colours") or {}, spec.args.get("background") or {}
+    dominant = [dominant_colour(im, colours, background) for im in x.pred_images]
+    states, other = colour_match_states(dominant, [d["caption"] for d in x.docs], list(colours))
+    drawn = [d for d in dominant if d is not None]
+    return Scored(
+        x.ids, states, "mean",
+        details={"other_prompts": other, "nothing_drawn": len(dominant) - len(drawn),
+                 "dominant": {c: drawn.count(c) for c in sorted(set(drawn))}},
+    )  # fmt: skip
+
+
 def _tokens_per_image(spec: MetricSpec, x: Inputs) -> Scored:
     counts = [_count_tokens(c) for c in x.cluster_maps]
     return Scored(x.ids, counts, "mean", details=tokens_per_image_stats(counts))
@@ -288,6 +303,7 @@ SCORERS: dict[str, MetricFn] = {
     "l1": _l1,
     "feature_cosine": _feature_cosine,
     "fid": _fid,
+    "colour_match": _colour_match,
     "tokens_per_image": _tokens_per_image,
     "ari": _partition(adjusted_rand_index),
     "mbo": _partition(mean_best_overlap),

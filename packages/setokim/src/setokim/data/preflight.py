@@ -31,7 +31,7 @@ class DataCheckError(ValueError):
 @dataclass(frozen=True)
 class StepData:
     """What one training step reads: where, which view, how many per batch, and whether it
-    trains on object masks (Stage I sub-phase 2)."""
+    trains on object masks (Stage I sub-phases 0 and 2)."""
 
     step: str
     data: DataConfig
@@ -139,9 +139,10 @@ def check_step(
             )
     if step.needs_masks and not d.allow_missing_masks and not has_object_masks(folder, d.split):
         raise DataCheckError(
-            f"{where}: Stage I sub-phase 2 trains the mask decoder on object masks, but the "
-            f"first {MASK_PROBE} samples of split {d.split!r} of {folder} have none (BCE and "
-            "Dice would be 0 and the KL would push every cluster to background); use data "
-            "with masks (COCO, SA-1B), subphase=1, or data.allow_missing_masks=true"
+            f"{where}: Stage I reads object masks (sub-phase 0 names each object, sub-phase 2 "
+            f"trains the mask decoder), but the first {MASK_PROBE} samples of split "
+            f"{d.split!r} of {folder} have none (BCE and Dice would be 0 and the KL would push "
+            "every cluster to background); use data with masks (COCO, SA-1B), subphase=1 with "
+            "subphase0_batches=0 and attribute_weight=0, or data.allow_missing_masks=true"
         )
     return notes

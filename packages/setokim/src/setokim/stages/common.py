@@ -253,3 +253,39 @@ __all__ = [
     "tiny_tokenizer",
     "trainable_parameters",
 ]
+
+
+def copy_with_clustering(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    clustering: dict[str, Any],
+    configs: tuple[tuple[str, tuple[str, ...]], ...],
+) -> Path:
+    """A copy of an export whose SeTok clusters another way (same weights): Table 9's SeTok in
+    a patch model, or a patch-token model on a SeTok's encoder. `configs` lists each JSON file
+    (relative to the export) and the keys down to the tokenizer config whose `clustering`
+    changes. Written to a temporary sibling and renamed, so `dst` is whole or absent; an
+    existing `dst` is kept (a resumed run)."""
+    import json
+
+    target = Path(dst)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(src, tmp / "export")
+        for rel, keys in configs:
+            path = tmp / "export" / rel
+            if not path.is_file():
+                raise FileNotFoundError(f"{src}: no {rel} (not the export expected)")
+            data = json.loads(path.read_text(encoding="utf-8"))
+            node = data
+            for key in keys:
+                node = node[key]
+            node["clustering"] = {**node["clustering"], **clustering}
+            path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp / "export", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -258,43 +258,26 @@ def insert_setok(
 ) -> Any:
     """Table 9's second arm (see `StudyInsert`): the patch model's Stage II export with SeTok's
     clustering, then a short Stage III, in `root/insert/`."""
-    import shutil
-    import tempfile
-
+    from setokim.stages.common import copy_with_clustering
     from setokim.stages.pipeline import run_pipeline
 
     base = pipe.export("stage2")
     stage3 = next((s for s in steps if s["name"] == "stage3"), None)
     if base is None or stage3 is None:
         raise ValueError("study: insert_setok needs the recipe's stage2 and stage3 steps")
-    out = root / "insert"
-    target = out / "base"
-    if not (target / "setokim_config.json").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=out))
-        try:
-            shutil.copytree(base, tmp / "base")
-            for rel, keys in (
-                ("setok/setok_config.json", ()),
-                ("setokim_config.json", ("tokenizer",)),
-            ):
-                path = tmp / "base" / rel
-                data = json.loads(path.read_text(encoding="utf-8"))
-                node = data
-                for key in keys:
-                    node = node[key]
-                node["clustering"] = {**node["clustering"], **cfg.insert_setok.clustering}
-                path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-            os.replace(tmp / "base", target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    target = copy_with_clustering(
+        base, root / "insert" / "base", dict(cfg.insert_setok.clustering),
+        (("setok/setok_config.json", ()), ("setokim_config.json", ("tokenizer",))),
+    )  # fmt: skip
     params = {**dict(stage3.get("params") or {}), "init_from": str(target)}
     trainer = dict(stage3.get("trainer") or {})
     total = int(trainer.get("max_steps", cfg.trainer.get("max_steps", 1)))
     short = max(1, math.ceil(total * cfg.insert_setok.fraction))
     warm = int(trainer.get("warmup_steps", cfg.trainer.get("warmup_steps", 0)))
     trainer.update(max_steps=short, warmup_steps=min(short - 1, math.ceil(warm * short / total)))
-    return run_pipeline([("stage3", params, trainer)], out, wandb, trainer_defaults=cfg.trainer)
+    return run_pipeline(
+        [("stage3", params, trainer)], root / "insert", wandb, trainer_defaults=cfg.trainer
+    )
 
 
 def _finished(root: Path, cfg: StudyConfig) -> TrainResult | None:
