@@ -15,6 +15,7 @@ from setok_decoders.config import (
     tiny_unet_kwargs,
 )
 from setok_decoders.diffusion import SAMPLERS, DiffusionDecoder
+from setok_decoders.io import load_image_decoder
 from setok_decoders.trainable import set_trainable, trainable_parameter_names, trainable_table
 
 
@@ -135,6 +136,7 @@ def test_save_load_identical_outputs(tmp_path):
     images, tokens, mask = _batch(2)
     dec.save_pretrained(tmp_path / "dd")
     again = DiffusionDecoder.from_pretrained(tmp_path / "dd").eval()
+    assert isinstance(load_image_decoder(tmp_path / "dd"), DiffusionDecoder)  # by its kind
     assert again.config == dec.resolved_config()
     for model_a, model_b in ((dec, again),):
         la = model_a.loss(images, tokens, mask, generator=torch.Generator().manual_seed(5))

@@ -82,3 +82,29 @@ def test_centroids_share_the_pixel_frame_and_centred_painting_moves_with_the_cen
     a, _ = painter(tokens2, layers_valid, torch.tensor([[[0.0, 0.0], [0.0, 0.0]]]))
     b, _ = painter(tokens2, layers_valid, torch.tensor([[[0.5, 0.0], [0.0, 0.0]]]))
     torch.testing.assert_close(b[..., 2:6], a[..., 0:4])
+
+
+def test_saved_painter_decodes_as_an_image_decoder(tmp_path):
+    """Saved and loaded by kind, the painter decodes tokens as the diffusion decoder does:
+    (B, 3, S, S) in [0, 1], the same for the same tokens, different for others."""
+    from setok_decoders.io import load_config, load_image_decoder
+
+    painter = _painter().eval()
+    painter.save_pretrained(tmp_path / "painter")
+    again = load_image_decoder(tmp_path / "painter")
+    assert isinstance(again, TokenPainter)
+    tokens, valid = torch.randn(2, 3, 6), torch.tensor([[True, True, False], [True, False, False]])
+    with torch.no_grad():
+        image = again.decode(tokens, valid.long(), num_steps=5, guidance_scale=3.0)
+        assert image.shape == (2, 3, 8, 8) and 0 <= image.min() <= image.max() <= 1
+        torch.testing.assert_close(image, painter(tokens, valid)[0])
+        assert (again.decode(tokens + 3.0, valid) - image).abs().mean() > 0.01
+    with pytest.raises(ValueError, match="token_painter"):
+        load_config(tmp_path / "painter", "diffusion_decoder")
+
+
+def test_a_centred_painter_refuses_to_decode_generated_tokens():
+    torch.manual_seed(0)
+    config = PainterConfig(token_dim=6, image_size=8, hidden_dim=16, num_layers=1, centred=True)
+    with pytest.raises(ValueError, match="centroids"):
+        TokenPainter(config).decode(torch.randn(1, 2, 6), torch.ones(1, 2, dtype=torch.bool))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,24 @@ def test_two_object_toy_keeps_two_clusters_over_many_steps(data_dir: Path) -> No
     assert counts == [[2, 2, 2, 2]] * 3, counts
 
 
+def _check_stage2_image_decoder(export: Path, data_dir: Path) -> None:
+    """Stage II records the painter as the decoder when asked, and names a missing one."""
+    from setokim.stages.stage2 import Stage2Config, Stage2Stage
+
+    def fields(choice: str, init: Path) -> dict:
+        cfg = Stage2Config(init_tokenizer=str(init), image_decoder=choice)
+        return Stage2Stage(cfg).export_fields()
+
+    assert fields("painter", export)["decoder_path"] == str((export / "painter").resolve())
+    assert fields("diffusion", export)["decoder_path"] == str((export / "diffusion").resolve())
+    bare = data_dir.parent / "parts_bare"
+    shutil.copytree(export, bare, ignore=shutil.ignore_patterns("painter"))
+    with pytest.raises(ValueError, match="painter_weight > 0"):
+        fields("painter", bare)
+    with pytest.raises(ValueError, match="image_decoder"):
+        Stage2Config(image_decoder="vae")
+
+
 def test_painter_trains_with_its_weight_and_is_absent_without(data_dir: Path) -> None:
     weights = dict(diffusion_weight=0.0, mask_weight=0.0, group_weight=0.0)
     stage = _stage(data_dir, subphase=2, painter_weight=1.0,
@@ -316,6 +335,13 @@ def test_painter_trains_with_its_weight_and_is_absent_without(data_dir: Path) ->
     assert any(not torch.equal(v, dict(model.setok.merger.named_parameters())[k])
                for k, v in merger0.items())  # fmt: skip  # reconstruction reaches the tokens
     assert _stage(data_dir, subphase=2).build_model().painter is None
+    # exported beside the other parts, it is the image decoder Stage II may choose
+    export_parts(model, data_dir.parent / "parts_painter")
+    back = load_parts(data_dir.parent / "parts_painter")
+    assert back.painter is not None
+    for key, value in model.painter.state_dict().items():
+        assert torch.equal(value, back.painter.state_dict()[key]), key
+    _check_stage2_image_decoder(data_dir.parent / "parts_painter", data_dir)
     with pytest.raises(ValueError, match="painter_weight"):
         _stage(data_dir, painter_weight=-1.0)
     with pytest.raises(ValueError, match="decoder.painter"):

@@ -32,6 +32,7 @@ _EXPORTS = {
     "MaskDecoder": "mask_decoder",
     "PainterConfig": "config",
     "TokenPainter": "painter",
+    "load_image_decoder": "io",
     "mask_centroids": "painter",
     "AttributeHeads": "attributes",
     "attribute_loss": "attributes",

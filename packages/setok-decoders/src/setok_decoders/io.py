@@ -74,3 +74,19 @@ def module_device(module: nn.Module) -> torch.device:
     for param in module.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def load_image_decoder(directory: str | os.PathLike[str]) -> nn.Module:
+    """The image decoder saved in `directory`, by the kind its config names: a diffusion
+    decoder or a token painter (both `decode(tokens, token_mask, ...)` to [0, 1] images)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
+    if kind == "token_painter":
+        from setok_decoders.painter import TokenPainter
+
+        return TokenPainter.from_pretrained(directory)
+    from setok_decoders.diffusion import DiffusionDecoder
+
+    return DiffusionDecoder.from_pretrained(directory)  # names any other kind in its error

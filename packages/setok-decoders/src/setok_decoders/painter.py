@@ -8,17 +8,26 @@ colours. Trained to reconstruct the pixels, a token must hold what it covers: it
 and its silhouette (shape, size, position), since no image feature reaches the painter.
 
 Why it is here: on a CPU budget the tiny diffusion decoder reconstructs no better than a
-flat image, so it puts no content into the tokens; this reconstruction does.
+flat image, so it puts no content into the tokens; this reconstruction does. For the same
+reason it can be SeTokIM's image decoder at that scale (`decode`, the diffusion decoder's
+interface): a Stage I export holds it under painter/ when it was trained.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from setok_decoders.config import PainterConfig
+from setok_decoders.io import load_config, load_weights, save_module
+from setok_tokenizer.config import from_dict
+
+KIND = "token_painter"
 
 
 def cell_centres(n: int, device=None, dtype=torch.float32) -> Tensor:
@@ -92,3 +101,34 @@ class TokenPainter(nn.Module):
         layers = logits.softmax(dim=1)  # (B, K, P): each pixel shared among the tokens
         image = (layers[..., None] * colour).sum(dim=1)  # (B, P, 3)
         return image.transpose(1, 2).reshape(b, 3, s, s), layers.reshape(b, k, s, s)
+
+    def decode(
+        self,
+        tokens: Tensor,
+        token_mask: Tensor,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Images (B, 3, S, S) in [0, 1] from tokens, as `DiffusionDecoder.decode` gives them.
+        The painter is deterministic: steps, guidance and generator do not apply."""
+        del num_steps, guidance_scale, generator
+        if self.config.centred:
+            raise ValueError(
+                "painter: a centred painter paints around cluster centroids, which generated "
+                "tokens do not have; decode with the diffusion decoder"
+            )
+        weight = self.token_proj.weight
+        image, _ = self(tokens.to(weight.device, weight.dtype), token_mask.to(weight.device).bool())
+        return image
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """config.json + model.safetensors (`setok_decoders.io`)."""
+        return save_module(self, asdict(self.config), directory, KIND)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> TokenPainter:
+        """Rebuild a painter saved by `save_pretrained`."""
+        model = cls(from_dict(PainterConfig, load_config(directory, KIND)))
+        load_weights(model, directory)
+        return model.eval()

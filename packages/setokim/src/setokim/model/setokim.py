@@ -213,9 +213,9 @@ class SeTokIM(nn.Module):
         if vision_tokenizer is None:
             vision_tokenizer = build_vision_tokenizer(cfg)
         if image_decoder is None and cfg.decoder_path is not None:
-            from setok_decoders.diffusion import DiffusionDecoder
+            from setok_decoders.io import load_image_decoder
 
-            image_decoder = DiffusionDecoder.from_pretrained(cfg.decoder_path)
+            image_decoder = load_image_decoder(cfg.decoder_path)  # diffusion, or the painter
         if mask_decoder is None and cfg.mask_decoder_path is not None:
             from setok_decoders.mask_decoder import MaskDecoder
 

@@ -481,11 +481,14 @@ def load_stage1_checkpoint(
 
 
 def export_parts(model: Stage1Model, directory: str | os.PathLike[str]) -> Path:
-    """Write tokenizer/, diffusion/ and mask_decoder/ with each package's save_pretrained."""
+    """Write tokenizer/, diffusion/ and mask_decoder/ (and painter/ when the model has one:
+    an image decoder for Stage II's `image_decoder: painter`) with each save_pretrained."""
     out = Path(directory)
     model.setok.save_pretrained(out / "tokenizer")
     model.diffusion.save_pretrained(out / "diffusion")
     model.mask_decoder.save_pretrained(out / "mask_decoder")
+    if model.painter is not None:
+        model.painter.save_pretrained(out / "painter")
     return out
 
 
@@ -496,10 +499,12 @@ def load_parts(directory: str | os.PathLike[str]) -> Stage1Model:
         if not (root / name).is_dir():
             raise FileNotFoundError(f"directory: {root} has no {name}/ (not an export_parts dir)")
     setok = SeTok.from_pretrained(root / "tokenizer")
+    painter = TokenPainter.from_pretrained(root / "painter") if (root / "painter").is_dir() else None
     model = Stage1Model(
         setok,
         DiffusionDecoder.from_pretrained(root / "diffusion"),
         MaskDecoder.from_pretrained(root / "mask_decoder"),
+        painter=painter,
     )
     return model.eval()
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from setok_tokenizer.config import SeTokConfig, from_dict
+from setok_tokenizer.config import SeTokConfig, from_dict, require
 from setokim.data.config import DataConfig
 from setokim.model.config import SeTokIMConfig
 from setokim.model.packing import SequenceLayout, collate_sequences
@@ -47,6 +47,7 @@ from setokim.stages.common import (
 )
 
 MODES = ("pretrain", "instruct")
+IMAGE_DECODERS = ("diffusion", "painter")
 BatchHook = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -57,15 +58,19 @@ class TokenizerSource:
     tokenizer: Path
     decoder: Path | None = None
     mask_decoder: Path | None = None
+    painter: Path | None = None
 
 
 def resolve_tokenizer_source(path: str | os.PathLike[str]) -> TokenizerSource:
     """A Stage I export dir (tokenizer/ + decoders) or a bare SeTok.save_pretrained dir."""
     root = Path(path).resolve()
     if (root / "tokenizer").is_dir():
-        dec, mask = root / "diffusion", root / "mask_decoder"
+        dec, mask, painter = root / "diffusion", root / "mask_decoder", root / "painter"
         return TokenizerSource(
-            root / "tokenizer", dec if dec.is_dir() else None, mask if mask.is_dir() else None
+            root / "tokenizer",
+            dec if dec.is_dir() else None,
+            mask if mask.is_dir() else None,
+            painter if painter.is_dir() else None,
         )
     if not root.is_dir():
         raise FileNotFoundError(f"init_tokenizer: {root} is not a directory")
@@ -234,6 +239,9 @@ class Stage2Config(GenerateFields):
     init_tokenizer: a Stage I export dir or a SeTok.save_pretrained dir.
     decoder_path / mask_decoder_path: Stage I decoders recorded in the export (default: the
         ones next to `init_tokenizer` in a Stage I export); not loaded for training.
+    image_decoder: which decoder of the Stage I export generates and edits images:
+        "diffusion" (the paper's) or "painter" (the token painter, when Stage I trained one:
+        at CPU scale the tiny diffusion decoder draws noise).
     max_text_tokens: truncate each sample's text (None: no cap).
     """
 
@@ -242,6 +250,7 @@ class Stage2Config(GenerateFields):
     init_tokenizer: str | None = None
     decoder_path: str | None = None
     mask_decoder_path: str | None = None
+    image_decoder: str = "diffusion"
     data: DataConfig = field(
         default_factory=lambda: shapes_data(
             "data/shapes_world_setokim", "mix", "caption", "t2i", "edit", "chat"
@@ -249,6 +258,12 @@ class Stage2Config(GenerateFields):
     )
     max_text_tokens: int | None = None
     cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.image_decoder in IMAGE_DECODERS, self, "image_decoder",
+            f"must be one of {IMAGE_DECODERS}",
+        )  # fmt: skip
 
 
 class Stage2Stage(MLLMStage):
@@ -261,6 +276,13 @@ class Stage2Stage(MLLMStage):
     def __init__(self, cfg: Stage2Config) -> None:
         self.cfg = cfg
         self.source = resolve_tokenizer_source(cfg.init_tokenizer) if cfg.init_tokenizer else None
+        # (no source yet when a pipeline is validated: its Stage I has not exported)
+        if cfg.image_decoder == "painter" and not cfg.decoder_path and self.source is not None:
+            if self.source.painter is None:
+                raise ValueError(
+                    f"stage2.image_decoder: 'painter', but init_tokenizer {cfg.init_tokenizer!r} "
+                    "is not a Stage I export with painter/ (train Stage I with painter_weight > 0)"
+                )
         model = replace(cfg.model, lora=replace(cfg.model.lora, enabled=False))
         self.model_cfg = model if self.source else replace(model, tokenizer=cfg.tokenizer)
         self._tokenizer: Any = None
@@ -273,7 +295,10 @@ class Stage2Stage(MLLMStage):
     def export_fields(self) -> dict[str, Any]:
         """Config fields the exported model records (decoders for inference)."""
         src = self.source
-        dec = self.cfg.decoder_path or (src.decoder if src else None)
+        default = (
+            src.painter if self.cfg.image_decoder == "painter" else src.decoder if src else None
+        )
+        dec = self.cfg.decoder_path or default
         mask = self.cfg.mask_decoder_path or (src.mask_decoder if src else None)
         return {
             "decoder_path": None if dec is None else str(Path(dec).resolve()),
