@@ -249,9 +249,11 @@ def reader_scores(
     run_dir: Path,
     data_root: Path,
     args: argparse.Namespace,
+    geometry: bool = False,
 ) -> list[tuple[str, list[float]]]:
     """VQA scores of the simple baseline model (a token reader trained on every training
-    question over the same frozen SeTok) on the evaluated documents, own and shifted images."""
+    question over the same frozen SeTok) on the evaluated documents, own and shifted images.
+    geometry: the reader's tokens also say where their clusters lie, as the model's do."""
     from setok_eval.controls import ShiftedImageAdapter
     from setok_eval.runner import run_eval
     from setokim.model.token_reader import (
@@ -261,8 +263,9 @@ def reader_scores(
         fit_token_reader,
     )  # fmt: skip
 
-    cfg = TokenReaderConfig(steps=args.reader_steps, seed=args.seed)
-    reader = fit_token_reader(collect_vqa_examples(setok, shard_dir, "train", cfg.max_tokens), cfg)
+    cfg = TokenReaderConfig(steps=args.reader_steps, seed=args.seed, geometry=geometry)
+    examples = collect_vqa_examples(setok, shard_dir, "train", cfg.max_tokens, geometry=geometry)
+    reader = fit_token_reader(examples, cfg)
     adapter = TokenReaderAdapter(reader, setok, image_size, batch_size=32)
     out = []
     for name, model in (
@@ -417,6 +420,7 @@ def main() -> int:
         columns += reader_scores(
             adapter.model.vision_tokenizer, shard_dir, exp.data.image_size or 64,
             by_name["shapes_vqa"], mapping, run_dir, data_root, args,
+            geometry=adapter.model.config.visual_geometry,
         )  # fmt: skip
     per_type = {
         name: grouped_scores(scores, docs, n_resamples=200, seed=args.seed)

@@ -12,10 +12,13 @@ one of these ways (variants run one after the other, same data, same seed):
     full_pad   `full` with 60 filler tokens between image and question (the long prompt)
 
 Exact-match accuracy on the test split every 500 steps, with the same model given another
-question's tokens (shifted). The tokens are those of `setokim.model.token_reader`.
+question's tokens (shifted). The tokens are those of `setokim.model.token_reader`;
+`--geometry on` (or `both`) gives each token also where its cluster lies (centre, box and
+size, `setok_tokenizer.geometry`), as SeTokIM's `visual_geometry` does.
 
     uv run python benchmarks/study_lora_reading.py --export runs/s1cnx_export \
-        --shards runs/m13w/data/shapes_world_setokim [--variants full lora5e-3 lora1e-3]
+        --shards runs/m13w/data/shapes_world_setokim [--variants full lora5e-3 lora1e-3] \
+        [--geometry off|on|both]
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ def question_ids(questions: list[str], vocab: dict[str, int]) -> torch.Tensor:
     return out
 
 
-def run(variant: str, train: VQAExamples, test: VQAExamples, steps: int, batch: int) -> None:
+def run(
+    variant: str, train: VQAExamples, test: VQAExamples, steps: int, batch: int, label: str
+) -> None:
     torch.manual_seed(0)
     vocab = {w: i + 2 for i, w in enumerate(sorted({w for q in train.questions for w in words(q)}))}
     answers = sorted(set(train.answers))
@@ -111,9 +116,9 @@ def run(variant: str, train: VQAExamples, test: VQAExamples, steps: int, batch: 
                     hit["all"].append(answers[p] == a)
                 scores[name] = {k: round(sum(v) / len(v), 3) for k, v in sorted(hit.items())}
         model.train()
-        print(f"{variant:9s} step {step:5d} samples {step * batch:6d} own {scores['own']['all']:.3f} "
+        print(f"{label:13s} step {step:5d} samples {step * batch:6d} own {scores['own']['all']:.3f} "
               f"shifted {scores['shifted']['all']:.3f} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-    print(f"{variant:9s} by type: own {scores['own']}\n{'':9s} shifted {scores['shifted']}")
+    print(f"{label:13s} by type: own {scores['own']}\n{'':13s} shifted {scores['shifted']}")
 
 
 def main() -> None:
@@ -125,14 +130,17 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--geometry", choices=("off", "on", "both"), default="off")
     args = parser.parse_args()
     torch.set_num_threads(1)
     setok = SeTok.from_pretrained(args.export / "tokenizer").eval()
-    train = collect_vqa_examples(setok, args.shards, "train", max_tokens=16)
-    test = collect_vqa_examples(setok, args.shards, "test", max_tokens=16, batch_size=16)
-    print(f"questions: train {len(train.answers)}, test {len(test.answers)}")
-    for variant in args.variants:
-        run(variant, train, test, args.steps, args.batch_size)
+    for geometry in {"off": [False], "on": [True], "both": [False, True]}[args.geometry]:
+        train = collect_vqa_examples(setok, args.shards, "train", 16, geometry=geometry)
+        test = collect_vqa_examples(setok, args.shards, "test", 16, 16, geometry=geometry)
+        print(f"questions: train {len(train.answers)}, test {len(test.answers)}")
+        for variant in args.variants:
+            label = f"{variant}+geo" if geometry else variant
+            run(variant, train, test, args.steps, args.batch_size, label)
 
 
 if __name__ == "__main__":

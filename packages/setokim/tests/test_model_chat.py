@@ -69,6 +69,24 @@ def test_assistant_image_is_an_output(tok, ids):
     assert packed.visual_output.all() and packed.visual_output.numel() == 3
 
 
+def test_prompt_before_images_moves_user_text_only():
+    first, second, out = torch.rand(3, 16, 16), torch.zeros(3, 16, 16), torch.ones(3, 16, 16)
+    msgs = [
+        Message("user", [first, "then", second, "make it blue"]),
+        Message("assistant", ["done", out]),
+    ]
+    template = ChatTemplateConfig(prompt_before_images=True)
+    moved, plain = render(msgs, template), render(msgs, TEMPLATE)
+    kinds = [s.text.strip() if not isinstance(s, Image) else s for s in moved.segments]
+    user = kinds[kinds.index("<|user|>") + 1 : kinds.index("<|assistant|>")]
+    assert user == ["then", "make it blue", Image(0), Image(1), ""]
+    assert kinds[kinds.index("<|assistant|>") + 1 :][:2] == ["done", Image(2, output=True)]
+    # the same images in the same order: only where the user's text sits changes
+    assert torch.equal(moved.images, plain.images)
+    plain_kinds = [s.text.strip() if not isinstance(s, Image) else s for s in plain.segments]
+    assert plain_kinds[plain_kinds.index("<|user|>") + 1] == Image(0)
+
+
 def test_render_rejects_bad_roles_and_images():
     with pytest.raises(ValueError, match=r"messages\[0\]\.role"):
         render([Message("bot", ["x"])], TEMPLATE)

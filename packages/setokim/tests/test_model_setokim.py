@@ -145,3 +145,28 @@ def test_bad_inputs_raise_clear_errors(base):
         small(small.collate(_samples()))
     with pytest.raises(ValueError, match=r"samples\[0\] refers to image 1"):
         base.collate([Sample([Image(1)], _images(1))])
+
+
+def test_visual_geometry_starts_neutral_and_marks_input_images_only(base, tmp_path):
+    cfg = _cfg()
+    cfg.visual_geometry = True
+    model = SeTokIM.from_config(cfg)
+    layout = model.collate(_samples())
+    # zero at the start: the same model as without it
+    torch.testing.assert_close(model(layout).logits, base(layout).logits)
+    with torch.no_grad():
+        model.geometry_embed.weight.normal_()
+    out, plain = model(layout), base(layout)
+    assert out.visual.geometry.shape[:2] == out.visual.tokens.shape[:2]
+    packed = out.packed
+    moved = (packed.inputs_embeds - plain.packed.inputs_embeds).abs().amax(-1).detach()
+    at_visual = moved[packed.visual_batch, packed.visual_pos]
+    assert bool((at_visual[~packed.visual_output] > 0).all())  # input images' tokens move
+    assert bool((at_visual[packed.visual_output] == 0).all())  # generated images' do not
+    text = torch.ones_like(moved, dtype=torch.bool)
+    text[packed.visual_batch, packed.visual_pos] = False
+    assert float(moved[text].max()) == 0.0
+    loaded = SeTokIM.from_pretrained(model.save_pretrained(tmp_path / "geometry"))
+    torch.testing.assert_close(loaded(layout).logits, out.logits)
+    apply_lora(model, LoRAConfig(enabled=True, train_heads=["projector", "geometry_embed"]))
+    assert all(p.requires_grad for p in model.geometry_embed.parameters())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from setokim.model.token_reader import (
@@ -60,9 +61,11 @@ def test_pad_tokens_cuts_and_pads() -> None:
     assert padded[:, 3].abs().sum() == 0
 
 
-def test_the_adapter_answers_suite_requests_from_shapes_world(tmp_path) -> None:
+@pytest.mark.parametrize("geometry", [False, True])
+def test_the_adapter_answers_suite_requests_from_shapes_world(tmp_path, geometry) -> None:
     from setok_eval.adapters import Request
     from setok_tokenizer import SeTok
+    from setok_tokenizer.geometry import fourier_width
     from setokim.data import generate_dataset
     from setokim.data.eval_export import export_eval_data
     from setokim.stages.common import tiny_tokenizer
@@ -70,10 +73,14 @@ def test_the_adapter_answers_suite_requests_from_shapes_world(tmp_path) -> None:
     shards = tmp_path / "sw"
     generate_dataset(shards, train=6, val=0, test=4, image_size=32, seed=0)
     setok = SeTok.from_config(tiny_tokenizer()).eval()
-    cfg = TokenReaderConfig(width=16, layers=1, heads=2, steps=5, batch_size=8, max_tokens=8)
-    examples = collect_vqa_examples(setok, shards, "train", cfg.max_tokens, batch_size=4)
+    cfg = TokenReaderConfig(width=16, layers=1, heads=2, steps=5, batch_size=8, max_tokens=8,
+                            geometry=geometry)  # fmt: skip
+    examples = collect_vqa_examples(setok, shards, "train", cfg.max_tokens, 4, geometry)
     assert len(examples.questions) > 6  # every question of every image, not one per image
-    assert examples.tokens.shape[:2] == (len(examples.questions), 8)
+    extra = fourier_width() if geometry else 0
+    plain = collect_vqa_examples(setok, shards, "train", cfg.max_tokens, 4).tokens
+    assert examples.tokens.shape == (len(examples.questions), 8, plain.shape[-1] + extra)
+    torch.testing.assert_close(examples.tokens[..., : plain.shape[-1]], plain)
     reader = fit_token_reader(examples, cfg)
     vqa = export_eval_data(shards, "test", tmp_path / "eval")["shapes_vqa"]
     docs = [json.loads(line) for line in vqa.read_text().splitlines()]

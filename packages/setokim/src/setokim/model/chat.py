@@ -3,7 +3,8 @@
 Rendering (default template, role tokens are special tokens):
     <|system|> SYSTEM <|user|> TEXT [Img]…[/Img] <|assistant|> ANSWER <|end|> <|user|> …
 Only assistant content and its `turn_end` are trained (Stage III's answer-only loss);
-images inside an assistant turn are outputs (generated/edited images).
+images inside an assistant turn are outputs (generated/edited images). With
+`prompt_before_images` a user turn's text comes before its images.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def render(
         }[msg.role]
         if prefix:
             segments.append(Text(prefix + " "))
-        for part in msg.content:
+        content = list(msg.content)
+        if template.prompt_before_images and msg.role == "user":
+            content.sort(key=lambda part: isinstance(part, Tensor))  # stable: text, then images
+        for part in content:
             if isinstance(part, str):
                 segments.append(Text(part, train=answer))
             elif isinstance(part, Tensor):

@@ -67,6 +67,10 @@ class ChatTemplateConfig:
     assistant_prefix: str = "<|assistant|>"
     turn_end: str = "<|end|>"
     add_role_tokens: bool = True  # add the prefixes/turn_end as special tokens
+    # ours: a user turn's text before its images (images keep their order), so that in a
+    # causal LM the visual tokens can attend to the question; the paper's LLaVA-style order
+    # (images first) is the default
+    prompt_before_images: bool = False
 
 
 def vicuna_chat_template() -> ChatTemplateConfig:
@@ -102,6 +106,9 @@ class SeTokIMConfig:
     lm_loss_weight: float = 1.0
     regression_loss_weight: float = 1.0
     max_visual_tokens: int = 64  # cap when generating visual embeddings
+    # ours, not the paper's: add to each input image's projected token a learned embedding
+    # of where its cluster lies (setok_tokenizer.geometry: centre, box, size)
+    visual_geometry: bool = False
     img_start: str = "[Img]"
     img_end: str = "[/Img]"
     chat: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)

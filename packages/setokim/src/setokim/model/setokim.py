@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from setok_tokenizer.geometry import fourier_features, fourier_width, token_geometry
 from setokim.model.config import (
     LLMConfig,
     SeTokIMConfig,
@@ -63,6 +64,7 @@ class VisualTokens:
     token_mask: Tensor  # (I,K) bool
     raw: Any = None  # the tokenizer's full output (masks, features) when available
     num_regions: int = 0  # segmentation slots whose single token is a region embedding
+    geometry: Tensor | None = None  # (I,K,7) where each token's cluster lies (visual_geometry)
 
 
 @dataclass
@@ -178,6 +180,13 @@ class SeTokIM(nn.Module):
             torch.manual_seed(cfg.seed + 1)
             self.projector = mlp(width, hidden, cfg.projector_depth).to(dtype)
             self.regression_head = mlp(hidden, width, cfg.regression_head_depth, hidden).to(dtype)
+            # zero at the start, so that a model with it begins as one without
+            self.geometry_embed = (
+                nn.Linear(fourier_width(), hidden).to(dtype) if cfg.visual_geometry else None
+            )
+            if self.geometry_embed is not None:
+                nn.init.zeros_(self.geometry_embed.weight)
+                nn.init.zeros_(self.geometry_embed.bias)
         self.image_decoder = image_decoder
         self.mask_decoder = mask_decoder
         for dec in (image_decoder, mask_decoder):
@@ -259,7 +268,9 @@ class SeTokIM(nn.Module):
             empty = torch.zeros(0, 1, self.token_dim, device=self.device)
             return VisualTokens(empty, torch.zeros(0, 1, dtype=torch.bool, device=self.device))
         out = self.vision_tokenizer(self.preprocess(pixels))
-        return VisualTokens(out.tokens.detach(), out.token_mask.bool(), out)
+        mask = out.token_mask.bool()
+        geometry = token_geometry(out.masks, mask) if self.geometry_embed is not None else None
+        return VisualTokens(out.tokens.detach(), mask, out, geometry=geometry)
 
     @torch.no_grad()
     def encode_layout(self, layout: SequenceLayout) -> VisualTokens:
@@ -294,7 +305,13 @@ class SeTokIM(nn.Module):
         token_mask = torch.zeros(I, K, dtype=torch.bool, device=self.device)
         tokens[~region], token_mask[~region] = enc.tokens, enc.token_mask
         tokens[region, 0], token_mask[region, 0] = queries, True
-        return VisualTokens(tokens, token_mask, enc.raw, num_regions=int(region.sum()))
+        geometry = None
+        if enc.geometry is not None:  # a region image is an output image: it gets none
+            geometry = enc.geometry.new_zeros(I, K, enc.geometry.shape[-1])
+            geometry[~region] = enc.geometry
+        return VisualTokens(
+            tokens, token_mask, enc.raw, num_regions=int(region.sum()), geometry=geometry
+        )
 
     def preprocess(self, pixels: Tensor) -> Tensor:
         """[0,1] pixels (B,3,H,W) → what the vision tokenizer's forward expects."""
@@ -311,6 +328,12 @@ class SeTokIM(nn.Module):
             visual = self.encode_layout(layout)
         text = self.llm.get_input_embeddings()(layout.text_ids)
         vis = self.projector(visual.tokens.to(self.projector[0].weight.dtype))
+        if self.geometry_embed is not None and visual.geometry is not None:
+            # input images only: an output image's tokens are regressed, and at inference
+            # they have no clusters to read a geometry from
+            features = fourier_features(visual.geometry.to(vis.dtype))
+            is_input = ~layout.image_output.to(vis.device)
+            vis = vis + self.geometry_embed(features) * is_input[:, None, None].to(vis.dtype)
         packed = pack(layout, text, vis, visual.token_mask, pad_id=self.ids.pad)
         return packed, visual
 

@@ -39,6 +39,7 @@ class TokenReaderConfig:
     lr: float = 3e-4
     max_tokens: int = 16
     seed: int = 0
+    geometry: bool = False  # each token also carries where its cluster lies (as SeTokIM's)
 
 
 def words(question: str) -> list[str]:
@@ -67,9 +68,26 @@ def pad_tokens(tokens: Tensor, token_mask: Tensor, max_tokens: int) -> tuple[Ten
     return out, mask
 
 
+def reader_tokens(out: Any, max_tokens: int, geometry: bool) -> tuple[Tensor, Tensor]:
+    """A SeTok output as the reader's (B, max_tokens, d) tokens and mask; with `geometry`
+    each token is followed by the Fourier features of its cluster's centre, box and size."""
+    tokens = out.tokens.float()
+    if geometry:
+        from setok_tokenizer.geometry import fourier_features, token_geometry
+
+        where = token_geometry(out.masks, out.token_mask.bool())
+        tokens = torch.cat([tokens, fourier_features(where)], -1)
+    return pad_tokens(tokens, out.token_mask, max_tokens)
+
+
 @torch.no_grad()
 def collect_vqa_examples(
-    setok: nn.Module, shard_dir: str | Path, split: str, max_tokens: int, batch_size: int = 64
+    setok: nn.Module,
+    shard_dir: str | Path,
+    split: str,
+    max_tokens: int,
+    batch_size: int = 64,
+    geometry: bool = False,
 ) -> VQAExamples:
     """The VQA questions of `split` (all of each image's, not one per image) with the frozen
     SeTok's tokens of their image. The loader's `expand` drops the last partial batch (fewer
@@ -79,8 +97,7 @@ def collect_vqa_examples(
     tokens, masks, questions, answers, types = [], [], [], [], []
     loader = make_loader(shard_dir, split, "vqa", batch_size, shuffle=False, expand=True)
     for batch in tqdm(loader, desc=f"reader tokens ({split})", leave=False):
-        out = setok.tokenize(batch["pixels"])
-        tok, mask = pad_tokens(out.tokens.float(), out.token_mask, max_tokens)
+        tok, mask = reader_tokens(setok.tokenize(batch["pixels"]), max_tokens, geometry)
         tokens.append(tok)
         masks.append(mask)
         questions += list(batch["questions"])
@@ -195,10 +212,8 @@ class TokenReaderAdapter:
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start : start + self.batch_size]
             pixels = torch.cat([self._pixels(r.load_image()) for r in batch])
-            tok = self.setok.tokenize(pixels)
-            tokens, mask = pad_tokens(
-                tok.tokens.float(), tok.token_mask, self.reader.cfg.max_tokens
-            )
+            cfg = self.reader.cfg
+            tokens, mask = reader_tokens(self.setok.tokenize(pixels), cfg.max_tokens, cfg.geometry)
             questions = [str(r.doc.get("question", r.prompt)) for r in batch]
             out += self.reader.answer(tokens, mask, questions)
         return out
