@@ -75,3 +75,22 @@ def test_errors_name_what_is_wrong() -> None:
         object_means(torch.randn(2, 2, 3), torch.ones(1, 1, 2, 2))
     with pytest.raises(ValueError, match=">= 2 values"):
         AttributeHeads(3, {"colour": 1})
+
+
+def test_object_tokens_picks_the_valid_cluster_that_overlaps_best() -> None:
+    from setok_decoders.attributes import object_tokens
+
+    tokens = torch.arange(3 * 2, dtype=torch.float).view(1, 3, 2).requires_grad_(True)
+    clusters = torch.zeros(1, 3, 4, 4)
+    clusters[0, 0] = 1  # the whole grid: overlaps every object a little
+    clusters[0, 1, :2, :2] = 1  # exactly object 0
+    clusters[0, 2, 2:, 2:] = 1  # exactly object 1, but an invalid token
+    objects = torch.zeros(1, 2, 8, 8)  # at twice the grid's resolution
+    objects[0, 0, :4, :4] = 1
+    objects[0, 1, 4:, 4:] = 1
+    valid = torch.tensor([[True, True, False]])
+    picked = object_tokens(tokens, valid, clusters, objects)
+    assert torch.equal(picked[0, 0], tokens[0, 1].detach())
+    assert torch.equal(picked[0, 1], tokens[0, 0].detach())  # never the invalid token
+    picked.sum().backward()  # the choice has no gradient, the picked tokens do
+    assert tokens.grad[0, :, 0].tolist() == [1.0, 1.0, 0.0]

@@ -377,6 +377,22 @@ def test_subphase0_pretrains_the_encoder_to_name_objects(data_dir: Path) -> None
     want = m["diffusion"] + m["mask"] + 0.5 * m["attributes"]
     assert loss == pytest.approx(want, rel=1e-5)
 
+    # the naming term on the tokens: heads of their own over the token width
+    named = _stage(data_dir, subphase=2, token_attribute_weight=2.0)
+    model = named.build_model()
+    assert model.token_attributes is not None and model.attributes is not None
+    batch = next(named.batches(0, 1, 0, 4))
+    loss, m = _eval_loss(named, model, batch)
+    assert m["token_attributes"] > 0
+    want = m["diffusion"] + m["mask"] + 2.0 * m["token_attributes"]
+    assert loss == pytest.approx(want, rel=1e-5)
+    loss, _ = named.loss(model, batch)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.setok.merger.parameters())  # fmt: skip
+    with pytest.raises(ValueError, match="token_attribute_weight"):
+        _stage(data_dir, token_attribute_weight=-1.0)
+
     plain = _stage(data_dir, subphase=2)
     assert plain.build_model().attributes is None
     assert "attribute_labels" not in next(plain.batches(0, 1, 0, 4))

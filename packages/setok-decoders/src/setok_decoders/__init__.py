@@ -37,6 +37,7 @@ _EXPORTS = {
     "AttributeHeads": "attributes",
     "attribute_loss": "attributes",
     "object_means": "attributes",
+    "object_tokens": "attributes",
     "set_trainable": "trainable",
     "trainable_parameter_names": "trainable",
     "trainable_table": "trainable",

@@ -46,8 +46,28 @@ class AttributeHeads(nn.Module):
 
     def forward(self, features: Tensor, object_masks: Tensor) -> dict[str, Tensor]:
         """features (B, h, w, C), object_masks (B, O, H, W) -> {attribute: logits (B, O, V)}."""
-        pooled = object_means(features, object_masks)
-        return {name: head(pooled) for name, head in self.heads.items()}
+        return self.name(object_means(features, object_masks))
+
+    def name(self, vectors: Tensor) -> dict[str, Tensor]:
+        """(B, O, C) one vector per object -> {attribute: logits (B, O, V)}."""
+        return {name: head(vectors) for name, head in self.heads.items()}
+
+
+def object_tokens(
+    tokens: Tensor, token_mask: Tensor, cluster_masks: Tensor, object_masks: Tensor
+) -> Tensor:
+    """tokens (B, K, D), token_mask (B, K), cluster_masks (B, K, h, w), object_masks
+    (B, O, H, W) -> (B, O, D): each object's token, the valid one whose cluster overlaps it
+    best (intersection over union on the grid), as the token probes pick it. The choice
+    carries no gradient; the token does."""
+    b, k, h, w = cluster_masks.shape
+    objects = resize_masks(object_masks.float(), (h, w)).flatten(2)  # (B, O, h*w)
+    clusters = cluster_masks.detach().float().flatten(2) * token_mask[..., None].float()
+    inter = objects @ clusters.transpose(1, 2)  # (B, O, K)
+    union = objects.sum(-1)[..., None] + clusters.sum(-1)[:, None, :] - inter
+    iou = (inter / union.clamp(min=1e-6)).masked_fill(~token_mask.bool()[:, None, :], -1.0)
+    best = iou.argmax(-1)  # (B, O)
+    return tokens.gather(1, best[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
 def attribute_loss(logits: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:

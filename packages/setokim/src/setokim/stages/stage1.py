@@ -44,6 +44,7 @@ from setok_decoders import (
     mask_centroids,
     mask_loss,
     object_grouping_loss,
+    object_tokens,
     resize_masks,
     set_trainable,
     trainable_table,
@@ -68,7 +69,8 @@ from setokim.stages.common import (
 
 SUBPHASES = (1, 2)
 WEIGHTS = ("diffusion_weight", "mask_weight", "kl_weight", "bce_weight", "dice_weight",
-           "group_weight", "painter_weight", "attribute_weight")  # fmt: skip
+           "group_weight", "painter_weight", "attribute_weight",
+           "token_attribute_weight")  # fmt: skip
 
 
 @dataclass
@@ -90,6 +92,9 @@ class Stage1Config(GenerateFields):
     attribute_weight: the attribute loss's weight in sub-phase 2, so that the encoder keeps
         the names while the other terms train it. The heads exist when this or
         `subphase0_batches` is > 0; their words are `attribute_vocab(data.world)`.
+    token_attribute_weight: the same names read from each object's token (the valid token
+        whose cluster overlaps it best, `setok_decoders.attributes.object_tokens`) by heads
+        of their own, in sub-phase 2 (ours): the merger then keeps what the encoder names.
     init_from: a checkpoint step directory of an earlier Stage I run (model weights only).
     train_encoder: sub-phase 2 trains the vision encoder (needed for the KL to act).
     group_weight: weight of `object_grouping_loss` on the encoder features in sub-phase 2 (ours,
@@ -120,6 +125,7 @@ class Stage1Config(GenerateFields):
     group_weight: float = 0.0
     painter_weight: float = 0.0
     attribute_weight: float = 0.0
+    token_attribute_weight: float = 0.0
     kl_mask_floor: float = 1e-4
     cpu_threads: int | None = None
 
@@ -150,6 +156,7 @@ class Stage1Model(nn.Module):
         mask_decoder: MaskDecoder,
         painter: TokenPainter | None = None,
         attributes: AttributeHeads | None = None,
+        token_attributes: AttributeHeads | None = None,
     ):
         super().__init__()
         self.setok = setok
@@ -157,6 +164,7 @@ class Stage1Model(nn.Module):
         self.mask_decoder = mask_decoder
         self.painter = painter
         self.attributes = attributes
+        self.token_attributes = token_attributes
         self.encoder_grad = True
         self.setok.encoder.register_forward_hook(self._gate_encoder)
 
@@ -216,6 +224,11 @@ class Stage1Model(nn.Module):
                 terms["attributes"] = self._attribute_loss(
                     out.features, object_masks, attribute_labels
                 )
+                if self.token_attributes is not None:
+                    tokens = object_tokens(out.tokens, out.token_mask, out.masks, object_masks)
+                    terms["token_attributes"] = attribute_loss(
+                        self.token_attributes.name(tokens), attribute_labels
+                    )
         return terms
 
     def _attribute_loss(
@@ -289,7 +302,13 @@ class Stage1Stage:
     @property
     def names_attributes(self) -> bool:
         """True when the model has attribute heads (sub-phase 0 or an attribute weight)."""
-        return self.cfg.subphase0_batches > 0 or self.cfg.attribute_weight > 0
+        cfg = self.cfg
+        return cfg.subphase0_batches > 0 or cfg.attribute_weight > 0 or self.names_tokens
+
+    @property
+    def names_tokens(self) -> bool:
+        """True when sub-phase 2 also names each object from its token."""
+        return self.cfg.token_attribute_weight > 0
 
     # ---- model ------------------------------------------------------------------------------
     def build_model(self) -> Stage1Model:
@@ -302,7 +321,8 @@ class Stage1Stage:
         if self.names_attributes:
             sizes = {k: len(v) for k, v in attribute_vocab(cfg.data.world).items()}
             heads = AttributeHeads(parts[0].encoder.feature_dim, sizes)
-        model = Stage1Model(*parts, attributes=heads)
+        token_heads = AttributeHeads(parts[0].output_dim, sizes) if self.names_tokens else None
+        model = Stage1Model(*parts, attributes=heads, token_attributes=token_heads)
         if cfg.init_from:
             from setokim.train.checkpoint import load_model_state
 
@@ -402,7 +422,7 @@ class Stage1Stage:
             batch.get("object_valid"),
             with_masks=phase == 2,
             encoder_grad=phase == 2 and cfg.train_encoder,
-            attribute_labels=labels if phase == 2 and cfg.attribute_weight > 0 else None,
+            attribute_labels=labels if phase == 2 and self.names_attributes else None,
             mask_kwargs={
                 "kl_weight": cfg.kl_weight,
                 "bce_weight": cfg.bce_weight,
@@ -418,6 +438,8 @@ class Stage1Stage:
             loss = loss + cfg.mask_weight * terms["mask"] + cfg.group_weight * terms["group"]
         if "attributes" in terms:
             loss = loss + cfg.attribute_weight * terms["attributes"]
+        if "token_attributes" in terms:
+            loss = loss + cfg.token_attribute_weight * terms["token_attributes"]
         metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics["subphase"] = float(phase)
         return loss, metrics
