@@ -25,6 +25,7 @@ PIPELINE = [
     "stage.params.steps.0.params.subphase1_batches=0",
     "stage.params.steps.0.params.subphase0_batches=0",
     "stage.params.steps.0.params.attribute_weight=0",
+    "stage.params.steps.0.params.token_attribute_weight=0",
     "+stage.params.steps.1.params.data.mix_weights.vqa=1.0",
     "stage.params.steps.2.params.data.mix_weights.vqa=2.0",
     "stage.params.steps.0.trainer.max_steps=2",
