@@ -26,6 +26,9 @@ regressed one. Prints a table and a final JSON line.
     uv run python benchmarks/measure_setokim.py --run-dir runs/setok --stage1-export STAGE1_EXPORT \
         --patch-run runs/patch ...
 
+`--segment-from nearest_token --ground-from mask` evaluate an export's segment and ground
+another way than its config says (`SeTokIMConfig.segment_from`, `.ground_from`).
+
 A finished pipeline in --run-dir is reused (each stage is skipped once done);
 `--stage1-export` reuses a finished Stage I (`+exp=stage1_shapes` exported with
 tools/export_run.py) and trains only Stages II and III on it. Also printed: the token
@@ -50,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from setokim.data.shapes_world import World
+from setokim.model.config import GROUND_FROM, SEGMENT_FROM
+from setokim.model.inference import GenerationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = [
@@ -337,6 +342,16 @@ def main() -> int:
         "--reader-steps", type=int, default=3000,
         help="steps of the token reader (the simple baseline model); 0 skips it",
     )  # fmt: skip
+    parser.add_argument(
+        "--segment-from", choices=SEGMENT_FROM,
+        help="evaluate segment this way instead of as the export's config says "
+        "(SeTokIMConfig.segment_from)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ground-from", choices=GROUND_FROM,
+        help="evaluate ground this way instead of as the export's config says "
+        "(SeTokIMConfig.ground_from)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
     if args.clustering_mechanism and args.stage1_export is None:
@@ -395,7 +410,10 @@ def main() -> int:
     export_eval_data(shard_dir, "test", data_root)
     tasks = shapes_tasks(ROOT / "eval_suite" / "tasks", data_root, TASKS)
     tasks = [cpu_generation(t, args.edit_steps) if t.name in GENERATION_TASKS else t for t in tasks]
-    adapter = SeTokIMAdapter.from_pretrained(export, batch_size=args.batch_size)
+    decoding = GenerationConfig(segment_from=args.segment_from, ground_from=args.ground_from)
+    adapter = SeTokIMAdapter.from_pretrained(
+        export, batch_size=args.batch_size, generation=decoding
+    )
     results = run_eval(
         adapter, tasks, run_dir / "eval", data_root=data_root, batch_size=args.batch_size,
         limit=args.eval_limit, n_resamples=200, progress=True,
@@ -517,6 +535,8 @@ def main() -> int:
     record = {
         "benchmark": "measure_setokim", **issue_keys, "not_measured": not_measured, "run_dir": str(run_dir), "stages": losses,
         "clustering_mechanism": args.clustering_mechanism or "as the Stage I export",
+        "segment_from": args.segment_from or adapter.model.config.segment_from,
+        "ground_from": args.ground_from or adapter.model.config.ground_from,
         "patch_run": str(args.patch_run) if args.patch_run else None,
         "eval_limit": args.eval_limit, "test_images": args.test_images,
         "edit_steps": args.edit_steps, "train_s": train_s, "eval_s": eval_s, **figures,

@@ -12,7 +12,15 @@ from setokim.model.build import build_tiny_setokim
 from setokim.model.chat import Message
 from setokim.model.config import SeTokIMConfig
 from setokim.model.eval_adapter import SeTokIMAdapter, generation_config
-from setokim.model.inference import BoxConstraint, GenerationConfig, Generator, parse_box
+from setokim.model.inference import (
+    BoxConstraint,
+    GenerationConfig,
+    Generator,
+    mask_boxes,
+    nearest_tokens,
+    parse_box,
+    segment_masks,
+)
 from setokim.model.samples import GROUND_PROMPT
 
 
@@ -168,3 +176,98 @@ def test_eval_adapter_protocol(model, tmp_path):
     assert SeTokIMAdapter(model).fingerprint() != fp  # decoding defaults are part of it
     cfg = generation_config({"temperature": 0.7, "num_inference_steps": 9}, GenerationConfig())
     assert cfg.do_sample and cfg.decoder_steps == 9
+
+
+def test_nearest_tokens_picks_the_closest_valid_token_by_cosine():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b, k, d = 3, 5, 6
+        tokens = torch.randn(b, k, d, generator=gen)
+        mask = torch.rand(b, k, generator=gen) > 0.3
+        mask[:, 0] = True
+        queries = torch.randn(b, d, generator=gen) * 3
+        picks = nearest_tokens(tokens, mask, queries)
+        for row in range(b):  # the plain loop
+            best, best_cos = -1, -2.0
+            for j in range(k):
+                if mask[row, j]:
+                    c = float(torch.dot(tokens[row, j], queries[row]))
+                    c /= float(tokens[row, j].norm() * queries[row].norm())
+                    if c > best_cos:
+                        best, best_cos = j, c
+            assert int(picks[row]) == best
+    # an invalid token is never picked, even when it is the query itself; length is ignored
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]])
+    mask = torch.tensor([[True, True, False]])
+    assert int(nearest_tokens(tokens, mask, torch.tensor([[0.6, 0.6]]))[0]) in (0, 1)
+    assert int(nearest_tokens(tokens, mask, torch.tensor([[0.01, 0.2]]))[0]) == 1
+    with pytest.raises(ValueError, match="valid token"):
+        nearest_tokens(tokens, torch.zeros(1, 3, dtype=torch.bool), torch.ones(1, 2))
+
+
+def test_mask_boxes_are_the_tight_boxes_and_an_empty_mask_has_none():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, 2:5, 1:7] = True  # rows 2-4, columns 1-6
+    assert mask_boxes(masks) == [[1.0, 2.0, 7.0, 5.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def test_nearest_token_segment_is_the_picked_tokens_mask(model):
+    """segment_from=nearest_token returns the mask the decoder draws for the image token
+    nearest the regressed query, among all the image's tokens drawn together."""
+    pixels = torch.stack([_img(0), _img(1)])
+    enc = model.encode_images(pixels)
+    with torch.no_grad():
+        every = model.mask_decoder(
+            enc.tokens, enc.token_mask, enc.raw.features, output_size=(64, 64)
+        )
+    for j in range(2):  # a query equal to a valid token picks that token's mask
+        j = min(j, int(enc.token_mask[0].sum()) - 1)
+        queries = enc.tokens[:, j : j + 1] * 0.5  # length does not matter, direction does
+        masks = segment_masks(model, pixels, queries, nearest_token=True)
+        assert torch.equal(masks[0], every[0, j] > 0)
+    picked = model.segment(
+        [_img(0), _img(1)], ["a", "b"], GenerationConfig(segment_from="nearest_token")
+    )
+    drawn = [{tuple(every[i, k].gt(0).flatten().tolist()) for k in range(every.shape[1])
+              if enc.token_mask[i, k]} for i in range(2)]  # fmt: skip
+    assert all(tuple(picked[i].flatten().tolist()) in drawn[i] for i in range(2))
+
+
+def test_ground_from_mask_boxes_the_segment_mask(model):
+    gen = GenerationConfig(segment_from="nearest_token", ground_from="mask")
+    images, exprs = [_img(0), _img(2)], ["the red circle", "the star"]
+    masks = model.segment(images, exprs, gen)
+    assert model.ground(images, exprs, gen) == mask_boxes(masks)
+    assert model.ground(images[0], exprs[0], gen) == mask_boxes(masks[:1])[0]
+
+
+def test_unknown_decoding_choices_are_named(model):
+    with pytest.raises(ValueError, match="segment_from"):
+        SeTokIMConfig(segment_from="nearest")
+    with pytest.raises(ValueError, match="ground_from"):
+        SeTokIMConfig(ground_from="boxes")
+    with pytest.raises(ValueError, match="ground_from"):
+        model.ground(_img(0), "the star", GenerationConfig(ground_from="boxes"))
+
+
+def test_eval_adapter_segments_a_reasonseg_documents_query(model, tmp_path):
+    """Stage III trains segmentation on "Segment {query}."; the suite's ReasonSeg prompt
+    wraps the query in a question, so the adapter must hand the model the query itself."""
+    path = tmp_path / "img.png"
+    PILImage.fromarray((_img(3).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(path)
+    adapter = SeTokIMAdapter(model)
+    seen = []
+    real = model.segment
+
+    def spy(images, expressions, gen=None):
+        seen.extend(expressions)
+        return real(images, expressions, gen)
+
+    model.segment = spy
+    try:
+        doc = {"image": str(path), "query": "the object closest to the top"}
+        adapter.segment([_request(tmp_path, "reasonseg", "What is it? Output the mask.", doc)])
+        adapter.segment([_request(tmp_path, "seg", "the prompt", {"image": str(path)})])
+    finally:
+        del model.segment
+    assert seen == ["the object closest to the top", "the prompt"]

@@ -186,3 +186,48 @@ def test_key_suffix_alone_does_not_make_a_segmentation_sample(base):
     assert flagged.image_is_region.tolist() == [False, True]
     region = base.encode_layout(flagged)
     assert region.num_regions == 1 and region.token_mask[1].sum() == 1
+
+
+def test_region_contrast_is_cross_entropy_over_the_input_images_tokens(base):
+    """The term scores each regressed region embedding against its own input image's valid
+    tokens (cosine / temperature), with the picked region token as the answer."""
+    from setokim.model.losses import region_contrast_loss, setokim_loss
+
+    pixels = _pixels(2, seed=5)
+    batch, picked = _rec_batch(base, pixels)
+    layout = base.collate(batch_to_samples(batch, "instruct", base.config.chat))
+    out = base(layout)
+    regions = out.visual.regions
+    assert regions is not None and regions.target.tolist() == picked
+    got = region_contrast_loss(out.hidden, base.regression_head, out.packed, out.visual, 0.1)
+    # the loop: find each region slot's [Img] hidden state, score against its image's tokens
+    sel = out.packed.visual_output
+    b = out.packed.visual_batch[sel]
+    t = out.packed.visual_pos[sel] - 1
+    losses = []
+    for r in range(2):
+        _, tokens = _cluster_regions(base, pixels[r])
+        valid = base.encode_images(pixels[r : r + 1]).token_mask[0]
+        pred = base.regression_head(out.hidden[b[r], t[r]])
+        cos = torch.stack([F.cosine_similarity(tokens[k], pred, dim=0) for k in range(len(tokens))])
+        logits = (cos / 0.1).masked_fill(~valid, float("-inf"))
+        losses.append(F.cross_entropy(logits[None], torch.tensor([picked[r]])))
+    torch.testing.assert_close(got, torch.stack(losses).mean(), rtol=1e-4, atol=1e-5)
+    # it reaches the regression head, adds to the total with its weight, and is 0 without regions
+    base.zero_grad()
+    total, metrics = setokim_loss(base, out, region_contrast_weight=2.0)
+    plain, _ = setokim_loss(base, out)
+    torch.testing.assert_close(total, plain + 2.0 * got)
+    assert metrics["region_contrast_loss"] == pytest.approx(float(got.detach()))
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in base.regression_head.parameters())  # fmt: skip
+    caption = {"task": "caption", "key": ["c"], "pixels": pixels[:1], "captions": ["a star"]}
+    out2 = base(base.collate(batch_to_samples(caption, "instruct", base.config.chat)))
+    zero = region_contrast_loss(out2.hidden, base.regression_head, out2.packed, out2.visual, 0.1)
+    assert float(zero) == 0.0
+
+
+def test_region_contrast_weight_must_not_be_negative():
+    with pytest.raises(ValueError, match="region_contrast_weight"):
+        SeTokIMConfig(region_contrast_weight=-1.0)

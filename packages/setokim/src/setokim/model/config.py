@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from setok_tokenizer.config import SeTokConfig, require, require_choice, require_min
 
 LLM_DTYPES = ("float32", "bfloat16", "float16")
+SEGMENT_FROM = ("query", "nearest_token")
+GROUND_FROM = ("text", "mask")
 
 
 @dataclass
@@ -105,10 +107,21 @@ class SeTokIMConfig:
     regression_head_depth: int = 2  # MLP layers LLM hidden -> token width
     lm_loss_weight: float = 1.0
     regression_loss_weight: float = 1.0
+    # ours: a segmentation sample's regressed region embedding is also trained to pick its
+    # target among the input image's tokens (losses.region_contrast_loss); 0 leaves it out
+    region_contrast_weight: float = 0.0
     max_visual_tokens: int = 64  # cap when generating visual embeddings
     # ours, not the paper's: add to each input image's projected token a learned embedding
     # of where its cluster lies (setok_tokenizer.geometry: centre, box, size)
     visual_geometry: bool = False
+    # How segment and ground turn the regressed embedding into a mask and a box.
+    # segment_from "query": the embedding alone queries the Stage I mask decoder (the paper);
+    # "nearest_token" (ours): the decoder draws the masks of all the image's tokens together,
+    # as Stage I trains it, and the token nearest the embedding (cosine) names the mask.
+    # ground_from "text": the LLM writes the box (the paper); "mask" (ours): the box around
+    # segment's mask.
+    segment_from: str = "query"
+    ground_from: str = "text"
     img_start: str = "[Img]"
     img_end: str = "[/Img]"
     chat: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
@@ -117,4 +130,6 @@ class SeTokIMConfig:
 
     def __post_init__(self) -> None:
         require_min(self, 1, "projector_depth", "regression_head_depth", "max_visual_tokens")
-        require_min(self, 0, "lm_loss_weight", "regression_loss_weight")
+        require_min(self, 0, "lm_loss_weight", "regression_loss_weight", "region_contrast_weight")
+        require_choice(self, "segment_from", SEGMENT_FROM)
+        require_choice(self, "ground_from", GROUND_FROM)

@@ -158,7 +158,8 @@ class SeTokIMAdapter:
         for batch in _chunks(requests, self.batch_size):
             raw = [r.load_image() for r in batch]
             images = [[self._pixels(im)] for im in raw]
-            exprs = [self._field(r, "expression") for r in batch]
+            # ReasonSeg documents name their target in `query` (Stage III trains on it)
+            exprs = [self._field(r, "expression", "query") for r in batch]
             masks = self.model.segment(images, exprs, self._gen(batch))
             for mask, im in zip(masks, raw, strict=True):
                 full = F.interpolate(mask[None, None].float(), size=im.shape[:2], mode="nearest")

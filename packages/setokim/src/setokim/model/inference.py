@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from setokim.model.chat import Message, render
+from setokim.model.config import GROUND_FROM, SEGMENT_FROM
 from setokim.model.packing import Sample, Text
 from setokim.model.samples import GROUND_PROMPT, SEGMENT_PROMPT
 
@@ -39,6 +40,8 @@ class GenerationConfig:
     min_visual_tokens: int = 1
     decoder_steps: int = 20
     guidance_scale: float = 1.0
+    segment_from: str | None = None  # None: the model config's (SeTokIMConfig.segment_from)
+    ground_from: str | None = None  # None: the model config's (SeTokIMConfig.ground_from)
 
 
 @dataclass
@@ -275,12 +278,15 @@ class Generator:
 
     def ground(self, images, expressions, gen: GenerationConfig | None = None):
         """Referring expression → box [x0,y0,x1,y1] (4 floats; decoding constrained to the format)."""
+        gen = gen or GenerationConfig(max_new_tokens=24)
+        if _choice(gen, self.model.config, "ground_from", GROUND_FROM) == "mask":
+            masks = self.segment(images, expressions, gen)
+            return mask_boxes(masks) if masks.dim() == 3 else mask_boxes(masks[None])[0]
         per, exprs, batched = _as_batch(images, expressions)
         samples = [
             self.prompt_sample(imgs, GROUND_PROMPT.format(e))
             for imgs, e in zip(per, exprs, strict=True)
         ]
-        gen = gen or GenerationConfig(max_new_tokens=24)
         constraint = BoxConstraint(self.model.text_tokenizer, self.end_ids)
         texts = self.generate_text(samples, gen, constraint=constraint, decode=constraint.surface)
         boxes = []
@@ -337,7 +343,8 @@ class Generator:
 
     def segment(self, images, expressions, gen: GenerationConfig | None = None):
         """Referring expression → bool mask (H,W): the LLM's regressed embedding queries the
-        Stage I mask decoder over the image's SeTok features."""
+        Stage I mask decoder over the image's SeTok features (`segment_from`: alone, or by
+        naming the nearest of the image's tokens)."""
         model = self.model
         if model.mask_decoder is None:
             raise RuntimeError(
@@ -350,16 +357,57 @@ class Generator:
             raise ValueError("segment needs exactly one image per expression")
         vis = self.generate_visual(samples, one)
         pixels = torch.stack([imgs[0] for imgs in per]).to(model.device)
-        masks = segment_masks(model, pixels, vis.tokens[:, :1])
+        nearest = _choice(gen, model.config, "segment_from", SEGMENT_FROM) == "nearest_token"
+        masks = segment_masks(model, pixels, vis.tokens[:, :1], nearest_token=nearest)
         return masks if batched else masks[0]
 
 
+def _choice(gen: GenerationConfig, config, name: str, allowed: tuple[str, ...]) -> str:
+    """`gen`'s setting `name`, else the model config's; an unknown value is an error."""
+    value = getattr(gen, name) or getattr(config, name)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def mask_boxes(masks: Tensor) -> list[list[float]]:
+    """(B,H,W) bool masks → xyxy pixel boxes around each; an empty mask gives [0,0,0,0]
+    (no box, so it overlaps nothing) rather than a guess."""
+    boxes = []
+    for mask in masks:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if xs.numel() == 0:
+            boxes.append([0.0, 0.0, 0.0, 0.0])
+            continue
+        boxes.append([float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1])
+    return boxes
+
+
 @torch.no_grad()
-def segment_masks(model, pixels: Tensor, queries: Tensor) -> Tensor:
-    """(B,3,H,W) images + one query token each (B,1,d) → bool masks (B,H,W)."""
+def segment_masks(model, pixels: Tensor, queries: Tensor, nearest_token: bool = False) -> Tensor:
+    """(B,3,H,W) images + one query token each (B,1,d) → bool masks (B,H,W).
+
+    nearest_token: the decoder draws the masks of all the image's valid tokens together (as
+    Stage I trains it) and each image's mask is that of the token nearest its query by
+    cosine. The regression under MSE shrinks its predictions toward the mean token, which
+    moves their length more than their direction.
+    """
+    size = tuple(pixels.shape[-2:])
     setok_out = model.vision_tokenizer(model.preprocess(pixels))
+    if nearest_token:
+        tokens, token_mask = setok_out.tokens, setok_out.token_mask.bool()
+        logits = model.mask_decoder(tokens, token_mask, setok_out.features, output_size=size)
+        pick = nearest_tokens(tokens, token_mask, queries[:, 0])
+        return logits[torch.arange(len(pick), device=pick.device), pick] > 0
     query_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
-    logits = model.mask_decoder(
-        queries, query_mask, setok_out.features, output_size=tuple(pixels.shape[-2:])
-    )
+    logits = model.mask_decoder(queries, query_mask, setok_out.features, output_size=size)
     return logits[:, 0] > 0
+
+
+def nearest_tokens(tokens: Tensor, token_mask: Tensor, queries: Tensor) -> Tensor:
+    """(B,K,d) tokens, (B,K) validity, (B,d) queries → (B,) index of each row's valid token
+    with the highest cosine similarity to its query."""
+    if not bool(token_mask.bool().any(1).all()):
+        raise ValueError("every image needs at least one valid token to pick from")
+    cos = torch.nn.functional.cosine_similarity(tokens, queries[:, None], dim=-1)
+    return cos.masked_fill(~token_mask.bool(), -2.0).argmax(1)

@@ -41,14 +41,19 @@ def region_embeddings(
         raise ValueError(
             f"region_masks must be ({tokens.shape[0]},H,W), got {tuple(region_masks.shape)}"
         )
+    best = best_overlap_tokens(token_mask, cluster_masks, region_masks)
+    return tokens[torch.arange(tokens.shape[0], device=tokens.device), best].detach()
+
+
+def best_overlap_tokens(token_mask: Tensor, cluster_masks: Tensor, region_masks: Tensor) -> Tensor:
+    """(R,) index of the valid token whose cluster has the highest IoU with each region."""
     h, w = cluster_masks.shape[-2:]
     target = F.interpolate(region_masks[:, None].float(), size=(h, w), mode="area")[:, 0]
     clusters = cluster_masks.float().clamp(0, 1)
     inter = (clusters * target[:, None]).sum((-2, -1))
     union = clusters.sum((-2, -1)) + target.sum((-2, -1))[:, None] - inter
     iou = (inter / union.clamp_min(1e-6)).masked_fill(~token_mask.bool(), -1.0)
-    best = iou.argmax(1)
-    return tokens[torch.arange(tokens.shape[0], device=tokens.device), best].detach()
+    return iou.argmax(1)
 
 
 def regression_targets(
@@ -79,12 +84,35 @@ def embedding_regression_loss(
     return F.mse_loss(pred.float(), target.float()), int(target.shape[0])
 
 
+def region_contrast_loss(
+    hidden: Tensor, head: nn.Module, packed: Packed, visual: object, temperature: float
+) -> Tensor:
+    """Cross-entropy of each regressed region embedding's cosine similarities (over
+    `temperature`) to its input image's valid tokens, the best-overlapping one the target.
+
+    The MSE pulls the prediction toward the target token; this term pushes it away from the
+    image's other tokens, which is what picking a token (`segment_from: nearest_token`) needs.
+    """
+    regions = getattr(visual, "regions", None)
+    if regions is None or regions.target.numel() == 0:
+        return hidden.sum() * 0.0
+    image_of = torch.arange(visual.token_mask.shape[0], device=hidden.device)
+    image_of = image_of[:, None].expand_as(visual.token_mask)[visual.token_mask.bool()]
+    flat = torch.nonzero(regions.is_region[image_of], as_tuple=True)[0]  # image order
+    pred = head(hidden[packed.visual_batch[flat], packed.visual_pos[flat] - 1]).float()
+    cos = F.cosine_similarity(regions.candidates.float(), pred[:, None], dim=-1)
+    logits = (cos / temperature).masked_fill(~regions.candidate_mask.bool(), float("-inf"))
+    return F.cross_entropy(logits, regions.target)
+
+
 def setokim_loss(
     model: nn.Module,
     out: object,
     *,
     lm_weight: float = 1.0,
     regression_weight: float = 1.0,
+    region_contrast_weight: float = 0.0,
+    region_temperature: float = 0.1,
 ) -> tuple[Tensor, dict[str, float]]:
     """The Stage II/III loss from a `SeTokIMOutput`; metrics for logging."""
     lm, n_text = next_token_loss(out.logits, out.packed.labels)
@@ -92,6 +120,12 @@ def setokim_loss(
         out.hidden, model.regression_head, out.packed, out.visual.tokens, out.visual.token_mask
     )
     total = lm_weight * lm + regression_weight * reg
+    contrast = None
+    if region_contrast_weight > 0:
+        contrast = region_contrast_loss(
+            out.hidden, model.regression_head, out.packed, out.visual, region_temperature
+        )
+        total = total + region_contrast_weight * contrast
     metrics = {
         "loss": float(total.detach()),
         "lm_loss": float(lm.detach()),
@@ -100,6 +134,8 @@ def setokim_loss(
         "visual_targets": float(n_vis),
         "region_targets": float(getattr(out.visual, "num_regions", 0)),
     }
+    if contrast is not None:
+        metrics["region_contrast_loss"] = float(contrast.detach())
     return total, metrics
 
 
@@ -108,13 +144,19 @@ def stage_loss(model: nn.Module, layout: object) -> tuple[Tensor, dict[str, floa
     out = model(layout)
     cfg = model.config
     return setokim_loss(
-        model, out, lm_weight=cfg.lm_loss_weight, regression_weight=cfg.regression_loss_weight
+        model,
+        out,
+        lm_weight=cfg.lm_loss_weight,
+        regression_weight=cfg.regression_loss_weight,
+        region_contrast_weight=cfg.region_contrast_weight,
     )
 
 
 __all__ = [
+    "best_overlap_tokens",
     "embedding_regression_loss",
     "next_token_loss",
+    "region_contrast_loss",
     "region_embeddings",
     "regression_targets",
     "setokim_loss",

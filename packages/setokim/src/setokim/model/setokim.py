@@ -65,6 +65,19 @@ class VisualTokens:
     raw: Any = None  # the tokenizer's full output (masks, features) when available
     num_regions: int = 0  # segmentation slots whose single token is a region embedding
     geometry: Tensor | None = None  # (I,K,7) where each token's cluster lies (visual_geometry)
+    regions: RegionTargets | None = None  # what each region slot was picked from
+
+
+@dataclass
+class RegionTargets:
+    """For the region slots, in image order: the input image's tokens (R,K,d) and validity
+    (R,K) the region embedding was picked from, the picked index (R,), and which of the
+    batch's images are region slots (I,)."""
+
+    candidates: Tensor
+    candidate_mask: Tensor
+    target: Tensor
+    is_region: Tensor
 
 
 @dataclass
@@ -278,7 +291,7 @@ class SeTokIM(nn.Module):
         (`layout.image_is_region`, from `Sample.region_images`) becomes ONE token, the region
         embedding of its mask over its sample's first image (`losses.region_embeddings`).
         `raw` then covers the non-region images only."""
-        from setokim.model.losses import region_embeddings
+        from setokim.model.losses import best_overlap_tokens
 
         if layout.num_images == 0 or not bool(layout.image_is_region.any()):
             return self.encode_images(layout.pixels)
@@ -297,9 +310,11 @@ class SeTokIM(nn.Module):
         enc = self.encode_images(pixels[~region])
         row = torch.cumsum((~region).long(), 0) - 1  # image index -> row of `enc`
         src = row[first]
-        queries = region_embeddings(
-            enc.tokens[src], enc.token_mask[src], enc.raw.masks[src], pixels[region][:, 0] > 0.5
+        best = best_overlap_tokens(
+            enc.token_mask[src], enc.raw.masks[src], pixels[region][:, 0] > 0.5
         )
+        queries = enc.tokens[src, best].detach()  # losses.region_embeddings
+        regions = RegionTargets(enc.tokens[src], enc.token_mask[src], best, region)
         I, K = layout.num_images, enc.tokens.shape[1]  # noqa: E741
         tokens = enc.tokens.new_zeros(I, K, enc.tokens.shape[-1])
         token_mask = torch.zeros(I, K, dtype=torch.bool, device=self.device)
@@ -310,8 +325,9 @@ class SeTokIM(nn.Module):
             geometry = enc.geometry.new_zeros(I, K, enc.geometry.shape[-1])
             geometry[~region] = enc.geometry
         return VisualTokens(
-            tokens, token_mask, enc.raw, num_regions=int(region.sum()), geometry=geometry
-        )
+            tokens, token_mask, enc.raw, num_regions=int(region.sum()), geometry=geometry,
+            regions=regions,
+        )  # fmt: skip
 
     def preprocess(self, pixels: Tensor) -> Tensor:
         """[0,1] pixels (B,3,H,W) → what the vision tokenizer's forward expects."""
