@@ -342,16 +342,13 @@ def main() -> int:
         "--reader-steps", type=int, default=3000,
         help="steps of the token reader (the simple baseline model); 0 skips it",
     )  # fmt: skip
-    parser.add_argument(
-        "--segment-from", choices=SEGMENT_FROM,
-        help="evaluate segment this way instead of as the export's config says "
-        "(SeTokIMConfig.segment_from)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ground-from", choices=GROUND_FROM,
-        help="evaluate ground this way instead of as the export's config says "
-        "(SeTokIMConfig.ground_from)",
-    )  # fmt: skip
+    for mode, field, choices in (("segment", "segment_from", SEGMENT_FROM),
+                                 ("ground", "ground_from", GROUND_FROM)):  # fmt: skip
+        parser.add_argument(
+            "--" + field.replace("_", "-"), choices=choices,
+            help=f"evaluate {mode} this way instead of as the export's config says "
+            f"(SeTokIMConfig.{field})",
+        )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
     if args.clustering_mechanism and args.stage1_export is None:
