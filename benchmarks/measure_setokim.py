@@ -26,6 +26,10 @@ regressed one. Prints a table and a final JSON line.
     uv run python benchmarks/measure_setokim.py --run-dir runs/setok --stage1-export STAGE1_EXPORT \
         --patch-run runs/patch ...
 
+`--eval-split train` evaluates on the first --test-images training images instead (outputs
+suffixed `_train`, e.g. measure_train.json): a model that scores there as on the test split
+is not memorising its training scenes but falling short of them.
+
 `--segment-from nearest_token --ground-from mask` evaluate an export's segment and ground
 another way than its config says (`SeTokIMConfig.segment_from`, `.ground_from`).
 
@@ -254,6 +258,7 @@ def reader_scores(
     run_dir: Path,
     data_root: Path,
     args: argparse.Namespace,
+    tag: str = "",
     geometry: bool = False,
 ) -> list[tuple[str, list[float]]]:
     """VQA scores of the simple baseline model (a token reader trained on every training
@@ -278,7 +283,7 @@ def reader_scores(
         ("reader_shifted", ShiftedImageAdapter(adapter, mapping)),
     ):
         results = run_eval(
-            model, [task], run_dir / f"eval_{name}", data_root=data_root, batch_size=32,
+            model, [task], run_dir / f"eval_{name}{tag}", data_root=data_root, batch_size=32,
             limit=args.eval_limit, n_resamples=200,
         )  # fmt: skip
         assert results is not None
@@ -349,6 +354,10 @@ def main() -> int:
             help=f"evaluate {mode} this way instead of as the export's config says "
             f"(SeTokIMConfig.{field})",
         )  # fmt: skip
+    parser.add_argument(
+        "--eval-split", choices=("test", "train"), default="test",
+        help="the split whose documents are evaluated (train: its first --test-images images)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
     if args.clustering_mechanism and args.stage1_export is None:
@@ -403,8 +412,12 @@ def main() -> int:
     assert export is not None, "stage3 left no export"
 
     t1 = time.perf_counter()
-    data_root = run_dir / "eval_data"
-    export_eval_data(shard_dir, "test", data_root)
+    tag = "" if args.eval_split == "test" else f"_{args.eval_split}"  # output names
+    data_root = run_dir / f"eval_data{tag}"
+    export_eval_data(
+        shard_dir, args.eval_split, data_root,
+        limit=None if args.eval_split == "test" else args.test_images,
+    )  # fmt: skip
     tasks = shapes_tasks(ROOT / "eval_suite" / "tasks", data_root, TASKS)
     tasks = [cpu_generation(t, args.edit_steps) if t.name in GENERATION_TASKS else t for t in tasks]
     decoding = GenerationConfig(segment_from=args.segment_from, ground_from=args.ground_from)
@@ -412,7 +425,7 @@ def main() -> int:
         export, batch_size=args.batch_size, generation=decoding
     )
     results = run_eval(
-        adapter, tasks, run_dir / "eval", data_root=data_root, batch_size=args.batch_size,
+        adapter, tasks, run_dir / f"eval{tag}", data_root=data_root, batch_size=args.batch_size,
         limit=args.eval_limit, n_resamples=200, progress=True,
     )  # fmt: skip
     eval_s = time.perf_counter() - t1
@@ -425,7 +438,7 @@ def main() -> int:
     mapping = shifted_image_map([d["image"] for d in docs + caption_docs], seed=args.seed)
     shifted = run_eval(
         ShiftedImageAdapter(adapter, mapping), [by_name["shapes_vqa"], by_name["shapes_caption"]],
-        run_dir / "eval_shifted", data_root=data_root, batch_size=args.batch_size,
+        run_dir / f"eval_shifted{tag}", data_root=data_root, batch_size=args.batch_size,
         limit=args.eval_limit, n_resamples=200, progress=True,
     )  # fmt: skip
     assert shifted is not None
@@ -434,7 +447,7 @@ def main() -> int:
     if args.reader_steps > 0:
         columns += reader_scores(
             adapter.model.vision_tokenizer, shard_dir, exp.data.image_size or 64,
-            by_name["shapes_vqa"], mapping, run_dir, data_root, args,
+            by_name["shapes_vqa"], mapping, run_dir, data_root, args, tag,
             geometry=adapter.model.config.visual_geometry,
         )  # fmt: skip
     per_type = {
@@ -536,12 +549,14 @@ def main() -> int:
         "ground_from": args.ground_from or adapter.model.config.ground_from,
         "patch_run": str(args.patch_run) if args.patch_run else None,
         "eval_limit": args.eval_limit, "test_images": args.test_images,
+        "eval_split": args.eval_split,
         "edit_steps": args.edit_steps, "train_s": train_s, "eval_s": eval_s, **figures,
         "vqa_by_type": {k: {n: c["value"] for n, c in v.items()} for k, v in per_type.items()},
     }  # fmt: skip
-    tmp = run_dir / f".{MEASURE_FILE}.tmp"
+    out = run_dir / MEASURE_FILE.replace(".json", f"{tag}.json")
+    tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    tmp.replace(run_dir / MEASURE_FILE)  # whole or absent: --patch-run reads it
+    tmp.replace(out)  # whole or absent: --patch-run reads it
     print(json.dumps(record))
     return 0
 

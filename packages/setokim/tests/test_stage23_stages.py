@@ -67,6 +67,15 @@ def test_stage2_mix_batches_and_loss_drops(data_dir: Path) -> None:
     torch.testing.assert_close(model.encode_images(batch.pixels).tokens, target_before)
 
 
+def test_stage2_question_suffix_reaches_vqa_but_not_captions(data_dir: Path) -> None:
+    stage = build_stage("stage2", _params(data_dir, question_suffix=" Answer briefly."))
+    vqa = stage.text_tokenizer().decode(_batch_of(stage, "vqa").text_ids[0]).lower()
+    caption = stage.text_tokenizer().decode(_batch_of(stage, "caption").text_ids[0]).lower()
+    assert "answer briefly" in vqa and "answer briefly" not in caption
+    plain = build_stage("stage2", _params(data_dir))
+    assert plain.batch_hook() is None  # no suffix: the views' batches as they are
+
+
 def test_stage3_trains_only_lora_and_round_trips(data_dir: Path, tmp_path: Path) -> None:
     s2 = build_stage("stage2", _params(data_dir))
     s2.build_model().save_pretrained(tmp_path / "s2")

@@ -51,6 +51,26 @@ IMAGE_DECODERS = ("diffusion", "painter")
 BatchHook = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def prompt_hook(question_suffix: str, caption_prompt: str | None) -> BatchHook | None:
+    """A batch rewrite that gives training the eval suite's prompts: `question_suffix` is
+    appended to vqa/pope questions, and with `caption_prompt` caption batches become QA pairs
+    with that prompt. None when both are unset (the batches stay as the views give them)."""
+    if not question_suffix and caption_prompt is None:
+        return None
+
+    def hook(batch: dict[str, Any]) -> dict[str, Any]:
+        task = batch["task"]
+        if question_suffix and task in ("vqa", "pope"):
+            return {**batch, "questions": [q + question_suffix for q in batch["questions"]]}
+        if caption_prompt is not None and task == "caption":
+            n = len(batch["captions"])
+            return {**batch, "task": "vqa", "questions": [caption_prompt] * n,
+                    "answers": list(batch["captions"])}  # fmt: skip
+        return batch
+
+    return hook
+
+
 @dataclass(frozen=True)
 class TokenizerSource:
     """Where the frozen SeTok (and, from a Stage I export, its decoders) come from."""
@@ -243,6 +263,9 @@ class Stage2Config(GenerateFields):
         "diffusion" (the paper's) or "painter" (the token painter, when Stage I trained one:
         at CPU scale the tiny diffusion decoder draws noise).
     max_text_tokens: truncate each sample's text (None: no cap).
+    question_suffix: appended to the questions of vqa/pope batches when the mix has them (ours:
+        Stage II of a randomly initialised LLM can also see QA pairs, as ALLaVA's are in the
+        paper's Stage II), so that they read as Stage III's and the eval suite's.
     """
 
     model: SeTokIMConfig = field(default_factory=SeTokIMConfig)
@@ -257,6 +280,7 @@ class Stage2Config(GenerateFields):
         )
     )
     max_text_tokens: int | None = None
+    question_suffix: str = ""
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -304,6 +328,9 @@ class Stage2Stage(MLLMStage):
             "decoder_path": None if dec is None else str(Path(dec).resolve()),
             "mask_decoder_path": None if mask is None else str(Path(mask).resolve()),
         }
+
+    def batch_hook(self) -> BatchHook | None:
+        return prompt_hook(self.cfg.question_suffix, None)
 
     def frozen_sources(self) -> dict[str, Path]:
         """The frozen SeTok's export (none for the seeded random one, which the config

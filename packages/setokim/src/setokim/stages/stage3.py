@@ -44,6 +44,7 @@ from setokim.stages.common import (
 from setokim.stages.stage2 import (
     BatchHook,
     MLLMStage,
+    prompt_hook,
     resolve_tokenizer_source,
 )
 from setokim.train.stage import DeferredModel
@@ -185,21 +186,7 @@ class Stage3Stage(MLLMStage):
         return DeferredModel(model, materialise)
 
     def batch_hook(self) -> BatchHook | None:
-        suffix, prompt = self.cfg.question_suffix, self.cfg.caption_prompt
-        if not suffix and prompt is None:
-            return None
-
-        def hook(batch: dict[str, Any]) -> dict[str, Any]:
-            task = batch["task"]
-            if suffix and task in ("vqa", "pope"):
-                return {**batch, "questions": [q + suffix for q in batch["questions"]]}
-            if prompt is not None and task == "caption":
-                n = len(batch["captions"])
-                return {**batch, "task": "vqa", "questions": [prompt] * n,
-                        "answers": list(batch["captions"])}  # fmt: skip
-            return batch
-
-        return hook
+        return prompt_hook(self.cfg.question_suffix, self.cfg.caption_prompt)
 
 
 def build(cfg: Mapping[str, Any]) -> Stage3Stage:
