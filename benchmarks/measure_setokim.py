@@ -360,6 +360,10 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of +exp=setokim_shapes")
     args = parser.parse_args()
+    if args.patch_run is not None and args.eval_split != "test":
+        parser.error(
+            "--patch-run reads the patch run's test-split figures: use it with --eval-split test"
+        )
     if args.clustering_mechanism and args.stage1_export is None:
         parser.error("--clustering-mechanism needs --stage1-export (the export it re-clusters)")
     patch_figures = None
